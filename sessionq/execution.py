@@ -1,0 +1,196 @@
+"""Running one activity on a worker: context, timeouts, retries, cancellation, the reply.
+
+Each execution runs in its own asyncio task. Cancelling it from outside (session
+completed, caller cancelled, timeout) goes through `Execution.cancel(kind, reason)`:
+an async activity receives CancelledError, a plain-def one sees `is_cancelled()` turn
+true (and `heartbeat()` raise), and the caller is answered at once either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import time
+import traceback
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from .activity import ActivityDefinition, ActivityInfo, _current, _RunningActivity
+from .codec import Codec
+from .envelope import RemoteError, Task, encode_error, encode_result
+from .options import DEFAULT_RETRY_POLICY
+
+log = logging.getLogger("sessionq")
+
+# Why an execution was cancelled -> the error its caller gets.
+CANCEL_ERRORS = {
+    "cancelled": "ActivityCancelledError",
+    "session_completed": "ActivityCancelledError",
+    "session_failed": "SessionFailedError",
+    "shutdown": "ActivityCancelledError",
+    "start_to_close": "ActivityTimeoutError",
+    "heartbeat": "ActivityTimeoutError",
+}
+
+
+class Execution:
+    """One activity execution (all of its attempts) on this worker."""
+
+    def __init__(self, task: Task, running: _RunningActivity) -> None:
+        self.task = task
+        self.running = running
+        self.cancel_kind: str | None = None
+        self.cancel_reason = ""
+        self.asyncio_task: asyncio.Task[Any] | None = None
+
+    def cancel(self, kind: str, reason: str) -> None:
+        """Stop the execution; the caller is told `kind` (see CANCEL_ERRORS)."""
+        if self.cancel_kind is not None:
+            return
+        self.cancel_kind = kind
+        self.cancel_reason = reason
+        self.running.cancel_reason = reason
+        self.running.cancelled.set()
+        if self.asyncio_task is not None and not self.asyncio_task.done():
+            self.asyncio_task.cancel()
+
+
+def application_error(exc: BaseException, attempt: int) -> RemoteError:
+    kind = type(exc)
+    name = (
+        kind.__qualname__
+        if kind.__module__ in ("builtins", "__main__")
+        else f"{kind.__module__}.{kind.__qualname__}"
+    )
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return RemoteError("ApplicationError", name, str(exc), text, attempt)
+
+
+async def execute(
+    execution: Execution,
+    definition: ActivityDefinition,
+    codec: Codec,
+    pool: ThreadPoolExecutor,
+    redis_now_ms: Callable[[], float],
+) -> bytes:
+    """Run all attempts of the execution and return the inbox message for its caller."""
+    task, running = execution.task, execution.running
+    policy = task.retry_policy or DEFAULT_RETRY_POLICY
+    give_up_at = None if task.schedule_to_close is None else task.enqueued_ms + task.schedule_to_close * 1000
+    loop = asyncio.get_running_loop()
+    while True:
+        timer = None
+        if task.start_to_close is not None:
+            timer = loop.call_later(
+                task.start_to_close,
+                execution.cancel,
+                "start_to_close",
+                f"activity {task.name!r} exceeded start_to_close_timeout={task.start_to_close:g}s",
+            )
+        try:
+            value = await _invoke(definition, task, running, pool)
+            return encode_result(codec, task.activity_id, value, task.name)
+        except asyncio.CancelledError:
+            if execution.cancel_kind in (None, "shutdown"):
+                raise  # the worker itself is going away
+            error = RemoteError(
+                CANCEL_ERRORS[execution.cancel_kind],
+                "",
+                execution.cancel_reason,
+                attempt=task.attempt,
+                timeout_type=execution.cancel_kind,
+            )
+            if error.kind != "ActivityTimeoutError" or not _may_retry(
+                task, policy, error.type, give_up_at, redis_now_ms
+            ):
+                return encode_error(codec, task.activity_id, error)
+            execution.cancel_kind = None
+            running.cancelled.clear()
+            log.info(
+                "activity %s (%s) attempt %d timed out; retrying", task.name, task.activity_id, task.attempt
+            )
+        except Exception as exc:
+            if execution.cancel_kind is not None:  # a sync activity noticed cancellation and raised
+                return encode_error(
+                    codec,
+                    task.activity_id,
+                    RemoteError(
+                        CANCEL_ERRORS[execution.cancel_kind],
+                        "",
+                        execution.cancel_reason,
+                        attempt=task.attempt,
+                        timeout_type=execution.cancel_kind,
+                    ),
+                )
+            error = application_error(exc, task.attempt)
+            if not _may_retry(task, policy, error.type.rsplit(".", 1)[-1], give_up_at, redis_now_ms):
+                return encode_error(codec, task.activity_id, error)
+            log.info(
+                "activity %s (%s) attempt %d failed (%s: %s); retrying",
+                task.name,
+                task.activity_id,
+                task.attempt,
+                error.type,
+                exc,
+            )
+        finally:
+            if timer is not None:
+                timer.cancel()
+        try:
+            await asyncio.sleep(policy.delay_before(task.attempt + 1))
+        except asyncio.CancelledError:
+            if execution.cancel_kind is None:
+                raise
+            return encode_error(
+                codec,
+                task.activity_id,
+                RemoteError(
+                    CANCEL_ERRORS[execution.cancel_kind],
+                    "",
+                    execution.cancel_reason,
+                    attempt=task.attempt,
+                    timeout_type=execution.cancel_kind,
+                ),
+            )
+        task.attempt += 1
+        running.info = _with_attempt(running.info, task.attempt)
+        running.last_heartbeat = time.monotonic()
+
+
+def _may_retry(
+    task: Task, policy: Any, error_type: str, give_up_at: float | None, now: Callable[[], float]
+) -> bool:
+    if not policy.allows(task.attempt, error_type):
+        return False
+    return give_up_at is None or now() + policy.delay_before(task.attempt + 1) * 1000 < give_up_at
+
+
+def _with_attempt(info: ActivityInfo, attempt: int) -> ActivityInfo:
+    return ActivityInfo(
+        info.activity_id,
+        info.name,
+        attempt,
+        info.task_queue,
+        info.worker_id,
+        info.session,
+        info.heartbeat_timeout,
+    )
+
+
+async def _invoke(
+    definition: ActivityDefinition, task: Task, running: _RunningActivity, pool: ThreadPoolExecutor
+) -> Any:
+    """Call the activity function once, with its info available to the code it runs."""
+    token = _current.set(running)
+    try:
+        if definition.is_async:
+            running.task = asyncio.current_task()
+            return await definition.fn(*task.args, **task.kwargs)
+        running.task = None
+        context = contextvars.copy_context()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(pool, lambda: context.run(definition.fn, *task.args, **task.kwargs))
+    finally:
+        _current.reset(token)

@@ -1,0 +1,98 @@
+"""Every Redis key sessionq uses, built in one place.
+
+All keys of one task queue share the hash tag ``{<queue>}``, so a task queue lives in
+one Redis Cluster slot and a Lua script may touch all of its keys; different task
+queues spread over the cluster. Scripts that must reach a per-worker or per-session
+key they cannot know in advance receive the queue's ``base`` (which carries the hash
+tag) and append the same suffixes defined here, so those keys stay in the slot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_PREFIX = "sq"
+CONSUMER_GROUP = "workers"
+
+
+def validate_name(kind: str, value: str) -> str:
+    """Reject names that would break the key layout (braces, colons, blanks)."""
+    from .errors import ConfigurationError
+
+    if not isinstance(value, str) or not value:
+        raise ConfigurationError(kind, f"must be a non-empty string, got {value!r}")
+    bad = set(value) & set("{}: \t\r\n")
+    if bad:
+        raise ConfigurationError(
+            kind, f"{value!r} contains {''.join(sorted(bad))!r}; use letters, digits, '-', '_', '.', '@'"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class QueueKeys:
+    """The keys of one task queue."""
+
+    prefix: str
+    task_queue: str
+
+    @property
+    def base(self) -> str:
+        return f"{self.prefix}:{{{self.task_queue}}}:"
+
+    # -- queue-wide keys ------------------------------------------------------------
+    @property
+    def tasks(self) -> str:
+        """Stream: the shared queue of plain activities (consumer group ``workers``)."""
+        return self.base + "tasks"
+
+    @property
+    def dead(self) -> str:
+        """Stream: malformed entries moved aside, for an operator to inspect."""
+        return self.base + "dead"
+
+    @property
+    def workers(self) -> str:
+        """Set: ids of the registered workers of this queue."""
+        return self.base + "workers"
+
+    @property
+    def free(self) -> str:
+        """Sorted set: session workers with a free slot, scored by open sessions."""
+        return self.base + "free"
+
+    @property
+    def waiters(self) -> str:
+        """List: tickets of callers waiting for a session slot, first come first served."""
+        return self.base + "waiters"
+
+    # -- per-worker keys --------------------------------------------------------------
+    def worker(self, worker_id: str) -> str:
+        """Hash: a worker's registration (host, pid, capacity, open sessions...)."""
+        return self.base + "worker:" + worker_id
+
+    def alive(self, worker_id: str) -> str:
+        """String with a TTL: present while the worker heartbeats; gone = dead."""
+        return self.base + "alive:" + worker_id
+
+    def stream(self, worker_id: str) -> str:
+        """Stream: the worker's own queue (session activities, control messages)."""
+        return self.base + "w:" + worker_id
+
+    def worker_sessions(self, worker_id: str) -> str:
+        """Set: ids of the open sessions the worker holds."""
+        return self.base + "wsessions:" + worker_id
+
+    # -- per-session and per-caller keys ---------------------------------------------
+    def session(self, session_id: str) -> str:
+        """Hash: a session's record (worker, state, deadline, counters)."""
+        return self.base + "session:" + session_id
+
+    def inbox(self, client_id: str) -> str:
+        """List: results and session grants for one client, read by one blocking pop."""
+        return self.base + "inbox:" + client_id
+
+
+def queues_index(prefix: str) -> str:
+    """Set of task-queue names ever served, so `inspect` can list them (outside any tag)."""
+    return f"{prefix}:queues"

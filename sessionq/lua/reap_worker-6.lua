@@ -1,0 +1,42 @@
+-- Declare a worker dead once its heartbeat key is gone (or on its own graceful stop):
+-- fail its open sessions, refuse callers waiting to recreate a session on it, and remove
+-- its registration and stream. Exactly one caller reaps a worker; the others get 0.
+-- Plain activities it held are reclaimed separately (claim_orphans), by live workers.
+-- KEYS[1] workers   set of registered worker ids
+-- KEYS[2] worker    the worker's hash
+-- KEYS[3] alive     the worker's heartbeat key
+-- KEYS[4] stream    the worker's own stream
+-- KEYS[5] sessions  set of the worker's open session ids
+-- KEYS[6] waiters   list of waiting tickets
+-- ARGV[1] base          the task queue's key prefix
+-- ARGV[2] worker_id
+-- ARGV[3] reason        stored on each failed session
+-- ARGV[4] force         '1' on graceful stop: reap even though the heartbeat is present
+-- ARGV[5] retention_ms  how long ended session records stay for inspect
+-- Returns the number of sessions failed + 1, or 0 when there was nothing to reap.
+-- @include slots
+
+local base, w, reason = ARGV[1], ARGV[2], ARGV[3]
+if ARGV[4] ~= '1' and redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+if redis.call('SREM', KEYS[1], w) == 0 and redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
+local now = now_ms()
+local failed = 0
+for _, sid in ipairs(redis.call('SMEMBERS', KEYS[5])) do
+  local skey = base .. 'session:' .. sid
+  if redis.call('HGET', skey, 'state') == 'OPEN' then
+    redis.call('HSET', skey, 'state', 'FAILED', 'reason', reason, 'ended', now)
+    redis.call('PEXPIRE', skey, tonumber(ARGV[5]))
+    failed = failed + 1
+  end
+end
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+redis.call('ZREM', base .. 'free', w)
+-- Callers waiting for a slot on this very worker (recreate_session) will never get one.
+for _, ticket in ipairs(redis.call('LRANGE', KEYS[6], 0, -1)) do
+  local f = split(ticket, '|')
+  if f[5] == w then
+    redis.call('LREM', KEYS[6], 1, ticket)
+    notify(base, f[2], 'x' .. f[1] .. '|' .. reason)
+  end
+end
+return failed + 1

@@ -1,0 +1,459 @@
+"""Worker sessions, caller side: claim a slot, pin activities to it, complete or fail.
+
+The path of one session: `SessionOpener` runs the create_session script (claim a slot,
+or queue for one and wait for a grant in the inbox); `Session.start_activity` appends
+to the worker's own stream; `Session.complete` runs end_session. While activities are
+outstanding a watchdog checks the worker's heartbeat key, so a dead worker surfaces
+as SessionFailedError within its heartbeat timeout plus a fraction, never a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from .client import ActivityHandle, Client
+from .connection import retrying
+from .durations import to_ms
+from .envelope import Grant, Refusal, Result
+from .errors import (
+    ActivityCancelledError,
+    SessionAlreadyOpenError,
+    SessionCompletedError,
+    SessionCreationTimeoutError,
+    SessionFailedError,
+)
+from .keys import QueueKeys
+from .options import SessionOptions
+from .session_info import RecreateToken, SessionInfo, SessionState, current_session
+
+if TYPE_CHECKING:
+    from collections.abc import Generator
+
+log = logging.getLogger("sessionq")
+
+
+def check_interval(hb_ms: int) -> float:
+    """How often a waiting caller looks at its worker's heartbeat key."""
+    return min(1.0, max(0.05, hb_ms / 1000 / 5)) if hb_ms else 1.0
+
+
+class Session:
+    """An open reservation of one worker. Every activity run through it runs there."""
+
+    def __init__(
+        self,
+        client: Client,
+        keys: QueueKeys,
+        info: SessionInfo,
+        options: SessionOptions,
+        deadline_ms: int,
+        hb_ms: int,
+    ) -> None:
+        self.client = client
+        self.keys = keys
+        self.info = info
+        self.options = options
+        self.deadline_ms = deadline_ms
+        self.hb_ms = hb_ms
+        self._expires_at = time.monotonic() + float(options.execution_timeout)  # type: ignore[arg-type]
+        self._pending: set[str] = set()
+        self._watchdog: asyncio.Task[None] | None = None
+        self._inbox = client.inbox(info.task_queue)
+
+    @property
+    def session_id(self) -> str:
+        return self.info.session_id
+
+    @property
+    def state(self) -> SessionState:
+        return self.info.state
+
+    # -- activities --------------------------------------------------------------------
+    def _raise_if_closed(self) -> None:
+        if self.info.state is SessionState.COMPLETED:
+            raise SessionCompletedError(
+                f"session {self.session_id} was completed; create a new session to run more activities"
+            )
+        if self.info.state is SessionState.FAILED:
+            raise SessionFailedError(
+                f"session {self.session_id} failed: {self.info.failure}; create a new session",
+                self.session_id,
+            )
+
+    async def start_activity(
+        self,
+        activity: Any,
+        *args: Any,
+        kwargs: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> ActivityHandle:
+        """Queue an activity on the session's worker; returns at once with a handle."""
+        self._raise_if_closed()
+        opts = self.client.resolve_options(self.options.activity_options, options)
+        activity_id, name, payload = self.client.prepare(
+            activity, args, kwargs, opts, self.info.task_queue, self.session_id
+        )
+        future = self._inbox.expect(activity_id)
+        self._pending.add(activity_id)
+        stream = self.keys.stream(self.info.worker_id)
+        try:
+            sent = await retrying(
+                lambda: self.client.redis.xadd(stream, {"t": "a", "d": payload}, nomkstream=True),
+                what="sending a session activity",
+            )
+        except BaseException:
+            self._forget(activity_id)
+            self._inbox.forget(activity_id)
+            raise
+        if sent is None:  # the worker's stream is gone: it was declared dead or shut down
+            self._forget(activity_id)
+            self._inbox.forget(activity_id)
+            await self._refresh()
+            self._raise_if_closed()
+            await self._fail(f"worker {self.info.worker_id} is gone")
+            self._raise_if_closed()
+        self._ensure_watchdog()
+        return ActivityHandle(
+            activity_id=activity_id,
+            name=name,
+            future=future,
+            inbox=self._inbox,
+            schedule_to_close=opts.schedule_to_close_timeout,  # type: ignore[arg-type]
+            on_done=self._forget,
+            cancel=lambda: self._cancel_activity(activity_id),
+        )
+
+    async def execute_activity(
+        self,
+        activity: Any,
+        *args: Any,
+        kwargs: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> Any:
+        """Run an activity on the session's worker and return its result."""
+        handle = await self.start_activity(activity, *args, kwargs=kwargs, **options)
+        try:
+            return await handle.result()
+        except asyncio.CancelledError:
+            await asyncio.shield(handle.cancel())
+            raise
+        except SessionFailedError as exc:
+            self._mark(SessionState.FAILED, str(exc))
+            raise
+
+    def _forget(self, activity_id: str) -> None:
+        self._pending.discard(activity_id)
+
+    async def _cancel_activity(self, activity_id: str) -> None:
+        stream = self.keys.stream(self.info.worker_id)
+        await self.client.redis.xadd(stream, {"t": "x", "i": activity_id}, nomkstream=True)
+
+    # -- ending --------------------------------------------------------------------------
+    async def complete(self) -> None:
+        """Release the worker's slot and cancel the session's activities. Idempotent;
+        safe on a failed session (use it in `finally`)."""
+        if self.info.state is SessionState.OPEN:
+            state, reason = await retrying(
+                lambda: self.client.scripts.run(
+                    "end_session",
+                    [self.keys.session(self.session_id), self.keys.free, self.keys.waiters],
+                    [self.keys.base, self.session_id, "complete", "", self.client.retention_ms],
+                ),
+                what="completing a session",
+            )
+            if state == b"FAILED":
+                self._mark(SessionState.FAILED, reason.decode())
+            else:
+                self._mark(SessionState.COMPLETED, None)
+        if current_session.get() is self.info:
+            current_session.set(None)
+
+    def _mark(self, state: SessionState, reason: str | None) -> None:
+        """Record the end locally and settle every activity still waiting."""
+        if self.info.state is not SessionState.OPEN:
+            return
+        self.info.state = state
+        self.info.failure = reason
+        for activity_id in list(self._pending):
+            if state is SessionState.COMPLETED:
+                error: Exception = ActivityCancelledError(
+                    f"activity {activity_id} was cancelled: session {self.session_id} was completed"
+                )
+            else:
+                error = SessionFailedError(f"session {self.session_id} failed: {reason}", self.session_id)
+            self._inbox.fail(activity_id, error)
+        self._pending.clear()
+        if self._watchdog is not None and self._watchdog is not asyncio.current_task():
+            self._watchdog.cancel()
+
+    async def _fail(self, reason: str) -> None:
+        """Fail the session in Redis (idempotent) and locally."""
+        state, stored = await self.client.scripts.run(
+            "end_session",
+            [self.keys.session(self.session_id), self.keys.free, self.keys.waiters],
+            [self.keys.base, self.session_id, "fail", reason, self.client.retention_ms],
+        )
+        if state == b"COMPLETED":
+            self._mark(SessionState.COMPLETED, None)
+        else:
+            self._mark(SessionState.FAILED, stored.decode() or reason)
+
+    async def _refresh(self) -> None:
+        """Look at Redis: is the session still open, its worker alive, its deadline ahead?"""
+        k, w = self.keys, self.info.worker_id
+        async with self.client.redis.pipeline(transaction=False) as pipe:
+            pipe.hmget(k.session(self.session_id), "state", "reason")
+            pipe.exists(k.alive(w))
+            (state, reason), alive = await pipe.execute()
+        if state is None:
+            self._mark(SessionState.FAILED, "its record is gone from Redis (was Redis restarted?)")
+        elif state != b"OPEN":
+            text = (reason or b"").decode()
+            self._mark(SessionState(state.decode()), text or None)
+        elif not alive:
+            await self.client.scripts.run(
+                "reap_worker",
+                [k.workers, k.worker(w), k.alive(w), k.stream(w), k.worker_sessions(w), k.waiters],
+                [
+                    k.base,
+                    w,
+                    f"worker {w} died (no heartbeat for {self.hb_ms / 1000:g}s)",
+                    "0",
+                    self.client.retention_ms,
+                ],
+            )
+            await self._refresh_after_reap()
+        elif time.monotonic() >= self._expires_at:
+            await self.client.scripts.run(
+                "end_session",
+                [k.session(self.session_id), k.free, k.waiters],
+                [k.base, self.session_id, "expire", "execution timeout passed", self.client.retention_ms],
+            )
+            state, reason = await self.client.redis.hmget(k.session(self.session_id), "state", "reason")
+            if state and state != b"OPEN":
+                self._mark(SessionState(state.decode()), (reason or b"").decode() or None)
+
+    async def _refresh_after_reap(self) -> None:
+        state, reason = await self.client.redis.hmget(self.keys.session(self.session_id), "state", "reason")
+        if state is None or state == b"OPEN":
+            self._mark(SessionState.FAILED, f"worker {self.info.worker_id} died")
+        else:
+            self._mark(SessionState(state.decode()), (reason or b"").decode() or None)
+
+    def _ensure_watchdog(self) -> None:
+        if self._watchdog is None or self._watchdog.done():
+            self._watchdog = asyncio.create_task(self._watch(), name=f"sessionq-watch:{self.session_id}")
+
+    async def _watch(self) -> None:
+        """While activities are outstanding, notice a dead worker or a passed deadline."""
+        interval = check_interval(self.hb_ms)
+        while self._pending and self.info.state is SessionState.OPEN:
+            await asyncio.sleep(interval)
+            if not self._pending:
+                return
+            try:
+                await self._refresh()
+            except Exception as exc:  # keep watching through Redis hiccups
+                log.warning("session %s: watchdog check failed: %s", self.session_id, exc)
+
+    # -- context manager ---------------------------------------------------------------
+    async def __aenter__(self) -> Session:
+        current_session.set(self.info)
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await asyncio.shield(self.complete())
+
+
+class SessionOpener:
+    """What create_session/recreate_session return: `await` it, or `async with` it."""
+
+    def __init__(
+        self, client: Client, task_queue: str, options: SessionOptions, token: RecreateToken | None
+    ) -> None:
+        if not isinstance(options, SessionOptions):
+            from .errors import ConfigurationError
+
+            raise ConfigurationError("options", "must be a sessionq.SessionOptions")
+        self.client = client
+        self.keys = client.keys(task_queue)
+        self.task_queue = task_queue
+        self.options = options
+        self.token = token
+        self._session: Session | None = None
+
+    def __await__(self) -> Generator[Any, None, Session]:
+        return self.open().__await__()
+
+    async def __aenter__(self) -> Session:
+        self._session = await self.open()
+        current_session.set(self._session.info)
+        return self._session
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._session is not None:
+            await asyncio.shield(self._session.complete())
+
+    async def open(self) -> Session:
+        held = current_session.get()
+        if held is not None and held.state is SessionState.OPEN:
+            raise SessionAlreadyOpenError(
+                f"this context already holds open session {held.session_id}; complete it first, or "
+                "create the new session outside its block (tasks started inside it inherit it)"
+            )
+        return await self._claim()
+
+    async def _claim(self) -> Session:
+        k, client, opts = self.keys, self.client, self.options
+        sid = uuid.uuid4().hex
+        target = self.token.worker_id if self.token else ""
+        inbox = client.inbox(self.task_queue)
+        grant_future = inbox.expect(sid)
+        wait_ms = to_ms(opts.creation_timeout)  # type: ignore[arg-type]
+        reply = await retrying(
+            lambda: client.scripts.run(
+                "create_session",
+                [k.free, k.waiters],
+                [
+                    k.base,
+                    sid,
+                    client.client_id,
+                    to_ms(opts.execution_timeout),  # type: ignore[arg-type]
+                    wait_ms,
+                    target,
+                    client.identity,
+                ],
+            ),
+            what="creating a session",
+        )
+        status = reply[0]
+        if status == b"OK":
+            inbox.forget(sid)
+            return self._session_from(
+                Grant(sid, reply[1].decode(), reply[2].decode(), int(reply[3]), int(reply[4]))
+            )
+        if status == b"DEAD":
+            inbox.forget(sid)
+            raise SessionFailedError(
+                f"cannot recreate the session: worker {target} of task queue {self.task_queue!r} "
+                "is no longer alive; create a new session with create_session()"
+            )
+        ticket = reply[1]
+        try:
+            message = await self._wait_for_grant(grant_future, ticket, sid, target)
+        except asyncio.CancelledError:
+            await asyncio.shield(self._give_up(ticket, sid, grant_future))
+            raise
+        if isinstance(message, Refusal):
+            raise SessionFailedError(
+                f"cannot recreate the session on worker {target}: {message.reason}; "
+                "create a new session with create_session()"
+            )
+        assert isinstance(message, Grant)
+        return self._session_from(message)
+
+    async def _wait_for_grant(
+        self, future: asyncio.Future[Result | Grant | Refusal], ticket: bytes, sid: str, target: str
+    ) -> Grant | Refusal | Result:
+        """Block on the inbox until a slot is handed over or creation_timeout passes."""
+        deadline = time.monotonic() + float(self.options.creation_timeout)  # type: ignore[arg-type]
+        step = check_interval(0) if target else None
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                return await asyncio.wait_for(asyncio.shield(future), min(remaining, step or remaining))
+            except asyncio.TimeoutError:
+                if target and await self._target_dead(target):
+                    continue  # the reaper refuses our ticket; the refusal arrives next
+        outcome = await self._give_up(ticket, sid, future, complete_if_granted=False)
+        if outcome == b"GRANTED":
+            return await asyncio.wait_for(future, 10.0)
+        await self._raise_timeout(target)
+        raise AssertionError("unreachable")
+
+    async def _target_dead(self, worker_id: str) -> bool:
+        k = self.keys
+        if await self.client.redis.exists(k.alive(worker_id)):
+            return False
+        await self.client.scripts.run(
+            "reap_worker",
+            [
+                k.workers,
+                k.worker(worker_id),
+                k.alive(worker_id),
+                k.stream(worker_id),
+                k.worker_sessions(worker_id),
+                k.waiters,
+            ],
+            [
+                k.base,
+                worker_id,
+                f"worker {worker_id} died (heartbeat expired)",
+                "0",
+                self.client.retention_ms,
+            ],
+        )
+        return True
+
+    async def _give_up(
+        self, ticket: bytes, sid: str, future: asyncio.Future[Any], complete_if_granted: bool = True
+    ) -> bytes:
+        """Leave the waiting line; a slot granted meanwhile is released if unwanted."""
+        k = self.keys
+        outcome: bytes = await self.client.scripts.run("cancel_wait", [k.waiters, k.session(sid)], [ticket])
+        if outcome == b"GRANTED" and complete_if_granted:
+            await self.client.scripts.run(
+                "end_session",
+                [k.session(sid), k.free, k.waiters],
+                [k.base, sid, "complete", "", self.client.retention_ms],
+            )
+        if outcome != b"GRANTED" or complete_if_granted:
+            self.client.inbox(self.task_queue).forget(sid)
+        return outcome
+
+    async def _raise_timeout(self, target: str) -> None:
+        k = self.keys
+        timeout = float(self.options.creation_timeout)  # type: ignore[arg-type]
+        if target:
+            raise SessionCreationTimeoutError(
+                f"worker {target} had no free session slot within creation_timeout={timeout:g}s; "
+                "complete sessions on it sooner, or raise creation_timeout"
+            )
+        members = await self.client.redis.smembers(k.workers)
+        async with self.client.redis.pipeline(transaction=False) as pipe:
+            for w in members:
+                pipe.hget(k.worker(w.decode()), "max_sessions")
+            caps = await pipe.execute()
+        session_workers = sum(1 for c in caps if c is not None and int(c) >= 0)
+        if session_workers == 0:
+            raise SessionCreationTimeoutError(
+                f"no worker with sessions enabled polls task queue {self.task_queue!r} (waited "
+                f"{timeout:g}s); start one with Worker(..., enable_sessions=True) or "
+                f"`sessionq worker MODULE:ATTR --task-queue {self.task_queue}`"
+            )
+        raise SessionCreationTimeoutError(
+            f"all {session_workers} session worker(s) of task queue {self.task_queue!r} stayed full "
+            f"for creation_timeout={timeout:g}s; start more workers, raise max_concurrent_sessions, "
+            "or complete sessions sooner"
+        )
+
+    def _session_from(self, grant: Grant) -> Session:
+        info = SessionInfo(
+            session_id=grant.session_id,
+            hostname=grant.hostname,
+            worker_id=grant.worker_id,
+            task_queue=self.task_queue,
+            prefix=self.client.prefix,
+        )
+        return Session(self.client, self.keys, info, self.options, grant.deadline_ms, grant.hb_ms)

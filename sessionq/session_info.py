@@ -1,0 +1,81 @@
+"""What a session is, as callers and activities see it; the recreate token format."""
+
+from __future__ import annotations
+
+import enum
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+import msgpack
+
+from .errors import ConfigurationError
+
+
+class SessionState(str, enum.Enum):
+    """Lifecycle of a session. OPEN until completed by the caller or failed."""
+
+    OPEN = "OPEN"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+
+
+_TOKEN_VERSION = 1
+
+
+@dataclass
+class SessionInfo:
+    """A session's identity and where it runs (the seed's SessionInfo)."""
+
+    session_id: str
+    """Unique id of the session."""
+    hostname: str
+    """Host name of the worker that runs the session."""
+    worker_id: str
+    """Id of the worker process that runs the session."""
+    task_queue: str
+    """Task queue the session was created on."""
+    state: SessionState = SessionState.OPEN
+    """OPEN, COMPLETED or FAILED; updated as the caller learns of changes."""
+    failure: str | None = field(default=None, repr=False)
+    """Why the session failed, when it did."""
+    prefix: str = field(default="sq", repr=False)
+
+    @property
+    def recreate_token(self) -> bytes:
+        """Opaque bytes that let `recreate_session` open a new session on the same worker."""
+        return encode_token(self.prefix, self.task_queue, self.worker_id, self.hostname)
+
+    def get_recreate_token(self) -> bytes:
+        """Alias of `recreate_token`, named as in the Go SDK."""
+        return self.recreate_token
+
+
+@dataclass(frozen=True)
+class RecreateToken:
+    prefix: str
+    task_queue: str
+    worker_id: str
+    hostname: str
+
+
+def encode_token(prefix: str, task_queue: str, worker_id: str, hostname: str) -> bytes:
+    return msgpack.packb([_TOKEN_VERSION, prefix, task_queue, worker_id, hostname])
+
+
+def decode_token(token: bytes) -> RecreateToken:
+    """Parse a recreate token, or raise ConfigurationError saying what to pass instead."""
+    try:
+        data = msgpack.unpackb(bytes(token), raw=False)
+        version, prefix, task_queue, worker_id, hostname = data
+        if version != _TOKEN_VERSION:
+            raise ValueError(f"token version {version}")
+    except Exception:
+        raise ConfigurationError(
+            "recreate_token",
+            "is not a sessionq recreate token; pass session.info.recreate_token unchanged",
+        ) from None
+    return RecreateToken(prefix, task_queue, worker_id, hostname)
+
+
+#: The caller-side session of the current context (set inside `async with session`).
+current_session: ContextVar[SessionInfo | None] = ContextVar("sessionq_session", default=None)

@@ -1,0 +1,1 @@
+"""sessionq test suite (a package so workers can import ``tests.activities``)."""

@@ -1,0 +1,216 @@
+"""Helpers shared by the tests: ``wait_for`` and the worker-subprocess plumbing.
+
+Tests synchronise on events with a deadline, never on bare sleeps: a sleep is either too
+short on a loaded CI box (flaky) or too long everywhere else (slow).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import signal
+import sys
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, TypeVar
+
+T = TypeVar("T")
+
+TAIL_LINES = 200
+"""How many lines of a worker's stdout and stderr to keep for failure messages."""
+STREAM_LIMIT = 4 * 1024 * 1024
+"""Longest line read from a worker's pipes (asyncio's default of 64 KiB is easy to hit)."""
+
+
+async def wait_for(
+    predicate: Callable[[], T | Awaitable[T]],
+    timeout: float = 10.0,
+    interval: float = 0.02,
+    message: str = "condition not met",
+) -> T:
+    """Poll ``predicate`` (sync or async) until it returns something truthy; return that.
+
+    Raises ``AssertionError(message)`` once ``timeout`` seconds pass without success.
+    Exceptions raised by the predicate propagate at once.
+    """
+    __tracebackhide__ = True
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        result = predicate()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return result  # type: ignore[return-value]
+        if loop.time() >= deadline:
+            raise AssertionError(f"{message} (waited {timeout:g} s)")
+        await asyncio.sleep(interval)
+
+
+class WorkerStartError(RuntimeError):
+    """A worker subprocess died, or never said READY, while starting."""
+
+
+@dataclass
+class WorkerProcess:
+    """A sessionq worker running as a real OS process (made by the ``spawn_worker`` fixture).
+
+    A real process, so that ``kill()`` is a true SIGKILL: no ``finally`` blocks, no graceful
+    deregistration; only the heartbeat TTL tells the rest of the system.
+    """
+
+    identity: str
+    process: asyncio.subprocess.Process
+    worker_id: str = ""
+    stdout_tail: deque[str] = field(default_factory=lambda: deque(maxlen=TAIL_LINES))
+    stderr_tail: deque[str] = field(default_factory=lambda: deque(maxlen=TAIL_LINES))
+    drainers: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode
+
+    async def kill(self) -> int:
+        """SIGKILL the worker and return its exit code (negative signal number)."""
+        if self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
+        return await self.process.wait()
+
+    def terminate(self) -> None:
+        """SIGTERM: ask the worker to stop gracefully; ``await wait()`` for the exit code."""
+        if self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(signal.SIGTERM)
+
+    async def wait(self, timeout: float = 10.0) -> int:
+        """Wait for the worker to exit and return its exit code; AssertionError on timeout."""
+        __tracebackhide__ = True
+        try:
+            return await asyncio.wait_for(self.process.wait(), timeout)
+        except asyncio.TimeoutError:
+            raise AssertionError(
+                f"worker {self.identity} (pid {self.pid}) did not exit within {timeout:g} s\n"
+                + self.output_tail()
+            ) from None
+
+    def output_tail(self, lines: int = 40) -> str:
+        """The last lines the worker wrote, for failure messages."""
+        out = list(self.stdout_tail)[-lines:]
+        err = list(self.stderr_tail)[-lines:]
+        return (
+            f"--- {self.identity} stdout (last {len(out)} lines) ---\n"
+            + "\n".join(out)
+            + f"\n--- {self.identity} stderr (last {len(err)} lines) ---\n"
+            + "\n".join(err)
+        )
+
+
+class SpawnWorker(Protocol):
+    """Signature of the ``spawn_worker`` fixture, for annotating tests."""
+
+    async def __call__(
+        self,
+        *,
+        task_queue: str | None = None,
+        activities: str = "tests.activities:ALL",
+        identity: str | None = None,
+        max_sessions: int | None = None,
+        heartbeat_timeout: float = 2.0,
+        concurrency: int = 10,
+        enable_sessions: bool = True,
+        extra_args: Sequence[str] = (),
+        ready_timeout: float = 20.0,
+    ) -> WorkerProcess: ...
+
+
+async def _drain(
+    stream: asyncio.StreamReader,
+    tail: deque[str],
+    label: str,
+    on_line: Callable[[str], None] | None = None,
+) -> None:
+    """Read a child's pipe to EOF so it never blocks on a full pipe.
+
+    Lines are kept in ``tail`` and echoed to our stderr, which pytest captures and shows,
+    interleaved in time order, only when the test fails.
+    """
+    while True:
+        try:
+            raw = await stream.readline()
+        except ValueError:  # a line beyond STREAM_LIMIT: note it and carry on
+            tail.append("<line too long, dropped>")
+            continue
+        if not raw:
+            return
+        line = raw.decode(errors="replace").rstrip("\r\n")
+        tail.append(line)
+        print(f"[{label}] {line}", file=sys.stderr, flush=True)
+        if on_line is not None:
+            on_line(line)
+
+
+async def start_worker_process(
+    argv: Sequence[str],
+    *,
+    identity: str,
+    cwd: Path,
+    env: Mapping[str, str],
+    ready_timeout: float,
+    register: Callable[[WorkerProcess], None],
+) -> WorkerProcess:
+    """Start ``argv`` and wait until it prints ``READY <worker_id>`` on stdout.
+
+    ``register`` receives the process before anything can fail, so the caller can kill
+    it at teardown whatever happens here.
+    """
+    __tracebackhide__ = True  # failures show the worker's output, not our locals (env!)
+    process = await asyncio.create_subprocess_exec(
+        *argv,
+        cwd=cwd,
+        env=dict(env),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        limit=STREAM_LIMIT,
+    )
+    worker = WorkerProcess(identity=identity, process=process)
+    register(worker)
+    ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    def on_stdout(line: str) -> None:
+        if not ready.done() and line.startswith("READY "):
+            ready.set_result(line.removeprefix("READY ").strip())
+
+    label = f"{identity}:{process.pid}"
+    assert process.stdout is not None and process.stderr is not None
+    worker.drainers = [
+        asyncio.create_task(_drain(process.stdout, worker.stdout_tail, f"{label} out", on_stdout)),
+        asyncio.create_task(_drain(process.stderr, worker.stderr_tail, f"{label} err")),
+    ]
+    exited = asyncio.ensure_future(process.wait())
+    try:
+        await asyncio.wait(
+            {ready, exited}, timeout=ready_timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        exited.cancel()
+    if ready.done():
+        worker.worker_id = ready.result()
+        return worker
+    if process.returncode is None:
+        await worker.kill()
+        problem = f"printed no READY line within {ready_timeout:g} s (killed)"
+    else:
+        problem = f"exited with code {process.returncode} before READY"
+    await asyncio.wait(worker.drainers, timeout=5)  # collect its last words
+    raise WorkerStartError(
+        f"worker {identity} (pid {process.pid}) {problem}\n{worker.output_tail()}"
+    )
