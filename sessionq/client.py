@@ -78,17 +78,10 @@ class ActivityHandle:
     async def result(self) -> Any:
         """The activity's return value; raises the sessionq error for any failure."""
         try:
-            timeout = None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
-            try:
-                message = await asyncio.wait_for(asyncio.shield(self._future), timeout)
-            except asyncio.TimeoutError:
-                self._inbox.fail(self.activity_id, ActivityTimeoutError("", timeout_type="schedule_to_close"))
-                raise ActivityTimeoutError(
-                    f"activity {self.name!r} ({self.activity_id}) did not finish within its "
-                    "schedule_to_close_timeout; raise the timeout or check the workers "
-                    "(sessionq inspect workers)",
-                    timeout_type="schedule_to_close",
-                ) from None
+            if self._deadline is None:
+                message = await self._future
+            else:
+                message = await self._wait_until_deadline()
         finally:
             if self._on_done is not None and self._future.done():
                 self._on_done(self.activity_id)
@@ -96,6 +89,20 @@ class ActivityHandle:
         if message.error is not None:
             raise to_exception(message.error, self.name, self.activity_id)
         return message.value
+
+    async def _wait_until_deadline(self) -> Any:
+        assert self._deadline is not None
+        try:
+            remaining = max(0.0, self._deadline - time.monotonic())
+            return await asyncio.wait_for(asyncio.shield(self._future), remaining)
+        except asyncio.TimeoutError:
+            self._inbox.fail(self.activity_id, ActivityTimeoutError("", timeout_type="schedule_to_close"))
+            raise ActivityTimeoutError(
+                f"activity {self.name!r} ({self.activity_id}) did not finish within its "
+                "schedule_to_close_timeout; raise the timeout or check the workers "
+                "(sessionq inspect workers)",
+                timeout_type="schedule_to_close",
+            ) from None
 
     async def cancel(self) -> None:
         """Ask the worker to cancel the activity; `result()` then raises ActivityCancelledError."""

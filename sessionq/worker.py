@@ -52,6 +52,7 @@ class LocalSession:
     executions: dict[str, Execution] = field(default_factory=dict)
     timer: asyncio.TimerHandle | None = None
     activities_run: int = 0
+    published_run: int = 0
 
 
 class Worker:
@@ -610,6 +611,7 @@ class Worker:
             await self._register()
         if self._last_own_id != b"0-0":
             await self.redis.xtrim(k.stream(self.worker_id), minid=self._last_own_id, approximate=False)
+        await self._publish_session_counts()
         await self._reap_dead_workers()
         await self._claim_orphans()
         if self._burst and await self._drained():
@@ -617,6 +619,18 @@ class Worker:
             self.stop()
         self._check_heartbeat_timeouts()
         await asyncio.sleep(min(interval, 0.25) if self._has_heartbeat_timeouts() else interval)
+
+    async def _publish_session_counts(self) -> None:
+        """Record how many activities each open session ran, for `sessionq inspect`."""
+        changed = [local for local in self._sessions.values() if local.activities_run != local.published_run]
+        if not changed:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for local in changed:
+                pipe.hset(self.keys.session(local.info.session_id), "activities", local.activities_run)
+            await pipe.execute()
+        for local in changed:
+            local.published_run = local.activities_run
 
     def _has_heartbeat_timeouts(self) -> bool:
         return any(e.task.heartbeat_timeout for e in self._executions.values())
