@@ -139,6 +139,9 @@ class Client:
         self.scripts = Scripts(self.redis)
         self._inboxes: dict[str, Inbox] = {}
         self._closed = False
+        from .session import LivenessMonitor
+
+        self.monitor = LivenessMonitor(self)
 
     # -- plumbing shared with sessions --------------------------------------------------
     def keys(self, task_queue: str) -> QueueKeys:

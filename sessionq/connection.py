@@ -1,17 +1,39 @@
-"""One place that makes Redis clients and retries Redis calls across connection errors."""
+"""One place that makes Redis clients and retries Redis calls across connection errors.
+
+Two deployments are supported, with the same code above this module:
+
+- one Redis server: ``redis://``, ``rediss://`` or ``unix://`` URLs, or a ``redis.asyncio.Redis``;
+- Redis Cluster: ``redis+cluster://host:port[,host:port...]`` (``rediss+cluster://`` for TLS),
+  or a ``redis.asyncio.cluster.RedisCluster``. Every key of a task queue carries the hash tag
+  ``{queue}`` (see keys.py), so a task queue lives in one slot, its Lua scripts run on one
+  node, and different task queues spread over the masters.
+
+Connections on a cluster: redis-py keeps at most ``max_connections`` (default 100) per node
+per client and fails at once beyond that. sessionq holds few of them for long: a Client
+multiplexes every result and session-grant wait on one task queue onto one blocking pop
+(inbox.py), and a Worker blocks on two reads (its task queue and its own stream). So a
+client holds one blocked connection per task queue it waits on, whatever the number of
+waiting calls. Short commands beyond the limit wait up to ``pool_timeout`` seconds for a
+connection to come free, then raise ConnectionPoolExhaustedError, which says how to raise
+the limit (``?max_connections=N`` in the URL, or on your RedisCluster).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 import os
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import redis.asyncio as aredis
+import redis.exceptions as rexc
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
+from redis.asyncio.connection import SSLConnection, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from tenacity import (
     AsyncRetrying,
     before_sleep_log,
@@ -20,13 +42,28 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from .errors import ConfigurationError, RedisUnavailableError
+from .errors import ConfigurationError, ConnectionPoolExhaustedError, RedisUnavailableError
 
 log = logging.getLogger("sessionq")
 T = TypeVar("T")
 
 DEFAULT_URL = "redis://localhost:6379/0"
-TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+DEFAULT_POOL_TIMEOUT = 10.0
+"""Seconds a command waits for a free cluster connection before ConnectionPoolExhaustedError."""
+
+# A cluster that is failing over answers CLUSTERDOWN / TRYAGAIN without running the command,
+# and a slot may be briefly uncovered: all safe to retry like a dropped connection.
+TRANSIENT = (
+    rexc.ConnectionError,
+    rexc.TimeoutError,
+    rexc.ClusterDownError,
+    rexc.TryAgainError,
+    rexc.SlotNotCoveredError,
+    ConnectionError,
+    OSError,
+)
+_MaxConnectionsError: type[Exception] = getattr(rexc, "MaxConnectionsError", rexc.ConnectionError)
 
 
 def resolve_url(url: str | None = None) -> str:
@@ -34,7 +71,25 @@ def resolve_url(url: str | None = None) -> str:
     return url or os.environ.get("SESSIONQ_REDIS_URL") or os.environ.get("REDIS_URL") or DEFAULT_URL
 
 
-def connect(target: Any) -> aredis.Redis:
+def is_cluster_url(url: str) -> bool:
+    return url.split("://", 1)[0].lower() in CLUSTER_SCHEMES
+
+
+def as_cluster_url(url: str) -> str:
+    """``redis://h:p`` -> ``redis+cluster://h:p`` (for a CLI ``--cluster`` flag); others unchanged."""
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme.lower() in ("redis", "rediss"):
+        return f"{scheme.lower()}+cluster://{rest}"
+    if sep and scheme.lower() in CLUSTER_SCHEMES:
+        return url
+    raise ConfigurationError("redis", f"{url!r} cannot name a Redis Cluster; use redis+cluster://host:port")
+
+
+def is_cluster(client: Any) -> bool:
+    return isinstance(client, RedisCluster)
+
+
+def connect(target: Any) -> Any:
     """A client speaking RESP2 with raw bytes and no hidden command retries.
 
     redis-py retries a command after a connection error on its own; for a script that
@@ -44,11 +99,15 @@ def connect(target: Any) -> aredis.Redis:
     cannot change what sessionq reads.
     """
     if isinstance(target, str):
+        if is_cluster_url(target):
+            return cluster_from_url(target)
         if not target.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigurationError(
-                "redis", f"{target!r} is not a Redis URL; use e.g. redis://localhost:6379/0"
+                "redis",
+                f"{target!r} is not a Redis URL; use e.g. redis://localhost:6379/0, or "
+                "redis+cluster://host:port[,host:port...] for Redis Cluster",
             )
-        return aredis.Redis.from_url(
+        pool = WaitingPool.from_url(
             target,
             protocol=2,
             decode_responses=False,
@@ -56,14 +115,251 @@ def connect(target: Any) -> aredis.Redis:
             socket_keepalive=True,
             health_check_interval=15,
         )
+        return aredis.Redis(connection_pool=pool)
+    if isinstance(target, RedisCluster):
+        return cluster_from_client(target)
     if isinstance(target, aredis.Redis):
-        kwargs = dict(target.connection_pool.connection_kwargs)
+        given = target.connection_pool
+        kwargs = dict(given.connection_kwargs)
         kwargs.update(protocol=2, decode_responses=False, retry=Retry(NoBackoff(), 0))
-        pool = aredis.ConnectionPool(connection_class=target.connection_pool.connection_class, **kwargs)
+        kwargs.setdefault("max_connections", getattr(given, "max_connections", None) or 100)
+        kwargs.setdefault("pool_timeout", getattr(given, "pool_timeout", DEFAULT_POOL_TIMEOUT))
+        pool = WaitingPool(connection_class=given.connection_class, **kwargs)
         return aredis.Redis(connection_pool=pool)
     raise ConfigurationError(
-        "redis", f"expected a Redis URL or a redis.asyncio.Redis, got {type(target).__name__}"
+        "redis",
+        "expected a Redis URL, a redis.asyncio.Redis or a redis.asyncio.cluster.RedisCluster, "
+        f"got {type(target).__name__}",
     )
+
+
+class WaitingPool(aredis.BlockingConnectionPool):
+    """One server's connection pool: a command waits up to `pool_timeout` s for a free
+    connection (redis-py's default pool fails at once), then ConnectionPoolExhaustedError."""
+
+    def __init__(
+        self, *, max_connections: int | None = None, pool_timeout: Any = DEFAULT_POOL_TIMEOUT, **kwargs: Any
+    ) -> None:
+        super().__init__(max_connections=max_connections or 100, timeout=float(pool_timeout), **kwargs)
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().get_connection(*args, **kwargs)
+        except rexc.ConnectionError as exc:
+            if "No connection available" not in str(exc):
+                raise
+            raise pool_exhausted(self.max_connections, self.timeout, "redis://") from exc
+
+
+def pool_exhausted(limit: Any, waited: Any, scheme: str) -> ConnectionPoolExhaustedError:
+    return ConnectionPoolExhaustedError(
+        f"every connection of this client to a Redis node is in use ({limit} per node) and none came "
+        f"free within {waited:g}s. sessionq holds one blocked connection per task queue a Client "
+        "waits on and two per Worker, so this means many concurrent calls or many task queues on "
+        f"one node: raise the limit with ?max_connections=N in the {scheme} URL (or on the "
+        "redis-py client you pass), or wait longer with ?pool_timeout=S"
+    )
+
+
+# --- Redis Cluster ---------------------------------------------------------------------
+
+_FORCED = {"protocol": 2, "decode_responses": False, "retry": Retry(NoBackoff(), 0)}
+"""Cluster settings sessionq needs whatever the user gave: raw RESP2 replies, and no
+command re-sent by redis-py after a connection error (MOVED/ASK/TRYAGAIN redirects are
+still followed: the server did not run the command then)."""
+
+
+class ClusterClient(RedisCluster):
+    """A RedisCluster whose commands wait for a free connection instead of failing at once.
+
+    A command that finds its node's pool full (MaxConnectionsError, raised before anything
+    is sent, so retrying cannot run it twice) waits until another command of this client
+    ends, up to `pool_timeout` seconds, then raises ConnectionPoolExhaustedError.
+    """
+
+    pool_timeout: float = DEFAULT_POOL_TIMEOUT
+    _released: asyncio.Future[None] | None = None
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        # redis-py picks a command's routing before it learns the slot map, so the first
+        # commands of a fresh client go to random nodes; their MOVED replies then make it
+        # close every connection, cutting off concurrent blocked reads. Learn the map first.
+        if self._initialize:
+            await self.initialize()
+        deadline: float | None = None
+        while True:
+            try:
+                return await super().execute_command(*args, **dict(kwargs))  # it pops target_nodes
+            except _MaxConnectionsError as exc:
+                if not _pool_exhausted(exc):
+                    raise
+                deadline = deadline or asyncio.get_running_loop().time() + self.pool_timeout
+                await self.wait_for_connection(deadline, exc)
+            finally:
+                self.connection_released()
+
+    def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> ClusterPipeline:
+        if shard_hint:
+            return super().pipeline(transaction, shard_hint)  # raises redis-py's own error
+        return _WaitingPipeline(self, transaction)
+
+    def connection_released(self) -> None:
+        """Wake the commands waiting for a connection (they re-check their node)."""
+        waiter, self._released = self._released, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait_for_connection(self, deadline: float, exc: Exception) -> None:
+        loop = asyncio.get_running_loop()
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            raise self.exhausted() from exc
+        if self._released is None or self._released.done() or self._released.get_loop() is not loop:
+            self._released = loop.create_future()
+        # Bounded slices: a connection freed by a path we do not see (redis-py internals) counts too.
+        await asyncio.wait([self._released], timeout=min(remaining, 0.05))
+
+    def exhausted(self) -> ConnectionPoolExhaustedError:
+        limit = self.connection_kwargs.get("max_connections", "?")
+        return pool_exhausted(limit, self.pool_timeout, "redis+cluster://")
+
+
+class _WaitingPipeline(ClusterPipeline):
+    """A cluster pipeline that, like ClusterClient, waits when its node's pool is full.
+
+    It replays its commands only when they all hash to one slot (every sessionq pipeline
+    touches one task queue): then a full pool means nothing was sent yet.
+    """
+
+    cluster_client: ClusterClient
+
+    def __init__(self, client: ClusterClient, transaction: Any = None) -> None:
+        super().__init__(client, transaction)
+        self._calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+
+    def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        self._calls.append((args, dict(kwargs)))
+        return super().execute_command(*args, **kwargs)
+
+    async def reset(self) -> None:
+        self._calls = []
+        await super().reset()
+
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> list[Any]:
+        client, calls = self.cluster_client, list(self._calls)
+        deadline: float | None = None
+        while True:
+            try:
+                return await super().execute(raise_on_error, allow_redirections)
+            except _MaxConnectionsError as exc:
+                if not _pool_exhausted(exc):
+                    raise
+                if not self._one_slot(calls):
+                    raise client.exhausted() from exc
+                deadline = deadline or asyncio.get_running_loop().time() + client.pool_timeout
+                await client.wait_for_connection(deadline, exc)
+                for args, kwargs in calls:
+                    super().execute_command(*args, **dict(kwargs))
+            finally:
+                client.connection_released()
+
+    def _one_slot(self, calls: list[tuple[tuple[Any, ...], dict[str, Any]]]) -> bool:
+        try:
+            return len({self.cluster_client.keyslot(args[1]) for args, _ in calls}) <= 1
+        except (IndexError, TypeError, rexc.RedisError):
+            return False
+
+
+def _pool_exhausted(exc: Exception) -> bool:
+    return type(exc).__name__ == "MaxConnectionsError" or "Too many connections" in str(exc)
+
+
+def split_cluster_url(url: str) -> tuple[str, list[tuple[str, int]]]:
+    """``redis+cluster://u:p@h1:1,h2:2/0?x=1`` -> (``redis://u:p@h1:1/0?x=1``, [(h1, 1), (h2, 2)])."""
+    scheme, _, rest = url.partition("://")
+    plain = CLUSTER_SCHEMES[scheme.lower()]
+    cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    netloc, tail = rest[:cut], rest[cut:]
+    auth, _, hosts = netloc.rpartition("@")
+    nodes = []
+    for part in hosts.split(","):
+        if not part.strip():
+            continue
+        parsed = urlsplit(f"{plain}://{part.strip()}")
+        try:
+            port = parsed.port or 6379
+        except ValueError as exc:
+            raise ConfigurationError("redis", f"{url!r}: bad port in {part!r}") from exc
+        if not parsed.hostname:
+            raise ConfigurationError("redis", f"{url!r}: no host in {part!r}")
+        nodes.append((parsed.hostname, port))
+    if not nodes:
+        raise ConfigurationError("redis", f"{url!r} names no node; use redis+cluster://host:port")
+    first = hosts.split(",")[0].strip()
+    single = f"{plain}://{auth + '@' if auth else ''}{first}{tail}"
+    return single, nodes
+
+
+def cluster_from_url(url: str) -> ClusterClient:
+    """A cluster client from ``redis+cluster://[user:pass@]host:port[,host:port...][/0][?opts]``.
+
+    Query options are redis-py's (``max_connections``, ``socket_timeout``, ``ssl_cert_reqs``...)
+    plus sessionq's ``pool_timeout`` (seconds to wait for a free connection).
+    """
+    single, nodes = split_cluster_url(url)
+    try:
+        kwargs: dict[str, Any] = dict(parse_url(single))
+    except ValueError as exc:
+        raise ConfigurationError("redis", f"{url!r}: {exc}") from exc
+    if kwargs.pop("connection_class", None) is SSLConnection:
+        kwargs["ssl"] = True
+    kwargs.pop("host", None)
+    kwargs.pop("port", None)
+    if kwargs.pop("db", 0) not in (0, None):
+        raise ConfigurationError("redis", f"{url!r}: Redis Cluster has only database 0")
+    pool_timeout = kwargs.pop("pool_timeout", DEFAULT_POOL_TIMEOUT)
+    kwargs.setdefault("socket_keepalive", True)
+    kwargs.setdefault("health_check_interval", 15)
+    return _make_cluster([ClusterNode(host, port) for host, port in nodes], kwargs, pool_timeout, url)
+
+
+def cluster_from_client(target: RedisCluster) -> ClusterClient:
+    """A new cluster client on the settings and nodes of the user's RedisCluster."""
+    accepted = set(inspect.signature(RedisCluster.__init__).parameters)
+    kwargs = {
+        k: v
+        for k, v in target.connection_kwargs.items()
+        if k in accepted and k not in ("host", "port", "max_connections")
+    }
+    kwargs["max_connections"] = target.connection_kwargs.get("max_connections", 100)
+    connection_class = target.connection_kwargs.get("connection_class")
+    if isinstance(connection_class, type) and issubclass(connection_class, SSLConnection):
+        kwargs["ssl"] = True
+    manager = target.nodes_manager
+    known = target.get_primaries() or target.startup_nodes
+    kwargs.update(require_full_coverage=manager.require_full_coverage, address_remap=manager.address_remap)
+    pool_timeout = getattr(target, "pool_timeout", DEFAULT_POOL_TIMEOUT)
+    nodes = [ClusterNode(n.host, n.port) for n in known]
+    return _make_cluster(nodes, kwargs, pool_timeout, repr(target))
+
+
+def _make_cluster(nodes: list[ClusterNode], kwargs: dict[str, Any], pool_timeout: Any, what: str) -> ClusterClient:
+    try:
+        client = ClusterClient(startup_nodes=nodes, **{**kwargs, **_FORCED})
+        client.pool_timeout = float(pool_timeout)
+    except (TypeError, ValueError, rexc.RedisClusterException) as exc:
+        raise ConfigurationError("redis", f"cannot make a Redis Cluster client for {what}: {exc}") from exc
+    return client
+
+
+async def server_time_ms(client: Any, key: str) -> float:
+    """Redis' clock in ms, read on the node that holds `key` (the one its scripts run on)."""
+    if is_cluster(client):
+        await client.initialize()  # learns the slot map (a no-op once known)
+        seconds, micros = await client.time(target_nodes=client.get_node_from_key(key))
+    else:
+        seconds, micros = await client.time()
+    return seconds * 1000 + micros / 1000
 
 
 async def retrying(call: Callable[[], Awaitable[T]], *, within: float = 15.0, what: str = "Redis call") -> T:
@@ -71,10 +367,6 @@ async def retrying(call: Callable[[], Awaitable[T]], *, within: float = 15.0, wh
 
     Only for idempotent operations. Raises RedisUnavailableError when Redis stays away.
     """
-    try:  # the common case pays nothing for the retry machinery
-        return await call()
-    except TRANSIENT as exc:
-        log.warning("%s: Redis connection error (%s); retrying", what, exc)
     try:
         async for attempt in AsyncRetrying(
             retry=retry_if_exception_type(TRANSIENT),

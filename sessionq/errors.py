@@ -107,6 +107,13 @@ class RedisUnavailableError(SessionqError, ConnectionError):
     """Redis could not be reached after bounded retries."""
 
 
+class ConnectionPoolExhaustedError(SessionqError):
+    """Every connection this client may open to a Redis Cluster node stayed busy.
+
+    Not a connection error: retrying does not help; raise max_connections instead.
+    """
+
+
 #: Error types a worker may send back by name; the caller re-raises the same class.
 REMOTE_ERRORS: dict[str, type[SessionqError]] = {
     cls.__name__: cls

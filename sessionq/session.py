@@ -42,6 +42,84 @@ def check_interval(hb_ms: int) -> float:
     return min(1.0, max(0.05, hb_ms / 1000 / 5)) if hb_ms else 1.0
 
 
+async def reap(client: Client, keys: QueueKeys, worker_id: str, hb_ms: int) -> None:
+    """Declare a worker dead (the script does nothing if its heartbeat came back)."""
+    k = keys
+    await client.scripts.run(
+        "reap_worker",
+        [
+            k.workers,
+            k.worker(worker_id),
+            k.alive(worker_id),
+            k.stream(worker_id),
+            k.worker_sessions(worker_id),
+            k.waiters,
+        ],
+        [
+            k.base,
+            worker_id,
+            f"worker {worker_id} died (no heartbeat for {hb_ms / 1000:g}s)"
+            if hb_ms
+            else f"worker {worker_id} died (heartbeat expired)",
+            "0",
+            client.retention_ms,
+        ],
+    )
+
+
+class LivenessMonitor:
+    """One task per client that watches the workers of its busy sessions.
+
+    Every `check_interval` it asks Redis, in one round trip, whether each worker holding
+    a session with outstanding activities still has its heartbeat key. A dead one is
+    reaped (once, by whoever notices first) and its sessions' callers get
+    SessionFailedError; a session past its execution deadline is expired. Idle sessions
+    cost nothing.
+    """
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.sessions: set[Session] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    def watch(self, session: Session) -> None:
+        self.sessions.add(session)
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="sessionq-liveness")
+
+    async def _run(self) -> None:
+        while True:
+            self.sessions = {s for s in self.sessions if s.busy}
+            if not self.sessions:
+                return
+            await asyncio.sleep(min(check_interval(s.hb_ms) for s in self.sessions))
+            try:
+                await self._check()
+            except Exception as exc:  # keep watching through Redis hiccups
+                log.warning("liveness check failed: %s", exc)
+
+    async def _check(self) -> None:
+        by_worker: dict[tuple[QueueKeys, str], list[Session]] = {}
+        for session in self.sessions:
+            if session.busy:
+                by_worker.setdefault((session.keys, session.info.worker_id), []).append(session)
+        if not by_worker:
+            return
+        async with self.client.redis.pipeline(transaction=False) as pipe:
+            for keys, worker_id in by_worker:
+                pipe.exists(keys.alive(worker_id))
+            alive = await pipe.execute()
+        for ((keys, worker_id), sessions), is_alive in zip(by_worker.items(), alive, strict=True):
+            if not is_alive:
+                await reap(self.client, keys, worker_id, sessions[0].hb_ms)
+                for session in sessions:
+                    await session._refresh_after_reap()
+                continue
+            for session in sessions:
+                if session.past_deadline:
+                    await session._refresh()
+
+
 class Session:
     """An open reservation of one worker. Every activity run through it runs there."""
 
@@ -62,7 +140,6 @@ class Session:
         self.hb_ms = hb_ms
         self._expires_at = time.monotonic() + float(options.execution_timeout)  # type: ignore[arg-type]
         self._pending: set[str] = set()
-        self._watchdog: asyncio.Task[None] | None = None
         self._inbox = client.inbox(info.task_queue)
 
     @property
@@ -149,6 +226,15 @@ class Session:
     def _forget(self, activity_id: str) -> None:
         self._pending.discard(activity_id)
 
+    @property
+    def busy(self) -> bool:
+        """Whether activities are outstanding (the liveness monitor watches only these)."""
+        return bool(self._pending) and self.info.state is SessionState.OPEN
+
+    @property
+    def past_deadline(self) -> bool:
+        return time.monotonic() >= self._expires_at
+
     async def _cancel_activity(self, activity_id: str) -> None:
         stream = self.keys.stream(self.info.worker_id)
         await self.client.redis.xadd(stream, {"t": "x", "i": activity_id}, nomkstream=True)
@@ -188,8 +274,6 @@ class Session:
                 error = SessionFailedError(f"session {self.session_id} failed: {reason}", self.session_id)
             self._inbox.fail(activity_id, error)
         self._pending.clear()
-        if self._watchdog is not None and self._watchdog is not asyncio.current_task():
-            self._watchdog.cancel()
 
     async def _fail(self, reason: str) -> None:
         """Fail the session in Redis (idempotent) and locally."""
@@ -216,17 +300,7 @@ class Session:
             text = (reason or b"").decode()
             self._mark(SessionState(state.decode()), text or None)
         elif not alive:
-            await self.client.scripts.run(
-                "reap_worker",
-                [k.workers, k.worker(w), k.alive(w), k.stream(w), k.worker_sessions(w), k.waiters],
-                [
-                    k.base,
-                    w,
-                    f"worker {w} died (no heartbeat for {self.hb_ms / 1000:g}s)",
-                    "0",
-                    self.client.retention_ms,
-                ],
-            )
+            await reap(self.client, k, w, self.hb_ms)
             await self._refresh_after_reap()
         elif time.monotonic() >= self._expires_at:
             await self.client.scripts.run(
@@ -239,6 +313,7 @@ class Session:
                 self._mark(SessionState(state.decode()), (reason or b"").decode() or None)
 
     async def _refresh_after_reap(self) -> None:
+        """The worker was reaped: take the session's final state from Redis."""
         state, reason = await self.client.redis.hmget(self.keys.session(self.session_id), "state", "reason")
         if state is None or state == b"OPEN":
             self._mark(SessionState.FAILED, f"worker {self.info.worker_id} died")
@@ -246,20 +321,7 @@ class Session:
             self._mark(SessionState(state.decode()), (reason or b"").decode() or None)
 
     def _ensure_watchdog(self) -> None:
-        if self._watchdog is None or self._watchdog.done():
-            self._watchdog = asyncio.create_task(self._watch(), name=f"sessionq-watch:{self.session_id}")
-
-    async def _watch(self) -> None:
-        """While activities are outstanding, notice a dead worker or a passed deadline."""
-        interval = check_interval(self.hb_ms)
-        while self._pending and self.info.state is SessionState.OPEN:
-            await asyncio.sleep(interval)
-            if not self._pending:
-                return
-            try:
-                await self._refresh()
-            except Exception as exc:  # keep watching through Redis hiccups
-                log.warning("session %s: watchdog check failed: %s", self.session_id, exc)
+        self.client.monitor.watch(self)
 
     # -- context manager ---------------------------------------------------------------
     async def __aenter__(self) -> Session:
@@ -383,27 +445,9 @@ class SessionOpener:
         raise AssertionError("unreachable")
 
     async def _target_dead(self, worker_id: str) -> bool:
-        k = self.keys
-        if await self.client.redis.exists(k.alive(worker_id)):
+        if await self.client.redis.exists(self.keys.alive(worker_id)):
             return False
-        await self.client.scripts.run(
-            "reap_worker",
-            [
-                k.workers,
-                k.worker(worker_id),
-                k.alive(worker_id),
-                k.stream(worker_id),
-                k.worker_sessions(worker_id),
-                k.waiters,
-            ],
-            [
-                k.base,
-                worker_id,
-                f"worker {worker_id} died (heartbeat expired)",
-                "0",
-                self.client.retention_ms,
-            ],
-        )
+        await reap(self.client, self.keys, worker_id, 0)
         return True
 
     async def _give_up(

@@ -27,7 +27,7 @@ from redis.exceptions import ResponseError
 
 from .activity import ActivityDefinition, ActivityInfo, _RunningActivity, definition_of
 from .codec import Codec, default_codec
-from .connection import TRANSIENT, connect, resolve_url
+from .connection import TRANSIENT, connect, resolve_url, server_time_ms
 from .durations import Duration, seconds
 from .envelope import RemoteError, Task, decode_task, encode_error
 from .errors import ConfigurationError
@@ -219,28 +219,47 @@ class Worker:
     async def _startup(self) -> None:
         k = self.keys
         try:
-            now = await self.redis.time()
+            now_ms = await server_time_ms(self.redis, k.tasks)  # the node the queue's scripts run on
         except TRANSIENT as exc:
             raise ConnectionError(
                 f"worker {self.worker_id} cannot reach Redis ({exc}); check that Redis runs and "
                 "the URL is right (--redis-url / SESSIONQ_REDIS_URL)"
             ) from exc
-        self._clock_offset_ms = (now[0] * 1000 + now[1] / 1000) - time.time() * 1000
+        self._clock_offset_ms = now_ms - time.time() * 1000
         if await self.redis.exists(k.alive(self.worker_id)):
             pid = await self.redis.hget(k.worker(self.worker_id), "pid")
             if pid is not None and int(pid) != os.getpid():
                 raise ConfigurationError(
                     "identity",
                     f"another live worker already uses identity {self.worker_id!r} on task queue "
-                    f"{self.task_queue!r}; give each worker process its own identity",
+                    f"{self.task_queue!r}; give each worker process its own identity (if that "
+                    f"worker just crashed, its heartbeat expires within its heartbeat_timeout)",
                 )
+        # A registration left by an earlier process with this identity holds sessions this
+        # process knows nothing of: fail them and start clean.
+        assert self.scripts is not None
+        await self.scripts.run(
+            "reap_worker",
+            [
+                k.workers,
+                k.worker(self.worker_id),
+                k.alive(self.worker_id),
+                k.stream(self.worker_id),
+                k.worker_sessions(self.worker_id),
+                k.waiters,
+            ],
+            [k.base, self.worker_id, f"worker {self.worker_id} restarted", "1", self.retention_ms],
+        )
+        await self._ensure_group()
+        await self._register()
+        await self.redis.sadd(queues_index(self.prefix), self.task_queue)
+
+    async def _ensure_group(self) -> None:
         try:
-            await self.redis.xgroup_create(k.tasks, CONSUMER_GROUP, id="0", mkstream=True)
+            await self.redis.xgroup_create(self.keys.tasks, CONSUMER_GROUP, id="0", mkstream=True)
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
-        await self._register()
-        await self.redis.sadd(queues_index(self.prefix), self.task_queue)
 
     async def _register(self) -> None:
         k = self.keys
@@ -316,7 +335,8 @@ class Worker:
             log.warning(
                 "worker %s: task stream or group vanished (Redis restarted?); recreating", self.worker_id
             )
-            await self._startup()
+            await self._ensure_group()
+            await self._register()
             return
         entries = reply[0][1] if reply else []
         if not entries:

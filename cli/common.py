@@ -1,0 +1,127 @@
+"""What every command shares: one-line errors, logging set-up, the Redis URL and prefix."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import click
+
+from sessionq.connection import resolve_url
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMAT = "%(asctime)s.%(msecs)03d %(levelname)-7s %(name)s: %(message)s"
+
+
+class CliError(click.ClickException):
+    """A one-line error on stderr (no usage block, no traceback) with a chosen exit code."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"Error: {self.format_message()}", err=True)
+
+
+def redact(url: str) -> str:
+    """The URL without its password, fit for logs and error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def redis_url_from(flag: str | None) -> str:
+    """--redis-url, else SESSIONQ_REDIS_URL, else REDIS_URL, else redis://localhost:6379/0."""
+    return resolve_url(flag)
+
+
+def url_configured(flag: str | None) -> bool:
+    """Whether the user named a Redis (flag or environment), as opposed to the default."""
+    return bool(flag or os.environ.get("SESSIONQ_REDIS_URL") or os.environ.get("REDIS_URL"))
+
+
+def ping(url: str, timeout: float = 3.0) -> str | None:
+    """None when Redis answers at `url`, else the reason it does not (one line)."""
+    import redis
+
+    try:
+        with redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout) as client:
+            client.ping()
+    except Exception as exc:
+        return one_line(exc)
+    return None
+
+
+def require_redis(url: str) -> None:
+    """Fail with a one-line error (exit 1) when Redis does not answer at `url`."""
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise CliError(f"{url!r} is not a Redis URL; use e.g. redis://localhost:6379/0", 2)
+    problem = ping(url)
+    if problem is not None:
+        raise CliError(
+            f"cannot reach Redis at {redact(url)}: {problem} "
+            "(start Redis, or pass --redis-url / set SESSIONQ_REDIS_URL)",
+            1,
+        )
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line: its message, or its type when it has none."""
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def configure_logging(level: str | None, verbose: int = 0, quiet: int = 0, default: str = "WARNING") -> None:
+    """Log to stderr. --log-level wins; otherwise -v / -q move from `default`."""
+    if level is None:
+        index = LOG_LEVELS.index(default) - verbose + quiet
+        level = LOG_LEVELS[max(0, min(len(LOG_LEVELS) - 1, index))]
+    logging.basicConfig(stream=sys.stderr, format=LOG_FORMAT, datefmt="%H:%M:%S", force=True)
+    logging.getLogger().setLevel(logging.WARNING if level != "DEBUG" else logging.DEBUG)
+    logging.getLogger("sessionq").setLevel(level.upper())
+
+
+def logging_options(default: str) -> Callable[[F], F]:
+    """--log-level, -v and -q, for a command whose usual level is `default`."""
+
+    def decorate(fn: F) -> F:
+        fn = click.option("-q", "--quiet", count=True, help="Less logging (repeatable).")(fn)
+        fn = click.option("-v", "--verbose", count=True, help="More logging (repeatable).")(fn)
+        return click.option(
+            "--log-level",
+            type=click.Choice(LOG_LEVELS, case_sensitive=False),
+            default=None,
+            help=f"Level of the sessionq logger on stderr [default: {default}].",
+        )(fn)
+
+    return decorate
+
+
+def redis_url_option(fn: F) -> F:
+    return click.option(
+        "--redis-url",
+        metavar="URL",
+        default=None,
+        help="Redis URL [default: $SESSIONQ_REDIS_URL, else $REDIS_URL, else redis://localhost:6379/0].",
+    )(fn)
+
+
+def prefix_option(default: str | None) -> Callable[[F], F]:
+    """--prefix (env SESSIONQ_PREFIX): the key prefix, as given to Client/Worker(prefix=...)."""
+    shown = f" [default: {default}]" if default else " [default: the Worker's, else sq]"
+    return click.option(
+        "--prefix",
+        metavar="P",
+        envvar="SESSIONQ_PREFIX",
+        default=default,
+        help="Key prefix of every sessionq key (env SESSIONQ_PREFIX)." + shown,
+    )

@@ -1,0 +1,319 @@
+"""Read what sessionq keeps in Redis, without changing any of it (for `sessionq inspect`).
+
+Only read commands are sent (TIME, SMEMBERS, HGETALL, PTTL, XLEN, XRANGE, XINFO, LRANGE,
+LLEN, SCAN, EXISTS): inspect never reaps a dead worker nor trims a stream, so it shows a
+stuck system as it is. Reads come from Redis, not from live workers, so a dead worker's
+leftovers (open sessions, queued activities, unacknowledged work) are visible too.
+The shape of the dictionaries built here is the `--json` schema (see inspect_cmd).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sessionq.codec import default_codec
+from sessionq.envelope import decode_task
+from sessionq.keys import CONSUMER_GROUP, QueueKeys, queues_index
+
+STREAM_SCAN_LIMIT = 10_000
+"""Most entries read from one worker's own stream when counting queued activities."""
+
+SCHEMA_VERSION = 1
+
+
+def text(value: Any) -> str | None:
+    if value is None:
+        return None
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def number(value: Any) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def age_s(now_ms: int, then_ms: int | None) -> float | None:
+    return None if then_ms is None else round((now_ms - then_ms) / 1000, 3)
+
+
+def strings(raw: dict[bytes, bytes]) -> dict[str, str]:
+    return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in raw.items()}
+
+
+def glob_escape(value: str) -> str:
+    """Escape Redis glob metacharacters so a prefix or queue name matches literally."""
+    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in value)
+
+
+def entry_ms(entry_id: bytes) -> int:
+    return int(entry_id.split(b"-")[0])
+
+
+class Reader:
+    """Collects queues, workers and sessions of one key prefix from a redis.Redis (sync)."""
+
+    def __init__(self, redis: Any, prefix: str) -> None:
+        self.r = redis
+        self.prefix = prefix
+        seconds, micros = self.r.time()
+        self.now_ms = int(seconds) * 1000 + int(micros) // 1000
+        self._streams: dict[str, list[dict[str, Any]]] = {}
+
+    # -- queues ---------------------------------------------------------------------------
+    def queue_names(self, only: str | None = None) -> list[str]:
+        if only:
+            return [only]
+        return sorted(m.decode(errors="replace") for m in self.r.smembers(queues_index(self.prefix)))
+
+    def queue(self, name: str, workers: list[dict[str, Any]]) -> dict[str, Any]:
+        k = QueueKeys(self.prefix, name)
+        with self.r.pipeline(transaction=False) as pipe:
+            pipe.xlen(k.tasks)
+            pipe.xrange(k.tasks, "-", "+", count=1)
+            pipe.llen(k.waiters)
+            pipe.xlen(k.dead)
+            length, first, waiting, dead = pipe.execute()
+        group = self.group(k)
+        mine = [w for w in workers if w["task_queue"] == name]
+        session_workers = [w for w in mine if w["sessions_enabled"] and w["alive"]]
+        unlimited = any(w["max_sessions"] is None for w in session_workers)
+        return {
+            "task_queue": name,
+            "length": int(length),
+            "pending": int(group.get("pending", 0)),
+            "consumers": int(group.get("consumers", 0)),
+            "oldest_age_s": age_s(self.now_ms, entry_ms(first[0][0])) if first else None,
+            "waiting_sessions": int(waiting),
+            "workers": len(mine),
+            "workers_alive": sum(1 for w in mine if w["alive"]),
+            "open_sessions": sum(w["open_sessions"] for w in mine),
+            "free_session_slots": None
+            if unlimited
+            else sum(max(0, w["max_sessions"] - w["open_sessions"]) for w in session_workers),
+            "dead_letters": int(dead),
+        }
+
+    def group(self, k: QueueKeys) -> dict[str, Any]:
+        try:
+            groups = self.r.xinfo_groups(k.tasks)
+        except Exception:  # no stream yet
+            return {}
+        for group in groups:
+            if text(group.get("name")) == CONSUMER_GROUP:
+                return dict(group)
+        return {}
+
+    def consumers(self, k: QueueKeys) -> dict[str, int]:
+        """Plain activities each consumer of the shared stream read but did not acknowledge."""
+        try:
+            rows = self.r.xinfo_consumers(k.tasks, CONSUMER_GROUP)
+        except Exception:
+            return {}
+        return {text(row["name"]) or "": int(row.get("pending", 0)) for row in rows}
+
+    # -- workers --------------------------------------------------------------------------
+    def workers(self, queue: str) -> list[dict[str, Any]]:
+        k = QueueKeys(self.prefix, queue)
+        ids = sorted(m.decode(errors="replace") for m in self.r.smembers(k.workers))
+        if not ids:
+            return []
+        with self.r.pipeline(transaction=False) as pipe:
+            for w in ids:
+                pipe.hgetall(k.worker(w))
+                pipe.pttl(k.alive(w))
+            replies = pipe.execute()
+        pending = self.consumers(k)
+        queued = {w: self.own_stream(k, w) for w in ids}
+        out = []
+        for i, w in enumerate(ids):
+            record, ttl = strings(replies[2 * i]), int(replies[2 * i + 1])
+            out.append(self.worker_row(queue, w, record, ttl, pending.get(w, 0), queued[w]))
+        return out
+
+    def worker_row(
+        self, queue: str, w: str, record: dict[str, str], ttl: int, pending: int, queued: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        cap = number(record.get("max_sessions"))
+        hb_ms = number(record.get("hb_ms"))
+        return {
+            "task_queue": queue,
+            "identity": w,
+            "host": record.get("host"),
+            "pid": number(record.get("pid")),
+            "alive": ttl > 0 or ttl == -1,
+            "heartbeat_ttl_ms": ttl if ttl >= 0 else None,
+            "last_heartbeat_age_s": age_s(self.now_ms, number(record.get("beat"))),
+            "heartbeat_timeout_s": hb_ms / 1000 if hb_ms is not None else None,
+            "sessions_enabled": cap is not None and cap >= 0,
+            "open_sessions": number(record.get("open")) or 0,
+            "max_sessions": cap if cap is not None and cap > 0 else None,
+            "running_activities": number(record.get("running")) or 0,
+            "concurrency": number(record.get("concurrency")),
+            "activities_done": number(record.get("done")) or 0,
+            "pending": pending,
+            "queued": len(queued),
+            "registered_age_s": age_s(self.now_ms, number(record.get("registered"))),
+            "activities": [a for a in record.get("activities", "").split(",") if a],
+        }
+
+    def own_stream(self, k: QueueKeys, w: str) -> list[dict[str, Any]]:
+        """Session activities in a worker's own stream (queued, or read within the last trim)."""
+        key = k.stream(w)
+        if key in self._streams:
+            return self._streams[key]
+        out: list[dict[str, Any]] = []
+        self._streams[key] = out
+        for entry_id, fields in self.r.xrange(k.stream(w), "-", "+", count=STREAM_SCAN_LIMIT):
+            if fields.get(b"t") != b"a":
+                continue
+            try:
+                task = decode_task(default_codec, fields[b"d"], entry_id)
+            except Exception:
+                continue
+            out.append(
+                {
+                    "activity_id": task.activity_id,
+                    "name": task.name,
+                    "attempt": task.attempt,
+                    "session_id": task.session_id,
+                    "age_s": age_s(self.now_ms, entry_ms(entry_id)),
+                }
+            )
+        return out
+
+    # -- sessions -------------------------------------------------------------------------
+    def sessions(
+        self, queue: str, workers: list[dict[str, Any]], include_ended: bool = False
+    ) -> list[dict[str, Any]]:
+        k = QueueKeys(self.prefix, queue)
+        mine = {w["identity"]: w for w in workers if w["task_queue"] == queue}
+        ids: set[str] = set()
+        for w in mine:
+            ids.update(m.decode(errors="replace") for m in self.r.smembers(k.worker_sessions(w)))
+        if include_ended:
+            pattern = glob_escape(k.base) + "session:*"
+            start = len(k.base + "session:")
+            ids.update(key.decode()[start:] for key in self.r.scan_iter(match=pattern, count=1000))
+        queued = self.queued_by_session(k, mine)
+        rows = [
+            row
+            for sid in sorted(ids)
+            if (row := self.session_row(queue, sid, self.r.hgetall(k.session(sid)), mine, queued))
+        ]
+        rows.sort(key=lambda row: row["created_ms"] or 0)
+        return rows + self.waiting(queue)
+
+    def queued_by_session(self, k: QueueKeys, workers: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+        out: dict[str, list[dict[str, Any]]] = {}
+        for w in workers:
+            for item in self.own_stream(k, w):
+                out.setdefault(item["session_id"] or "", []).append(item)
+        return out
+
+    def session_row(
+        self,
+        queue: str,
+        sid: str,
+        raw: dict[bytes, bytes],
+        workers: dict[str, dict[str, Any]],
+        queued: dict[str, list[dict[str, Any]]],
+    ) -> dict[str, Any] | None:
+        if not raw:
+            return None
+        record = strings(raw)
+        worker = record.get("worker")
+        created, deadline = number(record.get("created")), number(record.get("deadline"))
+        exec_ms = number(record.get("exec_ms"))
+        items = queued.get(sid, [])
+        return {
+            "task_queue": queue,
+            "session_id": sid,
+            "state": record.get("state", "?"),
+            "worker": worker,
+            "host": record.get("host"),
+            "worker_alive": workers[worker]["alive"] if worker in workers else False,
+            "owner": record.get("owner") or None,
+            "created_ms": created,
+            "age_s": age_s(self.now_ms, created),
+            "deadline_ms": deadline,
+            "deadline_in_s": round((deadline - self.now_ms) / 1000, 3) if deadline is not None else None,
+            "execution_timeout_s": exec_ms / 1000 if exec_ms is not None else None,
+            "ended_ms": number(record.get("ended")),
+            "reason": record.get("reason") or None,
+            "activities_run": number(record.get("activities")),
+            "queued": len(items),
+            "queued_activities": [{k: v for k, v in item.items() if k != "session_id"} for item in items],
+        }
+
+    def waiting(self, queue: str) -> list[dict[str, Any]]:
+        """Callers waiting for a slot (create_session / recreate_session), first come first."""
+        k = QueueKeys(self.prefix, queue)
+        rows = []
+        for raw in self.r.lrange(k.waiters, 0, -1):
+            fields = raw.decode(errors="replace").split("|")
+            fields += [""] * (6 - len(fields))
+            sid, _client, exec_ms, wait_until, target, owner = fields[:6]
+            until = number(wait_until)
+            rows.append(
+                {
+                    "task_queue": queue,
+                    "session_id": sid,
+                    "state": "WAITING",
+                    "worker": target or None,
+                    "host": None,
+                    "worker_alive": None,
+                    "owner": owner or None,
+                    "created_ms": None,
+                    "age_s": None,
+                    "deadline_ms": until,
+                    "deadline_in_s": round((until - self.now_ms) / 1000, 3) if until is not None else None,
+                    "execution_timeout_s": (number(exec_ms) or 0) / 1000,
+                    "ended_ms": None,
+                    "reason": None,
+                    "activities_run": None,
+                    "queued": 0,
+                    "queued_activities": [],
+                }
+            )
+        return rows
+
+    def find_session(self, sid: str, queues: list[str]) -> dict[str, Any] | None:
+        for queue in queues:
+            k = QueueKeys(self.prefix, queue)
+            raw = self.r.hgetall(k.session(sid))
+            if raw:
+                worker = text(raw.get(b"worker")) or ""
+                workers = {w["identity"]: w for w in self.workers(queue)}
+                queued = {sid: [i for i in self.own_stream(k, worker) if i["session_id"] == sid]}
+                return self.session_row(queue, sid, raw, workers, queued)
+            for row in self.waiting(queue):
+                if row["session_id"] == sid:
+                    return row
+        return None
+
+
+def collect(
+    redis: Any,
+    prefix: str,
+    view: str,
+    task_queue: str | None = None,
+    session_id: str | None = None,
+    include_ended: bool = False,
+) -> dict[str, Any]:
+    """One `--json` document for `view` (overview, workers, sessions, queues or session)."""
+    reader = Reader(redis, prefix)
+    queues = reader.queue_names(task_queue)
+    doc: dict[str, Any] = {"schema": SCHEMA_VERSION, "prefix": prefix, "now_ms": reader.now_ms}
+    if view == "session":
+        doc["session"] = reader.find_session(session_id or "", queues)
+        return doc
+    workers = [row for q in queues for row in reader.workers(q)]
+    if view in ("overview", "queues"):
+        doc["queues"] = [reader.queue(q, workers) for q in queues]
+    if view in ("overview", "workers"):
+        doc["workers"] = workers
+    if view in ("overview", "sessions"):
+        doc["sessions"] = [row for q in queues for row in reader.sessions(q, workers, include_ended)]
+    return doc

@@ -1,0 +1,349 @@
+"""`sessionq worker MODULE:ATTR`: run a worker process, like `celery -A app worker` or `arq`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+import click
+
+import sessionq
+from sessionq.errors import ConfigurationError
+
+from .common import (
+    CliError,
+    configure_logging,
+    logging_options,
+    one_line,
+    prefix_option,
+    redact,
+    redis_url_from,
+    redis_url_option,
+    require_redis,
+)
+
+log = logging.getLogger("sessionq.cli")
+
+PARENT_POLL_INTERVAL = 0.5
+
+
+def load_target(spec: str) -> Any:
+    """Import MODULE:ATTR with the current directory importable; one-line errors (exit 2)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise CliError(f"expected MODULE:ATTR (e.g. myapp.worker:worker), got {spec!r}", 2)
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            raise CliError(
+                f"cannot import {module_name!r}: no module named {exc.name!r} "
+                f"(searched the current directory {os.getcwd()} and sys.path)",
+                2,
+            ) from None
+        raise CliError(
+            f"importing {module_name!r} failed: {type(exc).__name__}: {one_line(exc)}", 2
+        ) from None
+    except Exception as exc:
+        raise CliError(
+            f"importing {module_name!r} failed: {type(exc).__name__}: {one_line(exc)}", 2
+        ) from None
+    target: Any = module
+    for part in attr.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise CliError(f"module {module_name!r} has no attribute {attr!r}", 2) from None
+    return target
+
+
+def as_activities(target: Any, spec: str) -> list[Any]:
+    """A list of activities from ATTR (a list, tuple or set of functions)."""
+    if isinstance(target, (list, tuple, set, frozenset)):
+        items = list(target)
+        if items and all(callable(item) for item in items):
+            return items
+    raise CliError(
+        f"{spec} is a {type(target).__name__}; expected a sessionq.Worker or a list of activities", 2
+    )
+
+
+def build_worker(target: Any, spec: str, overrides: dict[str, Any]) -> sessionq.Worker:
+    """The Worker to run: ATTR itself when no flag changes it, else one rebuilt with the flags.
+
+    `overrides` holds only the flags the user gave (Worker keyword names). A Worker from
+    MODULE:ATTR keeps all its own settings (activities, codec, grace...) except those.
+    """
+    if isinstance(target, sessionq.Worker):
+        if not overrides:
+            return target
+        settings = settings_of(target)
+    else:
+        settings = {"activities": as_activities(target, spec), "enable_sessions": True}
+        if "task_queue" not in overrides:
+            raise CliError(f"{spec} is a list of activities: --task-queue is required", 2)
+    settings.update(overrides)
+    try:
+        return sessionq.Worker(settings.pop("redis", None), **settings)
+    except ConfigurationError as exc:
+        raise CliError(f"invalid worker option {exc}", 2) from None
+
+
+def settings_of(worker: sessionq.Worker) -> dict[str, Any]:
+    """The constructor arguments a Worker was built with (it keeps them as attributes)."""
+    return {
+        "redis": worker._redis_target,
+        "task_queue": worker.task_queue,
+        "activities": [d.fn for d in worker.registry.values()],
+        "enable_sessions": worker.enable_sessions,
+        "max_concurrent_sessions": worker.max_concurrent_sessions,
+        "max_concurrent_activities": worker.max_concurrent_activities,
+        "identity": worker.worker_id,
+        "heartbeat_timeout": worker.heartbeat_timeout,
+        "shutdown_grace": worker.shutdown_grace,
+        "prefix": worker.prefix,
+        "codec": worker.codec,
+        "retention": worker.retention_ms / 1000,
+    }
+
+
+def overrides_from(
+    *,
+    redis_url: str | None,
+    task_queue: str | None,
+    max_sessions: int | None,
+    concurrency: int | None,
+    identity: str | None,
+    heartbeat_timeout: float | None,
+    shutdown_grace: float | None,
+    sessions: bool | None,
+    prefix: str | None,
+) -> dict[str, Any]:
+    """Worker keyword arguments for the flags that were given (None = not given)."""
+    given: dict[str, Any] = {
+        "redis": redis_url,
+        "task_queue": task_queue,
+        "max_concurrent_activities": concurrency,
+        "identity": identity,
+        "heartbeat_timeout": heartbeat_timeout,
+        "shutdown_grace": shutdown_grace,
+        "enable_sessions": sessions,
+        "prefix": prefix,
+    }
+    out = {key: value for key, value in given.items() if value is not None}
+    if max_sessions is not None:
+        out["max_concurrent_sessions"] = max_sessions or None  # 0 = unlimited
+        out.setdefault("enable_sessions", True)
+    return out
+
+
+class Stopper:
+    """Signal handling: first SIGTERM/SIGINT stops gracefully, a second SIGINT exits at once."""
+
+    def __init__(self, worker: sessionq.Worker) -> None:
+        self.worker = worker
+        self.requested = False
+
+    def install(self, loop: asyncio.AbstractEventLoop) -> None:
+        loop.add_signal_handler(signal.SIGTERM, self.on_signal, signal.SIGTERM)
+        loop.add_signal_handler(signal.SIGINT, self.on_signal, signal.SIGINT)
+
+    def on_signal(self, signum: int) -> None:
+        if self.requested:
+            if signum == signal.SIGINT:
+                print("second interrupt: exiting at once", file=sys.stderr, flush=True)
+                os._exit(130)
+            return
+        self.requested = True
+        name = signal.Signals(signum).name
+        log.warning(
+            "%s: stopping worker %s gracefully (open sessions fail now, running activities get "
+            "%gs to finish)%s",
+            name,
+            self.worker.worker_id,
+            self.worker.shutdown_grace,
+            "; press Ctrl-C again to exit at once" if signum == signal.SIGINT else "",
+        )
+        self.worker.stop()
+
+
+async def wait_registered(worker: sessionq.Worker, runner: asyncio.Task[None]) -> None:
+    """Return once the worker runs (re-raising a start-up error from `runner`)."""
+    started = asyncio.create_task(worker.wait_started(timeout=60))
+    try:
+        await asyncio.wait({runner, started}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        started.cancel()
+    if runner.done():
+        runner.result()
+
+
+async def watch_parent(worker: sessionq.Worker, parent_pid: int) -> None:
+    """Stop when the process that started us is gone (used by `sessionq demo`)."""
+    while os.getppid() == parent_pid:
+        await asyncio.sleep(PARENT_POLL_INTERVAL)
+    log.warning("parent process %d is gone; stopping", parent_pid)
+    worker.stop()
+
+
+async def serve(worker: sessionq.Worker, burst: bool, stop_with_parent: bool) -> None:
+    """Run the worker until a signal, or (burst) until there is nothing left to do."""
+    stopper = Stopper(worker)
+    stopper.install(asyncio.get_running_loop())
+    parent = os.getppid()
+    runner = asyncio.create_task(worker.run(burst=burst), name="sessionq-worker")
+    await wait_registered(worker, runner)
+    if stopper.requested:  # a signal that came before run() could take it
+        worker.stop()
+    watcher = asyncio.create_task(watch_parent(worker, parent)) if stop_with_parent else None
+    try:
+        await runner
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+
+
+def describe(worker: sessionq.Worker) -> str:
+    target = worker._redis_target
+    where = redact(target) if isinstance(target, str) else type(target).__name__
+    return (
+        f"sessionq worker {worker.worker_id} on task queue {worker.task_queue!r} "
+        f"(redis {where}, prefix {worker.prefix!r}); activities: {', '.join(sorted(worker.registry))}"
+    )
+
+
+def run_worker(worker: sessionq.Worker, burst: bool, stop_with_parent: bool) -> None:
+    """Check Redis, run the worker, and turn start-up failures into one-line errors."""
+    target = worker._redis_target
+    if isinstance(target, str):
+        require_redis(target)
+    log.info("%s", describe(worker))
+    try:
+        asyncio.run(serve(worker, burst, stop_with_parent))
+    except ConfigurationError as exc:
+        raise CliError(str(exc), 2) from None
+    except (ConnectionError, OSError, sessionq.RedisUnavailableError) as exc:
+        raise CliError(one_line(exc), 1) from None
+
+
+@click.command("worker")
+@click.argument("target", metavar="MODULE:ATTR")
+@redis_url_option
+@click.option(
+    "-Q",
+    "--task-queue",
+    metavar="Q",
+    default=None,
+    help="Task queue to serve (required when ATTR is a list of activities).",
+)
+@click.option(
+    "--max-sessions",
+    type=click.IntRange(min=0),
+    default=None,
+    metavar="N",
+    help="Most sessions open at once on this worker; 0 = unlimited. Implies --sessions.",
+)
+@click.option(
+    "-c",
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Most activities running at once [default: the Worker's, else 100].",
+)
+@click.option(
+    "-n",
+    "--identity",
+    metavar="ID",
+    default=None,
+    help="Worker id, unique per task queue [default: <pid>@<hostname>].",
+)
+@click.option(
+    "--heartbeat-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    metavar="SECONDS",
+    help="Silent this long = declared dead; its sessions fail [default: 10].",
+)
+@click.option(
+    "--shutdown-grace",
+    type=click.FloatRange(min=0),
+    default=None,
+    metavar="SECONDS",
+    help="On SIGTERM, how long running activities may take to finish [default: 30].",
+)
+@click.option(
+    "--sessions/--no-sessions",
+    default=None,
+    help="Take worker sessions [default: on for a list of activities, else the Worker's].",
+)
+@click.option("--burst", is_flag=True, help="Exit once the queue is empty and no session is open.")
+@prefix_option(None)
+@click.option(
+    "--stop-with-parent",
+    is_flag=True,
+    hidden=True,
+    help="Stop when the parent process exits (for `sessionq demo`).",
+)
+@logging_options("INFO")
+def worker_command(
+    target: str,
+    redis_url: str | None,
+    task_queue: str | None,
+    max_sessions: int | None,
+    concurrency: int | None,
+    identity: str | None,
+    heartbeat_timeout: float | None,
+    shutdown_grace: float | None,
+    sessions: bool | None,
+    burst: bool,
+    prefix: str | None,
+    stop_with_parent: bool,
+    log_level: str | None,
+    verbose: int,
+    quiet: int,
+) -> None:
+    """Run a worker for MODULE:ATTR until SIGTERM or Ctrl-C.
+
+    ATTR is a sessionq.Worker (its settings apply; flags given here override them) or a
+    list of activities (then the flags build the worker, with sessions on). The current
+    directory is importable, so `sessionq worker myapp:worker` finds ./myapp.py.
+
+    \b
+    SIGTERM / Ctrl-C: stop taking work, fail this worker's open sessions at once (their
+    callers get SessionFailedError now, not after the heartbeat timeout), let running
+    activities finish within --shutdown-grace, deregister, exit 0. A second Ctrl-C exits
+    at once.
+
+    \b
+    Examples:
+      sessionq worker myapp.worker:worker
+      sessionq worker myapp.activities:ALL -Q fileprocessing --max-sessions 4
+    """
+    configure_logging(log_level, verbose, quiet, default="INFO")
+    loaded = load_target(target)
+    if redis_url is None and not isinstance(loaded, sessionq.Worker):
+        redis_url = redis_url_from(None)
+    overrides = overrides_from(
+        redis_url=redis_url,
+        task_queue=task_queue,
+        max_sessions=max_sessions,
+        concurrency=concurrency,
+        identity=identity,
+        heartbeat_timeout=heartbeat_timeout,
+        shutdown_grace=shutdown_grace,
+        sessions=sessions,
+        prefix=prefix,
+    )
+    worker = build_worker(loaded, target, overrides)
+    run_worker(worker, burst, stop_with_parent)
