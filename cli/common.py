@@ -11,7 +11,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import click
 
-from sessionq.connection import resolve_url
+from sessionq.connection import as_cluster_url, is_cluster_url, resolve_url, split_cluster_url
+from sessionq.errors import ConfigurationError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -39,9 +40,41 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def redis_url_from(flag: str | None) -> str:
-    """--redis-url, else SESSIONQ_REDIS_URL, else REDIS_URL, else redis://localhost:6379/0."""
-    return resolve_url(flag)
+URL_SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
+
+
+def redis_url_from(flag: str | None, cluster: bool = False) -> str:
+    """--redis-url, else SESSIONQ_REDIS_URL, else REDIS_URL, else redis://localhost:6379/0;
+    with --cluster, redis://host:port becomes redis+cluster://host:port."""
+    url = resolve_url(flag)
+    if cluster:
+        try:
+            url = as_cluster_url(url)
+        except ConfigurationError as exc:
+            raise CliError(str(exc), 2) from None
+    return url
+
+
+def sync_client(url: str, timeout: float = 3.0) -> Any:
+    """A plain (sync) redis-py client: a RedisCluster for redis+cluster:// URLs, else a Redis."""
+    import redis
+
+    if not is_cluster_url(url):
+        return redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=max(timeout, 10))
+    from redis.cluster import ClusterNode, RedisCluster
+
+    single, nodes = split_cluster_url(url)
+    kwargs: dict[str, Any] = dict(redis.connection.parse_url(single))
+    if kwargs.pop("connection_class", None) is redis.connection.SSLConnection:
+        kwargs["ssl"] = True
+    for key in ("host", "port", "db"):
+        kwargs.pop(key, None)
+    return RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in nodes],
+        socket_connect_timeout=timeout,
+        socket_timeout=max(timeout, 10),
+        **kwargs,
+    )
 
 
 def url_configured(flag: str | None) -> bool:
@@ -51,10 +84,8 @@ def url_configured(flag: str | None) -> bool:
 
 def ping(url: str, timeout: float = 3.0) -> str | None:
     """None when Redis answers at `url`, else the reason it does not (one line)."""
-    import redis
-
     try:
-        with redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout) as client:
+        with sync_client(url, timeout) as client:
             client.ping()
     except Exception as exc:
         return one_line(exc)
@@ -63,8 +94,12 @@ def ping(url: str, timeout: float = 3.0) -> str | None:
 
 def require_redis(url: str) -> None:
     """Fail with a one-line error (exit 1) when Redis does not answer at `url`."""
-    if not url.startswith(("redis://", "rediss://", "unix://")):
-        raise CliError(f"{url!r} is not a Redis URL; use e.g. redis://localhost:6379/0", 2)
+    if not url.lower().startswith(URL_SCHEMES):
+        raise CliError(
+            f"{url!r} is not a Redis URL; use e.g. redis://localhost:6379/0 (redis+cluster://host:port "
+            "for Redis Cluster)",
+            2,
+        )
     problem = ping(url)
     if problem is not None:
         raise CliError(
@@ -107,11 +142,18 @@ def logging_options(default: str) -> Callable[[F], F]:
 
 
 def redis_url_option(fn: F) -> F:
+    """--redis-url and --cluster."""
+    fn = click.option(
+        "--cluster",
+        is_flag=True,
+        help="The URL names a Redis Cluster node (same as a redis+cluster://host:port URL).",
+    )(fn)
     return click.option(
         "--redis-url",
         metavar="URL",
         default=None,
-        help="Redis URL [default: $SESSIONQ_REDIS_URL, else $REDIS_URL, else redis://localhost:6379/0].",
+        help="Redis URL [default: $SESSIONQ_REDIS_URL, else $REDIS_URL, else redis://localhost:6379/0]; "
+        "redis+cluster://host:port[,host:port] for Redis Cluster.",
     )(fn)
 
 

@@ -39,6 +39,7 @@ from .common import (
     redact,
     redis_url_from,
     require_redis,
+    sync_client,
     url_configured,
 )
 from .embedded import BACKENDS, Embedded, EmbeddedError, start_embedded
@@ -98,12 +99,12 @@ def choose_backend(redis_url: str | None, embedded: bool, backend: str | None) -
 
 def delete_prefix(url: str, prefix: str) -> int:
     """Delete the demo's keys (SCAN + DEL under its own prefix only; never FLUSH)."""
-    deleted = 0
-    with redis.Redis.from_url(url, socket_timeout=10) as client:
-        batch = list(client.scan_iter(match=f"{prefix}:*", count=1000))
-        for start in range(0, len(batch), 500):
-            deleted += client.delete(*batch[start : start + 500])
-    return deleted
+    with sync_client(url, timeout=5) as client:
+        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+        pipe = client.pipeline(transaction=False)
+        for key in keys:
+            pipe.delete(key)  # one key per command: fine on a cluster too
+        return sum(pipe.execute()) if keys else 0
 
 
 @dataclass
@@ -192,22 +193,17 @@ class Demo:
     async def process(self, urls: list[str]) -> list[Any]:
         client = sessionq.Client(self.backend.url, prefix=self.prefix)
         options = sessionq.SessionOptions(creation_timeout=60, execution_timeout=120)
+        destination = str(self.tmp / "uploaded")
+
+        async def one(index: int, url: str) -> Any:
+            await asyncio.sleep(index * 0.02)  # ask in file order: slots go first come, first served
+            return await self.starter.process_with_retry(
+                client, url, destination, on_event=self.on_event, options=options
+            )
+
         with self.progress_bar(len(urls) * 3):
             try:
-                return list(
-                    await asyncio.gather(
-                        *(
-                            self.starter.process_with_retry(
-                                client,
-                                url,
-                                str(self.tmp / "uploaded"),
-                                on_event=self.on_event,
-                                options=options,
-                            )
-                            for url in urls
-                        )
-                    )
-                )
+                return list(await asyncio.gather(*(one(i, url) for i, url in enumerate(urls))))
             finally:
                 await client.close()
 
@@ -276,7 +272,7 @@ class Demo:
     # -- the end ----------------------------------------------------------------------------
     def conclude(self, outcomes: list[Any]) -> None:
         table = Table(title="\nwho did what", title_justify="left")
-        for name in ("file", "session worker(s)", "uploaded", "bytes", "time"):
+        for name in ("file", "session worker(s)", "result", "time"):
             table.add_column(name)
         for outcome in outcomes:
             result = outcome.result or {}
@@ -284,10 +280,8 @@ class Demo:
                 f"[strike red]{w}[/]" if w == self.story.victim_worker and i < len(outcome.workers) - 1 else w
                 for i, w in enumerate(outcome.workers)
             )
-            uploaded = Path(result.get("uploaded", "-")).name
-            table.add_row(
-                outcome.file, workers, uploaded, str(result.get("bytes", "-")), f"{outcome.seconds:.1f}s"
-            )
+            done = f"uploaded, {result['bytes']} bytes" if result else "[red]not done[/]"
+            table.add_row(outcome.file, workers, done, f"{outcome.seconds:.1f}s")
         self.console.print(table)
         per_worker = Table(title="workers", title_justify="left")
         for name in ("worker", "pid", "files finished", "fate"):
@@ -399,8 +393,8 @@ def demo_command(
     except KeyboardInterrupt:
         console.print("\ninterrupted; cleaned up")
         raise SystemExit(130) from None
-    except RuntimeError as exc:
-        raise CliError(str(exc), 1) from None
+    except (RuntimeError, sessionq.SessionqError) as exc:
+        raise CliError(f"{type(exc).__name__}: {exc}", 1) from None
     finally:
         if demo is not None:
             demo.cleanup_files()

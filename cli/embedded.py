@@ -102,6 +102,35 @@ def stop_process(process: subprocess.Popen[bytes], folder: str) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
+def error_tolerant_handler() -> type | None:
+    """fakeredis' TCP handler, minus its habit of closing the connection after an error reply.
+
+    fakeredis 2.40's TcpFakeServer hangs up after any error reply (NOSCRIPT, BUSYGROUP...;
+    cunla/fakeredis-py#432), which breaks redis-py's script loading on the next command.
+    A real server keeps the connection: send the error and carry on. (Same as the tests'.)
+    """
+    try:
+        import redis
+        from fakeredis._clients._tcp_server import TCPFakeRequestHandler
+    except ImportError:
+        return None
+
+    class Handler(TCPFakeRequestHandler):  # type: ignore[misc, valid-type]
+        def setup(self) -> None:
+            super().setup()
+            read = self.current_client.read_response
+
+            def read_response(**kwargs: object) -> object:
+                try:
+                    return read(**kwargs)
+                except redis.ResponseError as exc:  # a reply to send, not a reason to hang up
+                    return exc
+
+            self.current_client.read_response = read_response
+
+    return Handler
+
+
 def start_fakeredis() -> Embedded:
     """A fakeredis TCP server (Lua included) in a daemon thread of this process."""
     try:
@@ -109,6 +138,9 @@ def start_fakeredis() -> Embedded:
     except ImportError as exc:  # pragma: no cover - fakeredis is a dependency
         raise EmbeddedError(f"fakeredis is not installed ({exc}); pip install 'fakeredis[lua]'") from exc
     server = TcpFakeServer(("127.0.0.1", 0), server_type="redis")
+    handler = error_tolerant_handler()
+    if handler is not None:
+        server.RequestHandlerClass = handler
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, name="sessionq-demo-fakeredis", daemon=True)
     thread.start()

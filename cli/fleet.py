@@ -12,8 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import redis.asyncio as aredis
-
+from sessionq.connection import connect
 from sessionq.keys import QueueKeys
 
 
@@ -68,7 +67,7 @@ class Fleet:
     async def wait_ready(self, timeout: float = 30.0) -> None:
         """Return once every worker has registered; raise RuntimeError with its log if one fails."""
         keys = QueueKeys(self.prefix, self.task_queue)
-        client = aredis.Redis.from_url(self.redis_url)
+        client = connect(self.redis_url)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         try:

@@ -21,7 +21,7 @@ Queue::
     task_queue          str   the task queue's name
     length              int   plain activities in the shared stream (queued + being run)
     pending             int   of those, read by a worker and not yet acknowledged
-    consumers           int   consumers (workers, alive or dead) of the shared stream
+    consumers           int   workers (alive or dead) that have read from the shared stream
     oldest_age_s        float|null  age of the oldest entry still in the shared stream
     waiting_sessions    int   callers waiting for a session slot (create/recreate_session)
     workers             int   registered workers
@@ -66,7 +66,7 @@ Session::
     ended_ms            int|null
     reason              str|null  why it failed
     activities_run      int|null  null: not recorded by this version of the worker
-    queued              int   its activities waiting in the worker's own stream
+    queued              int   its activities waiting in the worker's own stream (0 once ended)
     queued_activities   [{"activity_id": str, "name": str, "attempt": int, "age_s": float}]
 
 The ``queued`` counts read the worker's own stream, which the worker trims every third of
@@ -81,6 +81,7 @@ import time
 from typing import Any
 
 import click
+from rich import box
 from rich.console import Console, Group
 from rich.table import Table
 
@@ -94,6 +95,7 @@ from .common import (
     redis_url_from,
     redis_url_option,
     require_redis,
+    sync_client,
 )
 from .snapshot import collect
 
@@ -120,92 +122,95 @@ def short(session_id: str) -> str:
     return session_id[:12]
 
 
-def queues_table(rows: list[dict[str, Any]]) -> Table:
-    table = Table(title="queues", title_justify="left")
-    for name in (
-        "queue",
-        "length",
-        "pending",
-        "consumers",
-        "oldest",
-        "waiting",
-        "workers",
-        "sessions",
-        "free",
-    ):
-        table.add_column(name, justify="left" if name == "queue" else "right")
-    for q in rows:
-        table.add_row(
-            q["task_queue"],
-            str(q["length"]),
-            str(q["pending"]),
-            str(q["consumers"]),
-            fmt_age(q["oldest_age_s"]),
-            str(q["waiting_sessions"]),
-            f"{q['workers_alive']}/{q['workers']}",
-            str(q["open_sessions"]),
-            "unlimited" if q["free_session_slots"] is None else str(q["free_session_slots"]),
-        )
+def make_table(title: str, rows: list[dict[str, Any]], columns: list[tuple[str, str, Any]]) -> Table:
+    """A compact table: (header, justify, cell function) per column; a 'queue' column only
+    when the rows span several task queues (else the queue is named in the title)."""
+    queues = sorted({row["task_queue"] for row in rows})
+    if len(queues) == 1:
+        title = f"{title} of task queue {queues[0]!r}"
+    else:
+        columns = [("queue", "left", lambda row: row["task_queue"]), *columns]
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for header, justify, _ in columns:
+        table.add_column(header, justify=justify, no_wrap=True)
+    for row in rows:
+        table.add_row(*(cell(row) for _, _, cell in columns))
     return table
+
+
+def queues_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(title="queues", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    columns: list[tuple[str, Any]] = [
+        ("queue", lambda q: q["task_queue"]),
+        ("length", lambda q: str(q["length"])),
+        ("pending", lambda q: str(q["pending"])),
+        ("consumers", lambda q: str(q["consumers"])),
+        ("oldest", lambda q: fmt_age(q["oldest_age_s"])),
+        ("waiting", lambda q: str(q["waiting_sessions"])),
+        ("workers", lambda q: f"{q['workers_alive']}/{q['workers']}"),
+        ("sessions", lambda q: str(q["open_sessions"])),
+        ("free", lambda q: "∞" if q["free_session_slots"] is None else str(q["free_session_slots"])),
+        ("dead", lambda q: str(q["dead_letters"])),
+    ]
+    for header, _ in columns:
+        table.add_column(header, justify="left" if header == "queue" else "right", no_wrap=True)
+    for q in rows:
+        table.add_row(*(cell(q) for _, cell in columns))
+    return table
+
+
+def worker_sessions(w: dict[str, Any]) -> str:
+    if not w["sessions_enabled"]:
+        return "off"
+    return f"{w['open_sessions']}/{'∞' if w['max_sessions'] is None else w['max_sessions']}"
 
 
 def workers_table(rows: list[dict[str, Any]]) -> Table:
-    table = Table(title="workers", title_justify="left")
-    for name in (
-        "worker",
-        "queue",
-        "host",
-        "pid",
-        "sessions",
-        "running",
-        "pending",
-        "queued",
-        "heartbeat",
-        "alive",
-    ):
-        table.add_column(name, justify="right" if name in ("pid", "running", "pending", "queued") else "left")
-    for w in rows:
-        if not w["sessions_enabled"]:
-            sessions = "off"
-        else:
-            sessions = f"{w['open_sessions']}/{'∞' if w['max_sessions'] is None else w['max_sessions']}"
-        table.add_row(
-            w["identity"],
-            w["task_queue"],
-            fmt(w["host"]),
-            fmt(w["pid"]),
-            sessions,
-            f"{w['running_activities']}/{fmt(w['concurrency'])}",
-            str(w["pending"]),
-            str(w["queued"]),
-            fmt_age(w["last_heartbeat_age_s"]) + " ago",
-            "[green]yes[/]" if w["alive"] else "[bold red]DEAD[/]",
-        )
-    return table
+    return make_table(
+        "workers",
+        rows,
+        [
+            ("worker", "left", lambda w: w["identity"]),
+            ("host", "left", lambda w: fmt(w["host"])),
+            ("pid", "right", lambda w: fmt(w["pid"])),
+            ("sessions", "right", worker_sessions),
+            ("running", "right", lambda w: f"{w['running_activities']}/{fmt(w['concurrency'])}"),
+            ("pending", "right", lambda w: str(w["pending"])),
+            ("queued", "right", lambda w: str(w["queued"])),
+            ("heartbeat", "right", lambda w: fmt_age(w["last_heartbeat_age_s"]) + " ago"),
+            ("alive", "left", lambda w: "[green]yes[/]" if w["alive"] else "[bold red]DEAD[/]"),
+        ],
+    )
+
+
+def session_state(s: dict[str, Any]) -> str:
+    style = {"OPEN": "green", "FAILED": "red", "WAITING": "yellow"}.get(s["state"], "")
+    return f"[{style}]{s['state']}[/]" if style else s["state"]
+
+
+def session_note(s: dict[str, Any]) -> str:
+    if s["state"] == "OPEN" and s["worker_alive"] is False:
+        return "[bold red]worker is dead[/]: fails when reaped"
+    if s["state"] == "WAITING":
+        return "waiting for a free slot" + (f" on {s['worker']}" if s["worker"] else "")
+    return s["reason"] or ""
 
 
 def sessions_table(rows: list[dict[str, Any]]) -> Table:
-    table = Table(title="sessions", title_justify="left")
-    for name in ("session", "queue", "worker", "state", "age", "deadline in", "run", "queued", "note"):
-        table.add_column(name, justify="right" if name in ("run", "queued", "age", "deadline in") else "left")
-    for s in rows:
-        state = s["state"]
-        style = {"OPEN": "green", "FAILED": "red", "WAITING": "yellow"}.get(state, "")
-        note = s["reason"] or ""
-        if state == "OPEN" and s["worker_alive"] is False:
-            note = "worker is dead: fails when reaped"
-        table.add_row(
-            short(s["session_id"]),
-            s["task_queue"],
-            fmt(s["worker"]),
-            f"[{style}]{state}[/]" if style else state,
-            fmt_age(s["age_s"]),
-            fmt_age(s["deadline_in_s"]),
-            fmt(s["activities_run"]),
-            str(s["queued"]),
-            note,
-        )
-    return table
+    return make_table(
+        "sessions",
+        rows,
+        [
+            ("session", "left", lambda s: short(s["session_id"])),
+            ("worker", "left", lambda s: fmt(s["worker"])),
+            ("state", "left", session_state),
+            ("age", "right", lambda s: fmt_age(s["age_s"])),
+            ("deadline", "right", lambda s: "in " + fmt_age(s["deadline_in_s"])),
+            ("run", "right", lambda s: fmt(s["activities_run"])),
+            ("queued", "right", lambda s: str(s["queued"])),
+            ("note", "left", session_note),
+        ],
+    )
 
 
 def session_table(s: dict[str, Any]) -> Table:
@@ -240,15 +245,25 @@ def render(doc: dict[str, Any]) -> Group:
     return Group(*parts)
 
 
+def make_console() -> Console:
+    """A terminal's own width; 160 columns when writing to a file or pipe (nothing wraps there)."""
+    console = Console()
+    return console if console.is_terminal else Console(width=160)
+
+
 def snapshot(
     url: str, prefix: str, view: str, task_queue: str | None, session_id: str | None, include_ended: bool
 ) -> dict[str, Any]:
     import redis
 
     try:
-        with redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=10) as client:
+        with sync_client(url) as client:
             return collect(client, prefix, view, task_queue, session_id, include_ended)
-    except redis.exceptions.ConnectionError as exc:
+    except (
+        redis.exceptions.ConnectionError,
+        redis.exceptions.TimeoutError,
+        redis.exceptions.RedisClusterException,
+    ) as exc:
         raise CliError(f"cannot reach Redis at {redact(url)}: {one_line(exc)}", 1) from None
 
 
@@ -308,6 +323,7 @@ def inspect_command(
     view: str | None,
     session_id: str | None,
     redis_url: str | None,
+    cluster: bool,
     task_queue: str | None,
     prefix: str,
     as_json: bool,
@@ -339,9 +355,9 @@ def inspect_command(
         raise CliError("inspect session needs a session ID (see `sessionq inspect sessions`)", 2)
     if view != "session" and session_id:
         raise CliError(f"unexpected argument {session_id!r}", 2)
-    url = redis_url_from(redis_url)
+    url = redis_url_from(redis_url, cluster)
     require_redis(url)
-    console = Console()
+    console = make_console()
     chosen = view or "overview"
 
     def fetch() -> dict[str, Any]:

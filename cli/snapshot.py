@@ -226,11 +226,12 @@ class Reader:
         worker = record.get("worker")
         created, deadline = number(record.get("created")), number(record.get("deadline"))
         exec_ms = number(record.get("exec_ms"))
-        items = queued.get(sid, [])
+        state = record.get("state", "?")
+        items = queued.get(sid, []) if state == "OPEN" else []  # the worker drops an ended one's entries
         return {
             "task_queue": queue,
             "session_id": sid,
-            "state": record.get("state", "?"),
+            "state": state,
             "worker": worker,
             "host": record.get("host"),
             "worker_alive": workers[worker]["alive"] if worker in workers else False,

@@ -12,6 +12,7 @@ import sys
 from typing import Any
 
 import click
+from redis.exceptions import RedisError
 
 import sessionq
 from sessionq.errors import ConfigurationError
@@ -232,8 +233,8 @@ def run_worker(worker: sessionq.Worker, burst: bool, stop_with_parent: bool) -> 
         asyncio.run(serve(worker, burst, stop_with_parent))
     except ConfigurationError as exc:
         raise CliError(str(exc), 2) from None
-    except (ConnectionError, OSError, sessionq.RedisUnavailableError) as exc:
-        raise CliError(one_line(exc), 1) from None
+    except (ConnectionError, OSError, RedisError, sessionq.RedisUnavailableError) as exc:
+        raise CliError(f"Redis failed while the worker started: {one_line(exc)}", 1) from None
 
 
 @click.command("worker")
@@ -299,6 +300,7 @@ def run_worker(worker: sessionq.Worker, burst: bool, stop_with_parent: bool) -> 
 def worker_command(
     target: str,
     redis_url: str | None,
+    cluster: bool,
     task_queue: str | None,
     max_sessions: int | None,
     concurrency: int | None,
@@ -330,10 +332,9 @@ def worker_command(
       sessionq worker myapp.worker:worker
       sessionq worker myapp.activities:ALL -Q fileprocessing --max-sessions 4
     """
-    configure_logging(log_level, verbose, quiet, default="INFO")
     loaded = load_target(target)
-    if redis_url is None and not isinstance(loaded, sessionq.Worker):
-        redis_url = redis_url_from(None)
+    if cluster or (redis_url is None and not isinstance(loaded, sessionq.Worker)):
+        redis_url = redis_url_from(redis_url, cluster)
     overrides = overrides_from(
         redis_url=redis_url,
         task_queue=task_queue,
@@ -346,4 +347,5 @@ def worker_command(
         prefix=prefix,
     )
     worker = build_worker(loaded, target, overrides)
+    configure_logging(log_level, verbose, quiet, default="INFO")  # not before: errors above stay one line
     run_worker(worker, burst, stop_with_parent)

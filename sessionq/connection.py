@@ -21,10 +21,13 @@ the limit (``?max_connections=N`` in the URL, or on your RedisCluster).
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
+import contextvars
 import inspect
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -64,6 +67,16 @@ TRANSIENT = (
     OSError,
 )
 _MaxConnectionsError: type[Exception] = getattr(rexc, "MaxConnectionsError", rexc.ConnectionError)
+_POOL_OWNED_KWARGS = (
+    "maint_notifications_pool_handler",
+    "maint_notifications_config",
+    "orig_host_address",
+    "orig_socket_timeout",
+    "orig_socket_connect_timeout",
+    "himport_registry",
+)
+"""Keys a redis-py pool adds to its own connection_kwargs; copied into a RESP2 pool, the
+maintenance-notification handler makes it raise ("only supported with RESP version 3")."""
 
 
 def resolve_url(url: str | None = None) -> str:
@@ -121,6 +134,8 @@ def connect(target: Any) -> Any:
     if isinstance(target, aredis.Redis):
         given = target.connection_pool
         kwargs = dict(given.connection_kwargs)
+        for owned in _POOL_OWNED_KWARGS:  # state the given pool made for itself (redis-py >= 7)
+            kwargs.pop(owned, None)
         kwargs.update(protocol=2, decode_responses=False, retry=Retry(NoBackoff(), 0))
         kwargs.setdefault("max_connections", getattr(given, "max_connections", None) or 100)
         kwargs.setdefault("pool_timeout", getattr(given, "pool_timeout", DEFAULT_POOL_TIMEOUT))
@@ -169,16 +184,84 @@ command re-sent by redis-py after a connection error (MOVED/ASK/TRYAGAIN redirec
 still followed: the server did not run the command then)."""
 
 
-class ClusterClient(RedisCluster):
-    """A RedisCluster whose commands wait for a free connection instead of failing at once.
+class Permits:
+    """A first-come-first-served counting semaphore whose waits time out.
 
-    A command that finds its node's pool full (MaxConnectionsError, raised before anything
-    is sent, so retrying cannot run it twice) waits until another command of this client
-    ends, up to `pool_timeout` seconds, then raises ConnectionPoolExhaustedError.
+    Each cluster client holds one: a command takes a permit for as long as it holds a
+    connection, so no node's pool (``max_connections``) can run dry, and when all are
+    taken callers queue in order instead of failing at once (redis-py's behaviour).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_use = 0
+        self._queue: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    async def acquire(self, timeout: float) -> bool:
+        """Take a permit; False when none came free within `timeout` seconds."""
+        if self.in_use < self.limit and not self._queue:
+            self.in_use += 1
+            return True
+        waiter = asyncio.get_running_loop().create_future()
+        self._queue.append(waiter)
+        try:
+            await asyncio.wait([waiter], timeout=timeout)
+        except BaseException:  # cancelled: a permit handed over meanwhile goes to the next one
+            self._abandon(waiter)
+            raise
+        if waiter.done():
+            return True  # release() handed its permit over to us
+        self._abandon(waiter)
+        return False
+
+    def _abandon(self, waiter: asyncio.Future[None]) -> None:
+        if waiter.done() and not waiter.cancelled():
+            self.release()
+        else:
+            waiter.cancel()
+            with contextlib.suppress(ValueError):
+                self._queue.remove(waiter)
+
+    def release(self) -> None:
+        while self._queue:
+            waiter = self._queue.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the permit passes on; in_use is unchanged
+                return
+        self.in_use -= 1
+
+
+_HOLDING: contextvars.ContextVar[object] = contextvars.ContextVar("sessionq_cluster_permit", default=None)
+"""The client whose permit the current task holds, so nested calls do not take a second one."""
+
+
+class ClusterClient(RedisCluster):
+    """A RedisCluster that queues commands when its connections are all busy.
+
+    Every command and pipeline first takes one of `max_connections` permits (one per
+    connection a node's pool may hold), waiting up to `pool_timeout` seconds in order of
+    arrival, then raises ConnectionPoolExhaustedError. redis-py itself raises at once.
     """
 
     pool_timeout: float = DEFAULT_POOL_TIMEOUT
-    _released: asyncio.Future[None] | None = None
+    _permits: Permits | None = None
+
+    @contextlib.asynccontextmanager
+    async def permit(self) -> AsyncIterator[None]:
+        if _HOLDING.get() is self:
+            yield
+            return
+        if self._permits is None:
+            self._permits = Permits(int(self.connection_kwargs.get("max_connections") or 100))
+        permits = self._permits
+        if not await permits.acquire(self.pool_timeout):
+            raise self.exhausted()
+        token = _HOLDING.set(self)
+        try:
+            yield
+        finally:
+            _HOLDING.reset(token)
+            permits.release()
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         # redis-py picks a command's routing before it learns the slot map, so the first
@@ -186,88 +269,32 @@ class ClusterClient(RedisCluster):
         # close every connection, cutting off concurrent blocked reads. Learn the map first.
         if self._initialize:
             await self.initialize()
-        deadline: float | None = None
-        while True:
+        async with self.permit():
             try:
-                return await super().execute_command(*args, **dict(kwargs))  # it pops target_nodes
+                return await super().execute_command(*args, **kwargs)
             except _MaxConnectionsError as exc:
-                if not _pool_exhausted(exc):
-                    raise
-                deadline = deadline or asyncio.get_running_loop().time() + self.pool_timeout
-                await self.wait_for_connection(deadline, exc)
-            finally:
-                self.connection_released()
+                if _pool_exhausted(exc):
+                    raise self.exhausted() from exc
+                raise
 
     def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> ClusterPipeline:
         if shard_hint:
             return super().pipeline(transaction, shard_hint)  # raises redis-py's own error
-        return _WaitingPipeline(self, transaction)
-
-    def connection_released(self) -> None:
-        """Wake the commands waiting for a connection (they re-check their node)."""
-        waiter, self._released = self._released, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    async def wait_for_connection(self, deadline: float, exc: Exception) -> None:
-        loop = asyncio.get_running_loop()
-        remaining = deadline - loop.time()
-        if remaining <= 0:
-            raise self.exhausted() from exc
-        if self._released is None or self._released.done() or self._released.get_loop() is not loop:
-            self._released = loop.create_future()
-        # Bounded slices: a connection freed by a path we do not see (redis-py internals) counts too.
-        await asyncio.wait([self._released], timeout=min(remaining, 0.05))
+        return _PermitPipeline(self, transaction)
 
     def exhausted(self) -> ConnectionPoolExhaustedError:
         limit = self.connection_kwargs.get("max_connections", "?")
         return pool_exhausted(limit, self.pool_timeout, "redis+cluster://")
 
 
-class _WaitingPipeline(ClusterPipeline):
-    """A cluster pipeline that, like ClusterClient, waits when its node's pool is full.
-
-    It replays its commands only when they all hash to one slot (every sessionq pipeline
-    touches one task queue): then a full pool means nothing was sent yet.
-    """
+class _PermitPipeline(ClusterPipeline):
+    """A cluster pipeline that takes a permit of its client while it executes."""
 
     cluster_client: ClusterClient
 
-    def __init__(self, client: ClusterClient, transaction: Any = None) -> None:
-        super().__init__(client, transaction)
-        self._calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
-
-    def execute_command(self, *args: Any, **kwargs: Any) -> Any:
-        self._calls.append((args, dict(kwargs)))
-        return super().execute_command(*args, **kwargs)
-
-    async def reset(self) -> None:
-        self._calls = []
-        await super().reset()
-
     async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> list[Any]:
-        client, calls = self.cluster_client, list(self._calls)
-        deadline: float | None = None
-        while True:
-            try:
-                return await super().execute(raise_on_error, allow_redirections)
-            except _MaxConnectionsError as exc:
-                if not _pool_exhausted(exc):
-                    raise
-                if not self._one_slot(calls):
-                    raise client.exhausted() from exc
-                deadline = deadline or asyncio.get_running_loop().time() + client.pool_timeout
-                await client.wait_for_connection(deadline, exc)
-                for args, kwargs in calls:
-                    super().execute_command(*args, **dict(kwargs))
-            finally:
-                client.connection_released()
-
-    def _one_slot(self, calls: list[tuple[tuple[Any, ...], dict[str, Any]]]) -> bool:
-        try:
-            return len({self.cluster_client.keyslot(args[1]) for args, _ in calls}) <= 1
-        except (IndexError, TypeError, rexc.RedisError):
-            return False
+        async with self.cluster_client.permit():
+            return await super().execute(raise_on_error, allow_redirections)
 
 
 def _pool_exhausted(exc: Exception) -> bool:
@@ -343,7 +370,9 @@ def cluster_from_client(target: RedisCluster) -> ClusterClient:
     return _make_cluster(nodes, kwargs, pool_timeout, repr(target))
 
 
-def _make_cluster(nodes: list[ClusterNode], kwargs: dict[str, Any], pool_timeout: Any, what: str) -> ClusterClient:
+def _make_cluster(
+    nodes: list[ClusterNode], kwargs: dict[str, Any], pool_timeout: Any, what: str
+) -> ClusterClient:
     try:
         client = ClusterClient(startup_nodes=nodes, **{**kwargs, **_FORCED})
         client.pool_timeout = float(pool_timeout)

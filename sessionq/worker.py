@@ -373,25 +373,34 @@ class Worker:
         self._last_own_id = entries[-1][0]
         ending = {f.get(b"s") for _, f in entries if f.get(b"t") == b"c"}
         for entry_id, fields in entries:
-            kind = fields.get(b"t")
-            if kind == b"a":
-                self._start_session_activity(entry_id, fields, ending)
-            elif kind == b"o":
-                self._open_local(fields[b"s"].decode(), int(fields[b"x"]), entry_id)
-            elif kind == b"c":
-                reason = fields.get(b"r", b"complete").decode()
-                sid = fields[b"s"].decode()
-                if reason == "complete":
-                    self._end_local(sid, "completed", "session was completed")
-                else:
-                    why = "execution timeout passed" if reason == "expire" else "session failed"
-                    self._end_local(sid, "failed", why)
-            elif kind == b"x":
-                execution = self._executions.get(fields.get(b"i", b"").decode())
-                if execution is not None:
-                    execution.cancel("cancelled", "the caller cancelled the activity")
-            elif kind != b"h":
-                await self._move_aside(stream, entry_id, fields, ValueError(f"unknown entry type {kind!r}"))
+            try:
+                await self._own_entry(stream, entry_id, fields, ending)
+            except Exception as exc:  # D04: one malformed entry must not swallow the rest of the batch
+                await self._move_aside(stream, entry_id, fields, exc)
+
+    async def _own_entry(
+        self, stream: str, entry_id: bytes, fields: dict[bytes, bytes], ending: set[Any]
+    ) -> None:
+        """Act on one entry of the worker's own stream; raises on a malformed one."""
+        kind = fields.get(b"t")
+        if kind == b"a":
+            self._start_session_activity(entry_id, fields, ending)
+        elif kind == b"o":
+            self._open_local(fields[b"s"].decode(), int(fields[b"x"]), entry_id)
+        elif kind == b"c":
+            reason = fields.get(b"r", b"complete").decode()
+            sid = fields[b"s"].decode()
+            if reason == "complete":
+                self._end_local(sid, "completed", "session was completed")
+            else:
+                why = "execution timeout passed" if reason == "expire" else "session failed"
+                self._end_local(sid, "failed", why)
+        elif kind == b"x":
+            execution = self._executions.get(fields.get(b"i", b"").decode())
+            if execution is not None:
+                execution.cancel("cancelled", "the caller cancelled the activity")
+        elif kind != b"h":
+            await self._move_aside(stream, entry_id, fields, ValueError(f"unknown entry type {kind!r}"))
 
     def _start_session_activity(self, entry_id: bytes, fields: dict[bytes, bytes], ending: set[Any]) -> None:
         try:
@@ -630,7 +639,10 @@ class Worker:
             )
             await self._register()
         if self._last_own_id != b"0-0":
-            await self.redis.xtrim(k.stream(self.worker_id), minid=self._last_own_id, approximate=False)
+            # Trim what was read, the last entry included, so what remains is queued (inspect counts it).
+            ms, _, seq = self._last_own_id.partition(b"-")
+            read_up_to = ms + b"-" + str(int(seq) + 1).encode()
+            await self.redis.xtrim(k.stream(self.worker_id), minid=read_up_to, approximate=False)
         await self._publish_session_counts()
         await self._reap_dead_workers()
         await self._claim_orphans()
@@ -744,14 +756,14 @@ class Worker:
     ) -> None:
         """D04: keep a malformed entry for inspection and drop it from the queue."""
         log.error(
-            "worker %s: malformed entry %s in %s moved to %s: %s",
+            "worker %s: malformed entry %s in %s moved to %s: %r",
             self.worker_id,
             entry_id.decode(),
             stream,
             self.keys.dead,
             error,
         )
-        flat: dict[Any, Any] = {b"_stream": stream, b"_id": entry_id, b"_error": str(error)[:500]}
+        flat: dict[Any, Any] = {b"_stream": stream, b"_id": entry_id, b"_error": repr(error)[:500]}
         flat.update({b"f:" + key: value for key, value in fields.items()})
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.xadd(self.keys.dead, flat, maxlen=10_000, approximate=True)

@@ -4,6 +4,11 @@
   server, so worker subprocesses can reach it) and ``redis`` (SESSIONQ_TEST_REDIS_URL,
   default redis://127.0.0.1:6379/0; ``scripts/test`` starts a private one when needed).
   SESSIONQ_TEST_BACKENDS=fakeredis (or =redis) runs only the named backends.
+- ``cluster``, a third backend, only for modules that opt in with ``pytestmark =
+  pytest.mark.cluster`` (the session behaviours; SESSIONQ_TEST_CLUSTER_ALL=1 runs every
+  test on it): a Redis Cluster of three masters at
+  SESSIONQ_TEST_CLUSTER_URL (``redis+cluster://...``, started by ``scripts/test``), else one
+  started here for the run (tests/cluster.py); skipped only when no redis-server exists.
 - ``key_prefix`` / ``task_queue``: unique per test; the prefix's keys are deleted after it
   (SCAN + DEL of ``<prefix>:*`` only: the real server may be shared, so never FLUSH*).
 - ``redis_client``: a ``redis.asyncio.Redis`` on the backend, for inspecting state.
@@ -29,10 +34,12 @@ import pytest_asyncio
 import redis
 import redis.asyncio
 
+from sessionq.connection import is_cluster_url
+from tests.cluster import LocalCluster, async_cluster, cluster_tools, delete_cluster_keys, probe_cluster
 from tests.helpers import SpawnWorker, WorkerProcess, start_worker_process
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-BACKENDS = ("fakeredis", "redis")
+BACKENDS = ("fakeredis", "redis", "cluster")
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
@@ -82,6 +89,8 @@ def backends_header() -> str:
     for name in enabled_backends():
         if name == "fakeredis":
             parts.append("fakeredis (in-process TCP server)")
+        elif name == "cluster":
+            parts.append(cluster_header())
         else:
             ok, detail = probe_real_redis()
             state = detail if ok else f"UNREACHABLE, run scripts/test: {detail}"
@@ -89,8 +98,21 @@ def backends_header() -> str:
     return "sessionq test backends: " + "; ".join(parts)
 
 
+def cluster_header() -> str:
+    url = os.environ.get("SESSIONQ_TEST_CLUSTER_URL")
+    if url:
+        return f"cluster at {redact(url)} (pytest.mark.cluster modules)"
+    missing = cluster_tools()
+    if missing:
+        return f"cluster SKIPPED ({missing})"
+    return "cluster started on demand (pytest.mark.cluster modules)"
+
+
 def pytest_configure(config: pytest.Config) -> None:
     enabled_backends()  # a typo in SESSIONQ_TEST_BACKENDS is a usage error, not 0 tests
+    config.addinivalue_line(
+        "markers", "cluster: also run this test on the Redis Cluster backend (session behaviours)"
+    )
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -108,12 +130,27 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     enabled = enabled_backends()
+    # The cluster backend runs only where a module opted in (keeps the suite fast), unless
+    # SESSIONQ_TEST_CLUSTER_ALL=1 asks for every test on it.
+    everything = os.environ.get("SESSIONQ_TEST_CLUSTER_ALL") == "1"
+    off_cluster = {
+        item
+        for item in items
+        if _backend_of(item) == "cluster" and not everything and not item.get_closest_marker("cluster")
+    }
+    if off_cluster:
+        config.hook.pytest_deselected(items=list(off_cluster))
+        items[:] = [item for item in items if item not in off_cluster]
     for item in items:
-        callspec = getattr(item, "callspec", None)
-        backend = callspec.params.get("backend") if callspec is not None else None
+        backend = _backend_of(item)
         if backend is not None and backend not in enabled:
             reason = f"backend {backend!r} disabled by SESSIONQ_TEST_BACKENDS={','.join(enabled)}"
             item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def _backend_of(item: pytest.Item) -> str | None:
+    callspec = getattr(item, "callspec", None)
+    return callspec.params.get("backend") if callspec is not None else None
 
 
 # --- backends --------------------------------------------------------------------------
@@ -166,9 +203,29 @@ def fakeredis_url() -> Iterator[str]:
         thread.join(timeout=5)
 
 
+@pytest.fixture(scope="session")
+def cluster_url() -> Iterator[str]:
+    """A Redis Cluster: SESSIONQ_TEST_CLUSTER_URL, else three local masters started for the run."""
+    url = os.environ.get("SESSIONQ_TEST_CLUSTER_URL")
+    if url:
+        ok, detail = probe_cluster(url)
+        if not ok:
+            pytest.fail(f"no Redis Cluster answers at {redact(url)} ({detail})", pytrace=False)
+        yield url
+        return
+    missing = cluster_tools()
+    if missing:
+        pytest.skip(f"cluster backend: no Redis Cluster to test on ({missing}); install redis-server")
+    cluster = LocalCluster()
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
-    """Which Redis the test runs on: "fakeredis" or "redis"."""
+    """Which Redis the test runs on: "fakeredis", "redis" or "cluster"."""
     return str(request.param)
 
 
@@ -177,6 +234,8 @@ def redis_url(backend: str, request: pytest.FixtureRequest) -> str:
     """URL of the chosen backend. A missing real server fails the test: never a silent skip."""
     if backend == "fakeredis":
         return str(request.getfixturevalue("fakeredis_url"))
+    if backend == "cluster":
+        return str(request.getfixturevalue("cluster_url"))
     ok, detail = probe_real_redis()
     if not ok:
         pytest.fail(
@@ -193,6 +252,8 @@ def redis_url(backend: str, request: pytest.FixtureRequest) -> str:
 
 def delete_keys(url: str, pattern: str) -> int:
     """Delete the keys matching ``pattern`` with SCAN, never FLUSH*: the server may be shared."""
+    if is_cluster_url(url):
+        return delete_cluster_keys(url, pattern)
     deleted = 0
     with redis.Redis.from_url(url, socket_timeout=10) as client:
         batch: list[bytes] = []
@@ -222,8 +283,12 @@ def task_queue() -> str:
 
 @pytest_asyncio.fixture
 async def redis_client(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
-    """An asyncio Redis client on the backend, for looking at raw state."""
-    client = redis.asyncio.Redis.from_url(redis_url)
+    """An asyncio Redis client on the backend, for looking at raw state (a RedisCluster on
+    the cluster backend: single-key commands and same-queue pipelines work alike)."""
+    if is_cluster_url(redis_url):
+        client = await async_cluster(redis_url)
+    else:
+        client = redis.asyncio.Redis.from_url(redis_url)
     try:
         yield client
     finally:

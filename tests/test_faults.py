@@ -27,10 +27,12 @@ from sessionq.keys import QueueKeys
 from tests.activities import mark, sleep_for, whoami
 from tests.helpers import SpawnWorker, WorkerProcess, wait_for
 
-HB = 1.5
+HB = 1.0
 """Heartbeat timeout of most workers here: small, yet safe from a busy box's hiccups."""
 MARGIN = 1.5
 """How much later than the heartbeat timeout a caller may learn that its worker died."""
+QUICK = 1.0
+"""Bound for "at once": the caller already knows, or one Redis round trip tells it."""
 LONG = 60.0
 """An activity duration that outlives every test: it only ends by being cancelled."""
 
@@ -116,7 +118,7 @@ async def wait_reaped(redis_client: Redis, keys: QueueKeys, worker_id: str) -> N
 def started_by(marker: Path) -> Callable[[], str]:
     """Predicate: the worker id written to ``<marker>.started``, once there."""
     path = Path(f"{marker}.started")
-    return lambda: path.exists() and path.read_text()
+    return lambda: path.read_text() if path.exists() else ""
 
 
 def ran_marks(path: Path) -> list[str]:
@@ -127,23 +129,20 @@ def ran_marks(path: Path) -> list[str]:
 # --- S11: worker killed while a session activity runs ------------------------------------
 
 
-@pytest.mark.parametrize("bystander", [False, True], ids=["alone", "with-other-worker"])
 async def test_s11_kill_during_session_activity_fails_caller_within_heartbeat(
-    spawn_worker: SpawnWorker, client: sessionq.Client, task_queue: str, tmp_path: Path, bystander: bool
+    spawn_worker: SpawnWorker, client: sessionq.Client, task_queue: str, tmp_path: Path
 ) -> None:
-    victim, *_ = await asyncio.gather(
-        spawn_worker(identity="w1", heartbeat_timeout=HB),
-        *([spawn_worker(identity="w2", heartbeat_timeout=HB, enable_sessions=False)] if bystander else []),
-    )
+    # No other worker is alive: only the caller itself can notice the death.
+    # (With another worker alive: see the S12 test of queued activities below.)
+    victim = await spawn_worker(identity="w1", heartbeat_timeout=HB)
     session = await client.create_session(task_queue, options())
-    assert session.info.worker_id == victim.worker_id
     running = asyncio.ensure_future(session.execute_activity(sleep_for, LONG, str(tmp_path / "m")))
     await wait_for(started_by(tmp_path / "m"), message="activity never started")
 
     await victim.kill()
     await raises_within(running, sessionq.SessionFailedError, HB + MARGIN)
     assert session.state is sessionq.SessionState.FAILED
-    await raises_within(session.execute_activity(whoami), sessionq.SessionFailedError, 0.5)
+    await raises_within(session.execute_activity(whoami), sessionq.SessionFailedError, QUICK)
 
 
 # --- S12: worker killed between activities ----------------------------------------------
@@ -169,7 +168,7 @@ async def test_s12_kill_between_activities_next_activity_fails(
     await raises_within(early.execute_activity(whoami), sessionq.SessionFailedError, HB + MARGIN)
     # After the reap the worker's stream is gone: the send itself finds out.
     await wait_reaped(redis_client, keys, victim.worker_id)
-    await raises_within(late.execute_activity(whoami), sessionq.SessionFailedError, 0.5)
+    await raises_within(late.execute_activity(whoami), sessionq.SessionFailedError, QUICK)
     for session in (early, late):
         assert await session_state(redis_client, keys, session.session_id) == "FAILED"
 
@@ -194,6 +193,7 @@ async def test_s12_activities_queued_for_killed_worker_are_cancelled_never_run_e
     queued = [await session.start_activity(mark, str(queued_marks)) for _ in range(3)]
 
     await victim.kill()
+    # S11 with another worker alive, and S12: the running one and the queued ones all fail.
     for handle in [busy, *queued]:
         await raises_within(handle.result(), sessionq.SessionFailedError, HB + MARGIN)
     await wait_reaped(redis_client, keys, victim.worker_id)
@@ -261,7 +261,7 @@ async def test_s16_recreate_on_dead_worker_raises_session_failed(
     # Recreating on a worker already declared dead: refused at once.
     await wait_reaped(redis_client, keys, victim.worker_id)
     await raises_within(
-        client.recreate_session(token, options(creation=10)).open(), sessionq.SessionFailedError, 0.5
+        client.recreate_session(token, options(creation=10)).open(), sessionq.SessionFailedError, QUICK
     )
     # Never a session on the free worker instead.
     assert await hfield(redis_client, keys.worker(free.worker_id), "open") == "0"
@@ -312,7 +312,7 @@ async def test_s17_execution_timeout_fails_session_frees_slot_cancels_activities
 ) -> None:
     worker = await spawn_worker(identity="w1", heartbeat_timeout=HB, max_sessions=1)
     caller = make_client()
-    timeout = 2.0
+    timeout = 1.5
     session = await caller.create_session(task_queue, options(execution=timeout))
     running = await session.start_activity(sleep_for, LONG, str(tmp_path / "m"))
     await wait_for(started_by(tmp_path / "m"), message="activity never started")
@@ -331,7 +331,7 @@ async def test_s17_execution_timeout_fails_session_frees_slot_cancels_activities
     second = await asyncio.wait_for(creator, 5.0)
     assert second.info.worker_id == worker.worker_id
     await assert_created_after_deadline(redis_client, keys, second.session_id, session.session_id)
-    await raises_within(session.execute_activity(whoami), sessionq.SessionFailedError, 0.5)
+    await raises_within(session.execute_activity(whoami), sessionq.SessionFailedError, QUICK)
     await second.complete()
 
 
@@ -382,7 +382,7 @@ async def test_s17_d06_vanished_caller_does_not_leak_slot_past_execution_timeout
     tmp_path: Path,
 ) -> None:
     worker = await spawn_worker(identity="w1", heartbeat_timeout=HB, max_sessions=1)
-    timeout = 2.5
+    timeout = 2.0
     marker = tmp_path / "m"
     process, sid = await run_vanishing_caller([redis_url, key_prefix, task_queue, str(timeout), str(marker)])
     try:
@@ -413,14 +413,14 @@ async def test_d01_plain_activity_of_killed_worker_is_retried_on_live_worker(
     workers = {w.worker_id: w for w in await spawn_many(spawn_worker, "w1", "w2", heartbeat_timeout=HB)}
     marker = tmp_path / "m"
     handle = await client.start_activity(
-        sleep_for, 2.0, str(marker), task_queue=task_queue,
+        sleep_for, 1.5, str(marker), task_queue=task_queue,
         retry_policy=sessionq.RetryPolicy(maximum_attempts=3, initial_interval=0.1),
     )  # fmt: skip
     first = await wait_for(started_by(marker), message="activity never started")
     await workers[first].kill()
     Path(f"{marker}.started").unlink()
 
-    result = await asyncio.wait_for(handle.result(), HB + MARGIN + 2.0 + 5.0)
+    result = await asyncio.wait_for(handle.result(), HB + MARGIN + 1.5 + 5.0)
     (survivor,) = set(workers) - {first}
     assert result == survivor
     assert started_by(marker)() == survivor  # it really started a second time, there
@@ -538,11 +538,11 @@ async def test_d02_short_redis_cut_session_survives(
     session = await client.create_session(task_queue, options())
     assert await session.execute_activity(whoami) == worker.worker_id
     registered_at = await hfield(redis_client, keys.worker(worker.worker_id), "registered")
-    across = asyncio.ensure_future(session.execute_activity(sleep_for, 1.0))  # its result crosses the cut
+    across = asyncio.ensure_future(session.execute_activity(sleep_for, 0.5))  # its result crosses the cut
 
     proxy.cut()
     await wait_for(lambda: proxy.refused >= 1, message="the worker never tried to reconnect")
-    await asyncio.sleep(0.5)  # the outage itself, well under the heartbeat timeout
+    await asyncio.sleep(0.3)  # the outage itself, well under the heartbeat timeout
     reconnects = proxy.accepted
     proxy.resume()
 
@@ -586,7 +586,7 @@ async def test_d02_long_redis_cut_fails_session_then_worker_reregisters(
     await wait_for(reregistered, timeout=10.0, message="the worker never re-registered")
     # It drops the failed session's work, and serves new sessions.
     await wait_for(lambda: Path(f"{tmp_path / 'm'}.cancelled").exists(), message="stale work not cancelled")
-    await raises_within(session.execute_activity(whoami), sessionq.SessionFailedError, 0.5)
+    await raises_within(session.execute_activity(whoami), sessionq.SessionFailedError, QUICK)
     again = await client.recreate_session(session.info.recreate_token, options(creation=5))
     assert await again.execute_activity(whoami) == worker.worker_id
     await again.complete()
@@ -652,8 +652,8 @@ async def test_s11_graceful_stop_sigterm_fails_open_session_promptly_and_cleans_
 
     worker.terminate()
     await raises_within(running.result(), sessionq.SessionFailedError, 1.5)
-    await raises_within(session.execute_activity(whoami), sessionq.SessionFailedError, 1.5)
-    assert await worker.wait(10.0) == 0
+    await raises_within(session.execute_activity(whoami), sessionq.SessionFailedError, QUICK)
+    assert await worker.wait(20.0) == 0
     wid = worker.worker_id
     assert await redis_client.exists(keys.alive(wid), keys.worker(wid), keys.stream(wid)) == 0
     assert not await registered(redis_client, keys, wid)

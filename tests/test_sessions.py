@@ -252,21 +252,38 @@ async def test_s02_concurrent_creators_never_exceed_the_limit(
             if caller is not client:
                 await caller.close()
 
-    async def sample() -> None:
-        while True:
+    async def sample(stop: asyncio.Event) -> None:
+        while not stop.is_set():  # stopped, not cancelled: never abandon a Redis call halfway
             for worker in workers:
                 w = worker.worker_id
                 redis_peak[w] = max(redis_peak[w], await open_count(redis_client, keys, w))
                 worker_peak[w] = max(worker_peak[w], worker.open_sessions)
             await asyncio.sleep(0.005)
 
+    import sys
+
+    async def dumper() -> None:
+        await asyncio.sleep(30)
+        print("DUMP", file=sys.stdout)
+        for t in asyncio.all_tasks():
+            t.print_stack(limit=25, file=sys.stdout)
+        print("waiters", await redis_client.lrange(keys.waiters, 0, -1))
+        for w in workers:
+            print(w.worker_id, await redis_client.hgetall(keys.worker(w.worker_id)), w.open_sessions)
+        print("held", held)
+
+    dump_task = asyncio.create_task(dumper())
+    print("PHASE start", time.monotonic())
     async with running(*workers):
-        sampler = asyncio.create_task(sample())
+        print("PHASE running", time.monotonic())
+        stop = asyncio.Event()
+        sampler = asyncio.create_task(sample(stop))
         try:
             used = await asyncio.gather(*(one_caller(n) for n in range(creators)))
         finally:
-            sampler.cancel()
-            await asyncio.gather(sampler, return_exceptions=True)
+            stop.set()
+            await sampler
+        print('PHASE gathered', time.monotonic())
         assert len(used) == creators
         assert set(used) == set(held), Counter(used)
         assert max(peaks.values()) <= limit, peaks

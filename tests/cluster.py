@@ -1,0 +1,222 @@
+"""A throwaway local Redis Cluster (three masters) for the ``cluster`` test backend.
+
+``scripts/test`` starts one in bash and exports SESSIONQ_TEST_CLUSTER_URL; when pytest runs
+without it, conftest starts one with `LocalCluster` (if redis-server and redis-cli exist)
+and stops it at the end of the run. Also the helpers that must see every master: probing
+the cluster and deleting a test's keys (SCAN runs per node, DEL per key: keys of different
+slots cannot go in one DEL).
+
+    python -m tests.cluster      # start one, print its URL, stop it on Ctrl-C
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+from redis.cluster import ClusterNode, RedisCluster
+
+from sessionq.connection import split_cluster_url
+
+MASTERS = 3
+START_TIMEOUT = 20.0
+
+
+def cluster_tools() -> str | None:
+    """None when redis-server and redis-cli are on PATH, else what is missing."""
+    missing = [tool for tool in ("redis-server", "redis-cli") if shutil.which(tool) is None]
+    return ", ".join(missing) + " not on PATH" if missing else None
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_cluster_ports(count: int) -> list[int]:
+    """Loopback ports P whose cluster bus port P+10000 is free too."""
+    ports: list[int] = []
+    while len(ports) < count:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port < 55000 and port not in ports and _port_free(port + 10000):
+            ports.append(port)
+    return ports
+
+
+def sync_cluster(url: str) -> RedisCluster:
+    """A plain (sync) redis-py cluster client on a ``redis+cluster://`` URL."""
+    single, nodes = split_cluster_url(url)
+    return RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in nodes],
+        socket_connect_timeout=2,
+        socket_timeout=5,
+        **_plain_kwargs(single),
+    )
+
+
+async def async_cluster(url: str) -> Any:
+    """A plain redis.asyncio RedisCluster on a ``redis+cluster://`` URL, slot map loaded."""
+    from redis.asyncio.cluster import ClusterNode as AsyncNode
+    from redis.asyncio.cluster import RedisCluster as AsyncCluster
+
+    single, nodes = split_cluster_url(url)
+    kwargs = _plain_kwargs(single)
+    client = AsyncCluster(startup_nodes=[AsyncNode(host, port) for host, port in nodes], **kwargs)
+    await client.initialize()  # before concurrent use: redis-py routes at random until then
+    return client
+
+
+def _plain_kwargs(single: str) -> dict[str, Any]:
+    kwargs: dict[str, Any] = dict(redis.connection.parse_url(single))
+    for key in ("host", "port", "db", "connection_class"):
+        kwargs.pop(key, None)
+    return kwargs
+
+
+def probe_cluster(url: str) -> tuple[bool, str]:
+    """(usable, "Redis Cluster <version>, N masters" or why not)."""
+    try:
+        with sync_cluster(url) as client:
+            state = client.cluster_info(target_nodes=RedisCluster.RANDOM).get("cluster_state")
+            masters = client.get_primaries()
+            version = client.info("server", target_nodes=masters[0]).get("redis_version", "?")
+    except Exception as exc:
+        return False, f"{type(exc).__name__}: {exc}"
+    if state != "ok":
+        return False, f"cluster_state is {state!r}"
+    return True, f"Redis Cluster {version}, {len(masters)} masters"
+
+
+def delete_cluster_keys(url: str, pattern: str) -> int:
+    """Delete the keys matching ``pattern`` on every master (SCAN + UNLINK, never FLUSH*)."""
+    deleted = 0
+    with sync_cluster(url) as client:
+        for node in client.get_primaries():
+            with redis.Redis(host=node.host, port=node.port, **_auth(url)) as conn:
+                keys = list(conn.scan_iter(match=pattern, count=1000))
+                for start in range(0, len(keys), 500):
+                    pipe = conn.pipeline(transaction=False)
+                    for key in keys[start : start + 500]:
+                        pipe.unlink(key)  # one key per command: a node holds many slots
+                    deleted += sum(pipe.execute())
+    return deleted
+
+
+def _auth(url: str) -> dict[str, str]:
+    single, _ = split_cluster_url(url)
+    parsed = redis.connection.parse_url(single)
+    return {k: v for k, v in parsed.items() if k in ("username", "password")}  # type: ignore[misc]
+
+
+def master_of(url: str, key: str) -> str:
+    """``host:port`` of the master holding `key`'s slot."""
+    with sync_cluster(url) as client:
+        node = client.get_node_from_key(key)
+        return f"{node.host}:{node.port}"
+
+
+class LocalCluster:
+    """Three redis-server masters on free loopback ports, in a temp dir; `stop()` ends only them."""
+
+    def __init__(self, masters: int = MASTERS) -> None:
+        self.ports = free_cluster_ports(masters)
+        self.dir = Path(tempfile.mkdtemp(prefix="sessionq-cluster."))
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in self.ports)
+
+    def start(self) -> str:
+        """Start the servers, join them into a cluster, wait for cluster_state:ok; returns the URL."""
+        try:
+            for port in self.ports:
+                self.processes.append(self._server(port))
+            for port in self.ports:
+                self._wait(lambda p=port: self._cli(p, "ping") == "PONG", f"redis-server on port {port}")
+            create = ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports)]
+            subprocess.run(
+                [*create, "--cluster-replicas", "0", "--cluster-yes"],
+                check=True,
+                capture_output=True,
+                timeout=START_TIMEOUT,
+            )
+            for port in self.ports:
+                self._wait(lambda p=port: "cluster_state:ok" in self._cli(p, "cluster", "info"), "cluster")
+        except BaseException:
+            self.stop()
+            raise
+        return self.url
+
+    def _server(self, port: int) -> subprocess.Popen[bytes]:
+        argv = [
+            "redis-server", "--port", str(port), "--bind", "127.0.0.1",
+            "--cluster-enabled", "yes", "--cluster-config-file", str(self.dir / f"nodes-{port}.conf"),
+            "--save", "", "--appendonly", "no", "--daemonize", "no",
+            "--dir", str(self.dir), "--logfile", str(self.dir / f"redis-{port}.log"),
+        ]  # fmt: skip
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True)
+
+    @staticmethod
+    def _cli(port: int, *args: str) -> str:
+        try:
+            done = subprocess.run(
+                ["redis-cli", "-h", "127.0.0.1", "-p", str(port), *args],
+                capture_output=True,
+                text=True,
+                timeout=5,
+            )
+        except subprocess.TimeoutExpired:
+            return ""
+        return done.stdout.strip()
+
+    def _wait(self, ready: object, what: str) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while not ready():  # type: ignore[operator]
+            dead = [p.args for p in self.processes if p.poll() is not None]
+            if dead:
+                raise RuntimeError(
+                    f"a redis-server of the test cluster exited: {dead[0]}; logs in {self.dir}"
+                )
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what} not ready within {START_TIMEOUT:g}s; logs in {self.dir}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=5)
+        self.processes.clear()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def main() -> None:
+    cluster = LocalCluster()
+    print(cluster.start(), flush=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        while all(p.poll() is None for p in cluster.processes):
+            time.sleep(0.5)
+    cluster.stop()
+
+
+if __name__ == "__main__":
+    main()

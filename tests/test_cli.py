@@ -1,0 +1,585 @@
+"""The `sessionq` command line, driven as users drive it: real commands in subprocesses.
+
+- `sessionq worker` serves sessions (S05), fails its sessions at once on SIGTERM and exits 0,
+  keeps a module's Worker settings unless flags override them, drains and exits in --burst,
+  and reports a bad MODULE:ATTR or an unreachable Redis in one line.
+- `sessionq inspect --json` shows workers, sessions and queues, and never writes Redis.
+- `sessionq demo` tells the whole story and exits 0 on both embedded servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+import redis.asyncio
+from click.testing import CliRunner
+
+import sessionq
+from sessionq.keys import QueueKeys
+from tests.helpers import wait_for
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = Path(sys.executable).with_name("sessionq")
+"""The installed console script (the entry point users run); `python -m sessionq.cli` if absent."""
+
+
+def cli_argv(*args: str) -> list[str]:
+    base = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "sessionq.cli"]
+    return [*base, *args]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """Our environment minus PYTHONPATH and Redis settings, so the CLI finds modules only
+    because the current directory is importable, and Redis only through its flags."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "SESSIONQ_REDIS_URL", "REDIS_URL")}
+    env.update(PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1", **extra)
+    return env
+
+
+@dataclass
+class Ran:
+    code: int
+    out: str
+    err: str
+
+
+async def run_cli(
+    *args: str, cwd: Path = REPO_ROOT, timeout: float = 30.0, env: dict[str, str] | None = None
+) -> Ran:
+    """Run `sessionq ARGS...` to completion without blocking the event loop.
+
+    Output goes to files, not pipes, so nothing is lost when a hung command is stopped
+    (SIGABRT: faulthandler then prints every thread's stack, to show where it hung).
+    """
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        process = await asyncio.create_subprocess_exec(
+            *cli_argv(*args),
+            cwd=cwd,
+            env=env or clean_env(),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+        )
+        try:
+            await asyncio.wait_for(process.wait(), timeout)
+        except asyncio.TimeoutError:
+            process.send_signal(signal.SIGABRT)
+            await asyncio.wait_for(process.wait(), 10)
+        texts = []
+        for sink in (out, err):
+            sink.seek(0)
+            texts.append(sink.read().decode(errors="replace"))
+    if process.returncode == -signal.SIGABRT:
+        raise AssertionError(f"sessionq {' '.join(args)} ran over {timeout}s\n{texts[0]}\n{texts[1]}")
+    assert process.returncode is not None
+    return Ran(process.returncode, texts[0], texts[1])
+
+
+async def inspect_json(redis_url: str, prefix: str, *args: str) -> dict[str, Any]:
+    """`sessionq inspect ARGS --json`, the real command in a subprocess."""
+    ran = await run_cli("inspect", *args, "--json", "--redis-url", redis_url, "--prefix", prefix)
+    assert ran.code == 0, ran.err
+    return json.loads(ran.out)
+
+
+async def collect_in_process(
+    redis_url: str, prefix: str, view: str = "overview", **kw: Any
+) -> dict[str, Any]:
+    """What `inspect --json` prints, built in-process by the same code: cheap enough to poll."""
+    import redis as sync_redis
+    from sessionq.cli.snapshot import collect
+
+    def run() -> dict[str, Any]:
+        with sync_redis.Redis.from_url(redis_url) as client:
+            return json.loads(json.dumps(collect(client, prefix, view, **kw)))
+
+    return await asyncio.to_thread(run)
+
+
+@dataclass
+class CliWorker:
+    """A `sessionq worker` process; its stdout+stderr go to a log file."""
+
+    process: asyncio.subprocess.Process
+    log: Path
+    identity: str
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def signal(self, signum: int) -> None:
+        if self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(signum)
+
+    async def wait(self, timeout: float = 15.0) -> int:
+        try:
+            return await asyncio.wait_for(self.process.wait(), timeout)
+        except asyncio.TimeoutError:
+            raise AssertionError(
+                f"worker {self.identity} did not exit in {timeout}s:\n{self.output()}"
+            ) from None
+
+
+StartWorker = Callable[..., Any]
+
+
+@pytest_asyncio.fixture
+async def cli_worker(
+    redis_url: str, key_prefix: str, task_queue: str, tmp_path: Path, redis_client: redis.asyncio.Redis
+) -> AsyncIterator[StartWorker]:
+    """Factory: `w = await cli_worker("tests.activities:ALL", "-n", "w1", ...)`, registered when it returns.
+
+    Passes --redis-url, --prefix and (unless given) --task-queue; cwd is the repository root.
+    Workers still running at teardown are SIGKILLed.
+    """
+    started: list[CliWorker] = []
+
+    async def start(target: str, *flags: str, identity: str = "cli-w1", cwd: Path = REPO_ROOT,
+                    queue: str | None = None) -> CliWorker:  # fmt: skip
+        log = tmp_path / f"{identity}.log"
+        argv = cli_argv("worker", target, "--redis-url", redis_url, "--prefix", key_prefix, *flags)
+        if "-n" not in flags and "--identity" not in flags:
+            argv += ["--identity", identity]
+        if queue is None and "-Q" not in flags and "--task-queue" not in flags:
+            argv += ["--task-queue", task_queue]
+        with open(log, "wb") as sink:
+            process = await asyncio.create_subprocess_exec(
+                *argv, cwd=cwd, env=clean_env(), stdin=asyncio.subprocess.DEVNULL, stdout=sink, stderr=sink
+            )
+        worker = CliWorker(process, log, identity)
+        started.append(worker)
+        alive_key = QueueKeys(key_prefix, queue or task_queue).alive(identity)
+
+        async def registered() -> bool:
+            if process.returncode is not None:
+                raise AssertionError(f"worker exited with {process.returncode}:\n{worker.output()}")
+            return bool(await redis_client.exists(alive_key))
+
+        await wait_for(registered, timeout=20, message=f"worker {identity} never registered")
+        return worker
+
+    yield start
+
+    for worker in started:
+        worker.signal(signal.SIGKILL)
+        await worker.process.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def assert_one_line_error(ran: Ran, code: int, *needles: str) -> None:
+    lines = [line for line in ran.err.splitlines() if line.strip()]
+    assert ran.code == code, (ran.code, ran.err)
+    assert len(lines) == 1 and lines[0].startswith("Error: "), ran.err
+    assert "Traceback" not in ran.err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+# --- help and arguments (no Redis needed) ----------------------------------------------------
+
+
+def test_help_lists_the_three_commands_in_order() -> None:
+    from sessionq.cli import main
+
+    result = CliRunner().invoke(main, ["--help"])
+    assert result.exit_code == 0
+    commands = result.output.split("Commands:")[1]
+    assert [line.split()[0] for line in commands.strip().splitlines()] == ["worker", "inspect", "demo"]
+    for name in ("worker", "inspect", "demo"):
+        sub = CliRunner().invoke(main, [name, "--help"])
+        assert sub.exit_code == 0 and "Usage: " in sub.output, sub.output
+
+
+async def test_worker_bad_module_attr_gives_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO_ROOT)
+    cases = [
+        ("no_such_module_xyz:worker", "no module named 'no_such_module_xyz'"),
+        ("tests.activities:NOPE", "has no attribute 'NOPE'"),
+        ("tests.activities", "expected MODULE:ATTR"),
+        ("tests.helpers:TAIL_LINES", "expected a sessionq.Worker or a list of activities"),
+    ]
+    real = await run_cli("worker", cases[0][0], "-Q", "q")  # the real process: no traceback
+    assert_one_line_error(real, 2, cases[0][1])
+    from sessionq.cli import main
+
+    for spec, needle in cases[1:]:
+        result = CliRunner().invoke(main, ["worker", spec, "-Q", "q"])
+        assert_one_line_error(Ran(result.exit_code, result.stdout, result.stderr), 2, needle)
+        assert spec.split(":")[0] in result.stderr
+
+
+async def test_worker_unreachable_redis_gives_one_line_error() -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    ran = await run_cli("worker", "tests.activities:ALL", "-Q", "q", "--redis-url", url)
+    assert_one_line_error(ran, 1, "cannot reach Redis", url)
+    ran = await run_cli("inspect", "--redis-url", url)
+    assert_one_line_error(ran, 1, "cannot reach Redis")
+
+
+def test_worker_list_of_activities_needs_a_task_queue(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sessionq.cli import main
+
+    monkeypatch.chdir(REPO_ROOT)
+    result = CliRunner().invoke(main, ["worker", "tests.activities:ALL"])
+    assert result.exit_code == 2
+    assert "--task-queue is required" in result.output
+
+
+def test_redis_url_comes_from_flag_then_env_then_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sessionq.cli.common import redis_url_from
+
+    monkeypatch.delenv("SESSIONQ_REDIS_URL", raising=False)
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    assert redis_url_from(None) == "redis://localhost:6379/0"
+    monkeypatch.setenv("REDIS_URL", "redis://b:2/0")
+    assert redis_url_from(None) == "redis://b:2/0"
+    monkeypatch.setenv("SESSIONQ_REDIS_URL", "redis://a:1/0")
+    assert redis_url_from(None) == "redis://a:1/0"
+    assert redis_url_from("redis://flag:3/0") == "redis://flag:3/0"
+
+
+def test_worker_instance_keeps_its_settings_unless_flags_override() -> None:
+    from sessionq.cli.worker_cmd import build_worker, overrides_from
+
+    from tests.activities import ALL
+
+    original = sessionq.Worker(
+        "redis://example:6379/0", task_queue="orig", activities=ALL, enable_sessions=True,
+        max_concurrent_sessions=3, identity="from-module", heartbeat_timeout=7, prefix="mine",
+    )  # fmt: skip
+    none = dict.fromkeys(("redis_url", "task_queue", "max_sessions", "concurrency", "identity",
+                          "heartbeat_timeout", "shutdown_grace", "sessions", "prefix"))  # fmt: skip
+    assert build_worker(original, "m:w", overrides_from(**none)) is original
+    rebuilt = build_worker(
+        original, "m:w", overrides_from(**{**none, "identity": "flag-id", "max_sessions": 0})
+    )
+    assert rebuilt is not original
+    assert (rebuilt.worker_id, rebuilt.max_concurrent_sessions) == ("flag-id", None)
+    assert (rebuilt.task_queue, rebuilt.prefix, rebuilt.heartbeat_timeout) == ("orig", "mine", 7)
+    assert rebuilt.enable_sessions and set(rebuilt.registry) == set(original.registry)
+
+
+# --- the worker command ------------------------------------------------------------------
+
+
+async def test_s05_cli_worker_serves_session_and_inspect_json_shows_it(
+    redis_url: str, key_prefix: str, task_queue: str, cli_worker: StartWorker, tmp_path: Path
+) -> None:
+    worker = await cli_worker("tests.activities:ALL", "--max-sessions", "2", "--heartbeat-timeout", "2")
+    options = sessionq.SessionOptions(creation_timeout=10, execution_timeout=60)
+    async with sessionq.Client(redis_url, prefix=key_prefix) as client:
+        session = await client.create_session(task_queue, options)
+        ran_on = [await session.execute_activity("whoami") for _ in range(3)]
+        assert ran_on == ["cli-w1"] * 3
+        marker = str(tmp_path / "long")
+        long = await session.start_activity("sleep_for", 30, marker)
+        await wait_for(lambda: Path(marker + ".started").exists(), message="activity never started")
+
+        def busy(doc: dict[str, Any]) -> bool:  # counters are published with the heartbeat
+            w = doc["workers"][0]
+            s = doc["sessions"][0]
+            return w["running_activities"] == 1 and s["activities_run"] == 4 and s["queued"] == 0
+
+        async def snapshot_shows_work() -> bool:
+            polled = await collect_in_process(redis_url, key_prefix)
+            return bool(polled["workers"] and polled["sessions"] and busy(polled))
+
+        await wait_for(snapshot_shows_work, timeout=10, interval=0.1, message="inspect never showed the work")
+        doc = await inspect_json(redis_url, key_prefix)  # the real command
+        assert doc["schema"] == 1 and doc["prefix"] == key_prefix
+        [w] = doc["workers"]
+        assert (w["identity"], w["task_queue"], w["alive"], w["pid"]) == (
+            "cli-w1",
+            task_queue,
+            True,
+            worker.process.pid,
+        )
+        assert (w["open_sessions"], w["max_sessions"], w["sessions_enabled"]) == (1, 2, True)
+        assert 0 <= w["last_heartbeat_age_s"] < 10 and "sleep_for" in w["activities"]
+        [s] = doc["sessions"]
+        assert (s["session_id"], s["worker"], s["state"], s["worker_alive"]) == (
+            session.session_id, "cli-w1", "OPEN", True,
+        )  # fmt: skip
+        assert 50 < s["deadline_in_s"] <= 60 and s["queued"] == 0
+        [q] = doc["queues"]
+        assert (q["task_queue"], q["workers_alive"], q["open_sessions"], q["free_session_slots"]) == (
+            task_queue, 1, 1, 1,
+        )  # fmt: skip
+
+        one = await collect_in_process(redis_url, key_prefix, "session", session_id=session.session_id)
+        assert set(one) == {"schema", "prefix", "now_ms", "session"}
+        assert one["session"]["session_id"] == session.session_id and one["session"]["state"] == "OPEN"
+
+        await session.complete()
+        with pytest.raises(sessionq.ActivityCancelledError):
+            await long.result()
+        after = await collect_in_process(redis_url, key_prefix, "sessions")
+        assert after["sessions"] == []
+        ended = await collect_in_process(redis_url, key_prefix, "sessions", include_ended=True)
+        assert [(s["session_id"], s["state"]) for s in ended["sessions"]] == [
+            (session.session_id, "COMPLETED")
+        ]
+    worker.signal(signal.SIGTERM)
+    assert await worker.wait() == 0
+
+
+async def test_cli_sigterm_fails_sessions_at_once_lets_plain_work_finish_and_exits_0(
+    redis_url: str,
+    key_prefix: str,
+    task_queue: str,
+    cli_worker: StartWorker,
+    tmp_path: Path,
+    redis_client: redis.asyncio.Redis,
+) -> None:
+    # A long heartbeat timeout: if callers learned only from the heartbeat, they would wait 20 s.
+    worker = await cli_worker("tests.activities:ALL", "--heartbeat-timeout", "20", "--shutdown-grace", "20")
+    options = sessionq.SessionOptions(creation_timeout=10, execution_timeout=60)
+    async with sessionq.Client(redis_url, prefix=key_prefix) as client:
+        busy = await client.create_session(task_queue, options)
+        idle = await client.create_session(task_queue, options)
+        marker = str(tmp_path / "in-session")
+        in_session = await busy.start_activity("sleep_for", 60, marker)
+        plain = await client.start_activity("sleep_for", 1.5, str(tmp_path / "plain"), task_queue=task_queue)
+        for name in ("in-session", "plain"):
+            path = tmp_path / f"{name}.started"
+            await wait_for(path.exists, message=f"{name} activity never started")
+
+        worker.signal(signal.SIGTERM)
+        sent = time.monotonic()
+        with pytest.raises(sessionq.SessionFailedError):
+            await in_session.result()
+        assert time.monotonic() - sent < 5, "the caller should learn at once, not after the heartbeat (20 s)"
+        assert await plain.result() == "cli-w1"  # running plain work finished within the grace
+        assert await worker.wait() == 0
+        with pytest.raises(sessionq.SessionFailedError):
+            await idle.execute_activity("whoami")
+        assert time.monotonic() - sent < 10
+    keys = QueueKeys(key_prefix, task_queue)
+    assert not await redis_client.sismember(keys.workers, "cli-w1"), "the worker must deregister"
+    assert "stopping worker cli-w1 gracefully" in worker.output()
+
+
+async def test_cli_second_sigint_exits_at_once(
+    redis_url: str, key_prefix: str, task_queue: str, cli_worker: StartWorker, tmp_path: Path
+) -> None:
+    worker = await cli_worker("tests.activities:ALL", "--shutdown-grace", "60")
+    async with sessionq.Client(redis_url, prefix=key_prefix) as client:
+        await client.start_activity("sleep_for", 60, str(tmp_path / "plain"), task_queue=task_queue)
+        await wait_for((tmp_path / "plain.started").exists, message="activity never started")
+        worker.signal(signal.SIGINT)
+        await wait_for(lambda: "SIGINT: stopping" in worker.output(), message="first SIGINT not handled")
+        worker.signal(signal.SIGINT)
+        assert await worker.wait(timeout=5) == 130
+
+
+async def test_cli_worker_from_module_instance_with_flag_overrides(
+    redis_url: str,
+    key_prefix: str,
+    task_queue: str,
+    cli_worker: StartWorker,
+    tmp_path: Path,
+    redis_client: redis.asyncio.Redis,
+) -> None:
+    """`sessionq worker app:worker` from the current directory: the module's settings apply,
+    flags override them."""
+    app = tmp_path / "myapp_cli_test.py"
+    app.write_text(
+        "import sessionq\n"
+        "@sessionq.activity\n"
+        "async def hello(name):\n"
+        "    return f'hello {name} from ' + sessionq.activity_info().worker_id\n"
+        "worker = sessionq.Worker('redis://nowhere.invalid:1/0',\n"
+        f"    task_queue={task_queue!r}, activities=[hello],\n"
+        "    enable_sessions=True, max_concurrent_sessions=3, identity='module-id', prefix='wrong')\n"
+    )
+    worker = await cli_worker(
+        "myapp_cli_test:worker", "-n", "flag-id", identity="flag-id", cwd=tmp_path, queue=task_queue
+    )
+    record = await redis_client.hgetall(QueueKeys(key_prefix, task_queue).worker("flag-id"))
+    assert record[b"max_sessions"] == b"3", "the module's max_concurrent_sessions must be kept"
+    async with sessionq.Client(redis_url, prefix=key_prefix) as client:
+        options = sessionq.SessionOptions(creation_timeout=10, execution_timeout=30)
+        async with client.create_session(task_queue, options) as session:
+            assert await session.execute_activity("hello", "you") == "hello you from flag-id"
+    worker.signal(signal.SIGTERM)
+    assert await worker.wait() == 0
+
+
+async def test_cli_worker_burst_drains_the_queue_and_exits(
+    redis_url: str, key_prefix: str, task_queue: str, tmp_path: Path
+) -> None:
+    async with sessionq.Client(redis_url, prefix=key_prefix) as client:
+        handles = [await client.start_activity("echo", i, task_queue=task_queue) for i in range(5)]
+        ran = await run_cli(
+            "worker", "tests.activities:ALL", "--burst", "--redis-url", redis_url, "--prefix", key_prefix,
+            "-Q", task_queue, "-n", "burst-w", "--heartbeat-timeout", "1",
+        )  # fmt: skip
+        assert ran.code == 0, ran.err
+        assert [await h.result() for h in handles] == list(range(5))
+
+
+# --- inspect -------------------------------------------------------------------------------
+
+
+async def key_state(client: redis.asyncio.Redis, prefix: str) -> dict[bytes, Any]:
+    """Every key under `prefix` with its type and full value (TTLs left out: they tick)."""
+    state: dict[bytes, Any] = {}
+    async for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+        kind = (await client.type(key)).decode()
+        if kind == "string":
+            value: Any = await client.get(key)
+        elif kind == "hash":
+            value = await client.hgetall(key)
+        elif kind == "set":
+            value = sorted(await client.smembers(key))
+        elif kind == "zset":
+            value = await client.zrange(key, 0, -1, withscores=True)
+        elif kind == "list":
+            value = await client.lrange(key, 0, -1)
+        elif kind == "stream":
+            groups = await client.xinfo_groups(key)
+            pending = [await client.xpending(key, g["name"]) for g in groups]
+            value = (await client.xrange(key), [(g["name"], g["pending"]) for g in groups], pending)
+        else:
+            value = None
+        state[key] = (kind, value)
+    return state
+
+
+async def test_inspect_is_read_only_and_shows_a_dead_worker_and_its_stuck_session(
+    redis_url: str,
+    key_prefix: str,
+    task_queue: str,
+    cli_worker: StartWorker,
+    redis_client: redis.asyncio.Redis,
+) -> None:
+    """SIGKILL a worker holding a session; until someone reaps it, inspect shows it DEAD and
+    its session OPEN on a dead worker, and running every view changes nothing in Redis."""
+    worker = await cli_worker("tests.activities:ALL", "--heartbeat-timeout", "1")
+    options = sessionq.SessionOptions(creation_timeout=10, execution_timeout=60)
+    async with sessionq.Client(redis_url, prefix=key_prefix) as client:
+        session = await client.create_session(task_queue, options)
+        assert await session.execute_activity("whoami") == "cli-w1"
+        worker.signal(signal.SIGKILL)
+        await worker.process.wait()
+        await client.start_activity("echo", "nobody runs me", task_queue=task_queue)
+    alive_key = QueueKeys(key_prefix, task_queue).alive("cli-w1")
+    await wait_for(lambda: _gone(redis_client, alive_key), timeout=5, message="heartbeat key never expired")
+
+    before = await key_state(redis_client, key_prefix)
+    where = ("--redis-url", redis_url, "--prefix", key_prefix)
+    table_run, json_run, session_run = await asyncio.gather(
+        run_cli("inspect", *where),  # the real command: every table of the overview
+        run_cli("inspect", "--json", *where),
+        run_cli("inspect", "session", session.session_id, *where),
+    )
+    for view, extra in (("workers", {}), ("sessions", {"include_ended": True}), ("queues", {})):
+        await collect_in_process(redis_url, key_prefix, view, **extra)  # every other view's reads
+    after = await key_state(redis_client, key_prefix)
+    assert [r.code for r in (table_run, json_run, session_run)] == [0, 0, 0], table_run.err + json_run.err
+    assert after == before, "inspect changed Redis"
+
+    doc = json.loads(json_run.out)
+    [w] = doc["workers"]
+    assert (w["identity"], w["alive"], w["open_sessions"]) == ("cli-w1", False, 1)
+    [s] = doc["sessions"]
+    assert (s["session_id"], s["state"], s["worker_alive"]) == (session.session_id, "OPEN", False)
+    [q] = doc["queues"]
+    assert (q["length"], q["workers"], q["workers_alive"]) == (1, 1, 0)
+    assert q["oldest_age_s"] is not None and q["oldest_age_s"] >= 0
+    table = table_run.out
+    assert "DEAD" in table and "worker is dead" in table and session.session_id[:12] in table
+    assert session.session_id in session_run.out and "False" in session_run.out  # worker_alive
+
+    missing = await run_cli(
+        "inspect", "session", "nosuchsession", "--redis-url", redis_url, "--prefix", key_prefix
+    )
+    assert_one_line_error(missing, 1, "no session 'nosuchsession'")
+
+
+async def _gone(client: redis.asyncio.Redis, key: str) -> bool:
+    return not await client.exists(key)
+
+
+# --- demo ------------------------------------------------------------------------------------
+
+
+def test_demo_uses_a_configured_redis_else_the_default_else_an_embedded_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from sessionq.cli import demo
+    from sessionq.cli.embedded import answers
+
+    monkeypatch.delenv("SESSIONQ_REDIS_URL", raising=False)
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    monkeypatch.setattr(demo, "ping", lambda url, timeout=3.0: "connection refused")  # nothing on :6379
+    backend = demo.choose_backend(None, False, None)
+    assert backend.embedded is not None and not backend.users_redis
+    try:
+        assert answers(backend.url)
+    finally:
+        backend.embedded.stop()
+    assert not answers(backend.url)
+
+    monkeypatch.setattr(demo, "ping", lambda url, timeout=3.0: None)  # a Redis answers on :6379
+    assert demo.choose_backend(None, False, None) == demo.Backend(
+        "redis://localhost:6379/0", "the Redis answering at redis://localhost:6379/0", users_redis=True
+    )
+    monkeypatch.setattr(demo, "require_redis", lambda url: None)
+    monkeypatch.setenv("REDIS_URL", "redis://configured:7/0")
+    assert demo.choose_backend(None, False, None).url == "redis://configured:7/0"
+    assert demo.choose_backend("redis://flag:8/0", False, None).url == "redis://flag:8/0"
+
+
+async def run_demo(*flags: str) -> Ran:
+    ran = await run_cli("demo", *flags, "--sessions", "3", "--work-seconds", "0.3", timeout=90, cwd=Path("/"))
+    assert ran.code == 0, f"demo failed ({ran.code}):\n{ran.out}\n{ran.err}"
+    assert "SessionFailedError" in ran.out
+    assert "All 3 files processed" in ran.out
+    for pid in map(int, re.findall(r"\(pid (\d+)\)", ran.out)):
+        assert not _running(pid), f"the demo left worker pid {pid} running"
+    return ran
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="no redis-server binary")
+async def test_demo_runs_on_embedded_redis_server() -> None:
+    ran = await run_demo("--embedded", "--embedded-backend", "redis-server")
+    match = re.search(r"embedded redis-server on 127\.0\.0\.1:(\d+)", ran.out)
+    assert match, ran.out
+    with pytest.raises(OSError):  # the private server is gone
+        socket.create_connection(("127.0.0.1", int(match.group(1))), timeout=1).close()
+
+
+async def test_demo_runs_on_embedded_fakeredis() -> None:
+    ran = await run_demo("--embedded-backend", "fakeredis")
+    assert "embedded fakeredis" in ran.out
