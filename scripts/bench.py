@@ -53,6 +53,8 @@ import sessionq
 REPO = Path(__file__).resolve().parent.parent
 TASK_QUEUE = "bench"
 READY_TIMEOUT = 30.0
+ENQUEUE_IN_FLIGHT = 64
+"""Concurrent calls when queueing many activities (stays under the client's connection pool)."""
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -132,10 +134,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def proc_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process, from /proc/<pid>/stat."""
+def proc_cpu_s(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process, from /proc/<pid>/stat."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
 
 def proc_rss_kb(pid: int) -> int:
@@ -146,14 +148,16 @@ def proc_rss_kb(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-def self_cpu_s() -> float:
+def self_cpu_s() -> tuple[float, float]:
+    """(user, system) CPU seconds of this process, all threads."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    return usage.ru_utime, usage.ru_stime
 
 
-def redis_cpu_s(sync: redis.Redis) -> float:
+def redis_cpu_s(sync: redis.Redis) -> tuple[float, float]:
+    """(user, system) CPU seconds of the redis-server (all of its clients' work)."""
     cpu = sync.info("cpu")
-    return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+    return float(cpu["used_cpu_user"]), float(cpu["used_cpu_sys"])
 
 
 # --- processes ---------------------------------------------------------------------------
@@ -306,19 +310,39 @@ class CpuMeter:
         self.sync, self.pids = sync, [w.pid for w in workers]
         self.start = self._sample()
 
-    def _sample(self) -> tuple[float, float, float]:
-        return self_cpu_s(), sum(proc_cpu_s(p) for p in self.pids), redis_cpu_s(self.sync)
+    def _sample(self) -> list[tuple[float, float]]:
+        workers = [proc_cpu_s(p) for p in self.pids]
+        return [
+            self_cpu_s(),
+            (sum(w[0] for w in workers), sum(w[1] for w in workers)),
+            redis_cpu_s(self.sync),
+        ]
 
     def per_activity_us(self, count: int) -> dict[str, float]:
+        """CPU µs per activity of each party, and the share of it spent in the kernel (syscalls)."""
         end = self._sample()
-        names = ("caller", "workers", "redis")
-        return {
-            f"cpu_us_{n}": round((e - s) / count * 1e6, 1)
-            for n, s, e in zip(names, self.start, end, strict=True)
-        }
+        out: dict[str, float] = {}
+        for name, (u0, s0), (u1, s1) in zip(("caller", "workers", "redis"), self.start, end, strict=True):
+            total = (u1 - u0) + (s1 - s0)
+            out[f"cpu_us_{name}"] = round(total / count * 1e6, 1)
+            out[f"sys_pct_{name}"] = round(100 * (s1 - s0) / total) if total > 0 else 0
+        return out
 
 
 # --- scenarios ---------------------------------------------------------------------------
+
+
+async def gather_bounded(factories: Sequence[Callable[[], Awaitable[Any]]], limit: int) -> list[Any]:
+    """Run coroutine factories with at most `limit` in flight, keeping order."""
+    results: list[Any] = [None] * len(factories)
+    semaphore = asyncio.Semaphore(limit)
+
+    async def one(i: int) -> None:
+        async with semaphore:
+            results[i] = await factories[i]()
+
+    await asyncio.gather(*(one(i) for i in range(len(factories))))
+    return results
 
 
 async def warm_session(client: sessionq.Client, count: int) -> None:
@@ -370,12 +394,9 @@ async def scenario_drain(bench: Bench, sync: redis.Redis) -> dict[str, Any]:
     client = bench.client()
     inbox = client.keys(TASK_QUEUE).inbox(client.client_id)
     t0 = time.perf_counter()
-    handles: list[sessionq.ActivityHandle] = []
-    for start in range(0, n, 1000):
-        batch = range(start, min(n, start + 1000))
-        handles += await asyncio.gather(
-            *(client.start_activity("noop", task_queue=TASK_QUEUE) for _ in batch)
-        )
+    handles: list[sessionq.ActivityHandle] = await gather_bounded(
+        [lambda: client.start_activity("noop", task_queue=TASK_QUEUE)] * n, ENQUEUE_IN_FLIGHT
+    )
     enqueue_s = time.perf_counter() - t0
     await client.close()  # stop reading the inbox: results pile up there for us to count
     for handle in handles:  # settle the futures the close failed, so nothing logs about them
@@ -496,8 +517,9 @@ async def scenario_commands(bench: Bench, _sync: redis.Redis) -> dict[str, Any]:
                         return n
 
                     async def plain_batch_run() -> int:
-                        handles = await asyncio.gather(
-                            *(client.start_activity("noop", task_queue=TASK_QUEUE) for _ in range(n))
+                        start = client.start_activity
+                        handles = await gather_bounded(
+                            [lambda: start("noop", task_queue=TASK_QUEUE)] * n, ENQUEUE_IN_FLIGHT
                         )
                         await results_of(handles)
                         return n
@@ -530,19 +552,6 @@ async def scenario_commands(bench: Bench, _sync: redis.Redis) -> dict[str, Any]:
     }
 
 
-async def gather_bounded(factories: Sequence[Callable[[], Awaitable[Any]]], limit: int) -> list[Any]:
-    """Run coroutine factories with at most `limit` in flight, keeping order."""
-    results: list[Any] = [None] * len(factories)
-    semaphore = asyncio.Semaphore(limit)
-
-    async def one(i: int) -> None:
-        async with semaphore:
-            results[i] = await factories[i]()
-
-    await asyncio.gather(*(one(i) for i in range(len(factories))))
-    return results
-
-
 async def scenario_capacity(bench: Bench, sync: redis.Redis) -> dict[str, Any]:
     """Hold N open sessions on one worker; worker RSS and Redis memory growth."""
     n = bench.sizes.capacity
@@ -554,13 +563,13 @@ async def scenario_capacity(bench: Bench, sync: redis.Redis) -> dict[str, Any]:
             mem0 = int(sync.info("memory")["used_memory"])
             t = time.perf_counter()
             opener = client.create_session
-            sessions = await gather_bounded([lambda: opener(TASK_QUEUE) for _ in range(n)], 200)
+            sessions = await gather_bounded([lambda: opener(TASK_QUEUE)] * n, ENQUEUE_IN_FLIGHT)
             await sessions[-1].execute_activity("noop")  # the worker has now read every 'open'
             open_s = time.perf_counter() - t
             rss1 = proc_rss_kb(worker.pid)
             mem1 = int(sync.info("memory")["used_memory"])
             t = time.perf_counter()
-            await gather_bounded([s.complete for s in sessions], 200)
+            await gather_bounded([s.complete for s in sessions], ENQUEUE_IN_FLIGHT)
             await warm_session(client, 1)  # the worker has now read every 'end'
             close_s = time.perf_counter() - t
             rss2 = proc_rss_kb(worker.pid)
@@ -675,9 +684,12 @@ def print_table(results: dict[str, dict[str, Any]]) -> None:
         print(f"{label:<{width}}  {shown:>10}  {verdict(f'{scenario}.{metric}', value)}")
     cpu_rows = [(name, r) for name, r in results.items() if "cpu_us_caller" in r]
     if cpu_rows:
-        print("\nCPU per activity (µs): caller / workers / redis-server")
+        print("\nCPU per activity, µs (% in kernel): caller / workers / redis-server")
         for name, r in cpu_rows:
-            print(f"  {name:<12} {r['cpu_us_caller']:>7} / {r['cpu_us_workers']:>7} / {r['cpu_us_redis']:>7}")
+            parts = [
+                f"{r[f'cpu_us_{p}']:>7} ({r[f'sys_pct_{p}']:>2}%)" for p in ("caller", "workers", "redis")
+            ]
+            print(f"  {name:<12} {' / '.join(parts)}")
 
 
 def machine(url: str, sync: redis.Redis, uvloop: bool) -> dict[str, Any]:

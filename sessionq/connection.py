@@ -277,6 +277,16 @@ class ClusterClient(RedisCluster):
                     raise self.exhausted() from exc
                 raise
 
+    async def _determine_slot(self, command: str, *args: Any) -> int:
+        # redis-py asks the server (COMMAND GETKEYS: one more round trip) for the keys of
+        # commands with movable keys; sessionq's blocking reads are such commands.
+        keys = movable_keys(command, args)
+        if keys:
+            slots = {self.keyslot(key) for key in keys}
+            if len(slots) == 1:
+                return slots.pop()
+        return await super()._determine_slot(command, *args)
+
     def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> ClusterPipeline:
         if shard_hint:
             return super().pipeline(transaction, shard_hint)  # raises redis-py's own error
@@ -295,6 +305,27 @@ class _PermitPipeline(ClusterPipeline):
     async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> list[Any]:
         async with self.cluster_client.permit():
             return await super().execute(raise_on_error, allow_redirections)
+
+
+def movable_keys(command: Any, args: tuple[Any, ...]) -> list[Any]:
+    """The keys of XREAD / XREADGROUP / BLMPOP / LMPOP, read from their arguments ([] if unsure)."""
+    name = _text(command).upper()
+    try:
+        if name in ("XREAD", "XREADGROUP"):
+            start = 3 if name == "XREADGROUP" else 0  # skip GROUP <group> <consumer>
+            tokens = [_text(a).upper() for a in args]
+            rest = args[tokens.index("STREAMS", start) + 1 :]
+            return list(rest[: len(rest) // 2]) if rest and len(rest) % 2 == 0 else []
+        if name in ("BLMPOP", "LMPOP"):
+            at = 1 if name == "BLMPOP" else 0  # after the timeout
+            return list(args[at + 1 : at + 1 + int(args[at])])
+    except (ValueError, IndexError, TypeError):
+        pass
+    return []
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, (bytes, bytearray)) else str(value)
 
 
 def _pool_exhausted(exc: Exception) -> bool:

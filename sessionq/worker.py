@@ -27,7 +27,7 @@ from redis.exceptions import ResponseError
 
 from .activity import ActivityDefinition, ActivityInfo, _RunningActivity, definition_of
 from .codec import Codec, default_codec
-from .connection import TRANSIENT, connect, resolve_url, server_time_ms
+from .connection import TRANSIENT, connect, resolve_url, retrying, server_time_ms
 from .durations import Duration, seconds
 from .envelope import RemoteError, Task, decode_task, encode_error
 from .errors import ConfigurationError
@@ -155,7 +155,7 @@ class Worker:
         self.redis = connect(self._redis_target)
         self.scripts = Scripts(self.redis)
         try:
-            await self._startup()
+            await retrying(self._startup, within=5.0, what=f"starting worker {self.worker_id}")
             self._tasks = [
                 asyncio.create_task(self._loop(self._poll_shared), name="sessionq-poll-shared"),
                 asyncio.create_task(self._loop(self._maintain), name="sessionq-maintain"),
@@ -172,7 +172,10 @@ class Worker:
                 self.max_concurrent_activities,
             )
             await self._stopping.wait()
-            await self._shutdown()
+            try:  # never hang on the way out, whatever Redis does
+                await asyncio.wait_for(self._shutdown(), self.shutdown_grace + 15)  # type: ignore[operator]
+            except asyncio.TimeoutError:
+                log.error("worker %s: graceful stop overran; exiting anyway", self.worker_id)
         finally:
             for task in self._tasks:
                 task.cancel()
@@ -301,7 +304,12 @@ class Worker:
     async def _loop(self, step: Any) -> None:
         """Run `step` until stopped, riding out Redis outages with jittered backoff."""
         backoff = 0.05
+        task = asyncio.current_task()
         while True:
+            # Python < 3.12's wait_for, which redis-py uses to send, can swallow a cancel: honour
+            # it anyway, or stopping would wait on this loop until the shutdown timeout.
+            if task is not None and getattr(task, "cancelling", lambda: 0)():
+                raise asyncio.CancelledError
             try:
                 await step()
                 backoff = 0.05

@@ -263,7 +263,7 @@ async def test_s02_concurrent_creators_never_exceed_the_limit(
     import sys
 
     async def dumper() -> None:
-        await asyncio.sleep(30)
+        await asyncio.sleep(10)
         print("DUMP", file=sys.stdout)
         for t in asyncio.all_tasks():
             t.print_stack(limit=25, file=sys.stdout)
@@ -284,6 +284,7 @@ async def test_s02_concurrent_creators_never_exceed_the_limit(
             stop.set()
             await sampler
         print('PHASE gathered', time.monotonic())
+        dump_task.cancel()
         assert len(used) == creators
         assert set(used) == set(held), Counter(used)
         assert max(peaks.values()) <= limit, peaks
