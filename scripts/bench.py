@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """sessionq benchmark: throughput, latency, Redis cost and memory of the core paths.
 
-    python scripts/bench.py [--redis-url URL] [--quick] [--json FILE] [--only a,b] [--uvloop]
+    python scripts/bench.py [--redis-url URL] [--quick] [--json FILE]
+                            [--only drain,roundtrip,...] [--uvloop] [--profile DIR]
 
 Scenarios (each starts its own worker processes, all under one unique key prefix that is
 deleted at the end; without --redis-url a private redis-server runs on a free port):
@@ -19,8 +20,11 @@ deleted at the end; without --redis-url a private redis-server runs on a free po
 6. concurrency 50 callers, each with its own session, over 4 worker processes:
                activities/s and p99.
 
-Every scenario also reports CPU time per activity for the caller process, the workers and
-redis-server, which shows where the floor is. `--quick` finishes in well under 2 minutes.
+Every timed scenario also reports CPU time per activity for the caller process, the
+workers and redis-server (and the share spent in the kernel), which shows where the floor
+is and stays meaningful when other processes compete for the CPU (the load average is
+recorded; latency figures taken on a busy machine are pessimistic). `--quick` finishes in
+well under 2 minutes. `--profile DIR` runs the caller and every worker under cProfile.
 The worker processes are this same file run with the hidden `--_worker` flag.
 """
 
@@ -30,6 +34,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import platform
 import resource
@@ -111,8 +116,8 @@ TARGETS: dict[str, tuple[str, float]] = {
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:
     """Nearest-rank percentile of an already sorted, non-empty sequence."""
-    index = min(len(sorted_values) - 1, max(0, round(q / 100 * len(sorted_values) + 0.5) - 1))
-    return sorted_values[index]
+    rank = math.ceil(q / 100 * len(sorted_values))
+    return sorted_values[min(len(sorted_values), max(1, rank)) - 1]
 
 
 def latency_summary(seconds: Sequence[float]) -> dict[str, float]:

@@ -96,12 +96,15 @@ def queues_on_one_master(url: str, prefix: str, count: int, master: str) -> list
     raise RuntimeError(f"could not find {count} queue names on {master}")
 
 
-def commands_processed(url: str) -> dict[str, int]:
+def master_counters(url: str) -> dict[str, tuple[int, float]]:
+    """Per master: (commands processed, CPU seconds used) so far."""
+    out = {}
     with sync_cluster(url) as client:
-        return {
-            f"{n.host}:{n.port}": int(client.info("stats", target_nodes=n)["total_commands_processed"])
-            for n in client.get_primaries()
-        }
+        for n in client.get_primaries():
+            info = client.info(target_nodes=n)
+            cpu = float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+            out[f"{n.host}:{n.port}"] = (int(info["total_commands_processed"]), cpu)
+    return out
 
 
 # --- worker processes ------------------------------------------------------------------
@@ -163,23 +166,29 @@ async def drain_round(
     try:
         await asyncio.to_thread(wait_ready, workers)
         payloads = {p.queue: encode(client, p.queue, per_queue) for p in placements}
-        before = commands_processed(url)
+        before = master_counters(url)
         started = time.perf_counter()
         await asyncio.gather(*(enqueue(client, p.queue, payloads[p.queue]) for p in placements))
         await asyncio.gather(*(wait_results(client, p.queue, per_queue) for p in placements))
         elapsed = time.perf_counter() - started
-        after = commands_processed(url)
+        after = master_counters(url)
     finally:
         await client.close()
         stop_workers(workers)
     total = per_queue * len(placements)
+    cpu = {m: after[m][1] - before[m][1] for m in sorted(after)}
+    on_master = {m: per_queue * sum(p.master == m for p in placements) for m in cpu}
     return {
         "queues": [p.queue for p in placements],
         "masters": sorted({p.master for p in placements}),
         "activities": total,
         "seconds": round(elapsed, 3),
         "activities_per_s": round(total / elapsed),
-        "commands_per_master": {m: after[m] - before[m] for m in sorted(after)},
+        "commands_per_master": {m: after[m][0] - before[m][0] for m in sorted(after)},
+        "redis_cpu_s_per_master": {m: round(c, 3) for m, c in cpu.items()},
+        # What the masters could carry if the workers were not the limit: each master's
+        # activities per Redis CPU second, summed over the masters in use.
+        "redis_ceiling_per_s": round(sum(on_master[m] / cpu[m] for m in cpu if on_master[m] and cpu[m] > 0)),
     }
 
 
@@ -222,15 +231,32 @@ async def scenario_spread(url: str, per_queue: int) -> dict[str, Any]:
         same = queues_on_one_master(url, prefix, 3, spread[0].master)
         rounds["control: 3 queues on 1 master"] = await drain_round(url, prefix, same, per_queue)
         report("control: 3 queues on 1 master", rounds["control: 3 queues on 1 master"])
+        explain(rounds)
         return {"per_queue": per_queue, "placements": [p.__dict__ for p in spread], "rounds": rounds}
     finally:
         delete_prefix(url, prefix)
 
 
 def report(name: str, row: dict[str, Any]) -> None:
-    load = ", ".join(f"{m}: {n}" for m, n in row["commands_per_master"].items())
-    print(f"  {name:32s} {row['activities']:6d} activities in {row['seconds']:6.2f}s = "
-          f"{row['activities_per_s']:6d}/s   (Redis commands per master: {load})", flush=True)  # fmt: skip
+    load = ", ".join(
+        f"{m} {n} cmds/{row['redis_cpu_s_per_master'][m]:.2f}s cpu"
+        for m, n in row["commands_per_master"].items()
+    )
+    print(f"  {name:31s} {row['activities']:6d} in {row['seconds']:5.2f}s = {row['activities_per_s']:6d}/s"
+          f"  Redis ceiling {row['redis_ceiling_per_s']:7d}/s  [{load}]", flush=True)  # fmt: skip
+
+
+def explain(rounds: dict[str, dict[str, Any]]) -> None:
+    one, three = rounds["1 queue(s) on 1 master(s)"], rounds["3 queue(s) on 3 master(s)"]
+    control = rounds["control: 3 queues on 1 master"]
+    print(f"measured: 3 masters {three['activities_per_s'] / one['activities_per_s']:.2f}x one master, "
+          f"{three['activities_per_s'] / control['activities_per_s']:.2f}x the same 3 queues on one master; "
+          f"Redis ceiling {three['redis_ceiling_per_s'] / control['redis_ceiling_per_s']:.2f}x")  # fmt: skip
+    cpus = os.cpu_count() or 1
+    if cpus < 4:
+        print(f"note: {cpus} CPU(s) here run 3 worker processes, the caller and 3 redis-servers, so the "
+              "measured rate is CPU-bound; the Redis ceiling (activities per Redis CPU second, summed over "
+              "the masters in use) is what grows with the masters")  # fmt: skip
 
 
 def delete_prefix(url: str, prefix: str) -> None:

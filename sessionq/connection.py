@@ -8,14 +8,21 @@ Two deployments are supported, with the same code above this module:
   ``{queue}`` (see keys.py), so a task queue lives in one slot, its Lua scripts run on one
   node, and different task queues spread over the masters.
 
-Connections on a cluster: redis-py keeps at most ``max_connections`` (default 100) per node
-per client and fails at once beyond that. sessionq holds few of them for long: a Client
-multiplexes every result and session-grant wait on one task queue onto one blocking pop
-(inbox.py), and a Worker blocks on two reads (its task queue and its own stream). So a
-client holds one blocked connection per task queue it waits on, whatever the number of
-waiting calls. Short commands beyond the limit wait up to ``pool_timeout`` seconds for a
-connection to come free, then raise ConnectionPoolExhaustedError, which says how to raise
-the limit (``?max_connections=N`` in the URL, or on your RedisCluster).
+Connections: redis-py lets a client hold at most ``max_connections`` connections (100 by
+default; per node on a cluster) and, beyond that, fails a command at once. sessionq holds few
+of them for long: a Client multiplexes every result and session-grant wait on one task queue
+onto one blocking pop (inbox.py), and a Worker blocks on two reads (its task queue and its
+own stream), so a client holds one blocked connection per task queue it waits on, whatever
+the number of waiting calls. Other commands beyond the limit queue, first come first served,
+for up to ``pool_timeout`` seconds (default 10), then raise ConnectionPoolExhaustedError,
+which says how to raise the limit: ``?max_connections=N&pool_timeout=S`` in the URL, or
+max_connections on the redis-py client you pass. (On a cluster the queue counts commands in
+flight per client, all nodes together, so no node's pool can run dry.)
+
+Cluster specifics handled here: the slot map is loaded before the first command (redis-py
+would otherwise route the first concurrent commands at random, and the MOVED replies make it
+drop every connection); the keys of XREAD/XREADGROUP/BLMPOP are read locally instead of with
+COMMAND GETKEYS; CLUSTERDOWN/TRYAGAIN count as transient; TIME is read on the queue's node.
 """
 
 from __future__ import annotations
@@ -168,11 +175,11 @@ class WaitingPool(aredis.BlockingConnectionPool):
 
 def pool_exhausted(limit: Any, waited: Any, scheme: str) -> ConnectionPoolExhaustedError:
     return ConnectionPoolExhaustedError(
-        f"every connection of this client to a Redis node is in use ({limit} per node) and none came "
-        f"free within {waited:g}s. sessionq holds one blocked connection per task queue a Client "
-        "waits on and two per Worker, so this means many concurrent calls or many task queues on "
-        f"one node: raise the limit with ?max_connections=N in the {scheme} URL (or on the "
-        "redis-py client you pass), or wait longer with ?pool_timeout=S"
+        f"all {limit} connections this client may hold (max_connections) stayed busy for {waited:g}s. "
+        "sessionq holds one blocked connection per task queue a Client waits on and two per Worker, "
+        "so this means many concurrent calls or many task queues: raise the limit with "
+        f"?max_connections=N in the {scheme} URL (or on the redis-py client you pass), or wait "
+        "longer with ?pool_timeout=S"
     )
 
 
@@ -244,16 +251,16 @@ class ClusterClient(RedisCluster):
     """
 
     pool_timeout: float = DEFAULT_POOL_TIMEOUT
-    _permits: Permits | None = None
+    permits: Permits | None = None  # made on first use; `permits.in_use` shows what is held
 
     @contextlib.asynccontextmanager
     async def permit(self) -> AsyncIterator[None]:
         if _HOLDING.get() is self:
             yield
             return
-        if self._permits is None:
-            self._permits = Permits(int(self.connection_kwargs.get("max_connections") or 100))
-        permits = self._permits
+        if self.permits is None:
+            self.permits = Permits(int(self.connection_kwargs.get("max_connections") or 100))
+        permits = self.permits
         if not await permits.acquire(self.pool_timeout):
             raise self.exhausted()
         token = _HOLDING.set(self)
@@ -381,14 +388,14 @@ def cluster_from_url(url: str) -> ClusterClient:
     return _make_cluster([ClusterNode(host, port) for host, port in nodes], kwargs, pool_timeout, url)
 
 
+_NOT_COPIED = {"host", "port", "max_connections", "maint_notifications_config", "event_dispatcher"}
+"""Settings of a user's RedisCluster not carried over: per node, set below, or RESP3-only."""
+
+
 def cluster_from_client(target: RedisCluster) -> ClusterClient:
     """A new cluster client on the settings and nodes of the user's RedisCluster."""
     accepted = set(inspect.signature(RedisCluster.__init__).parameters)
-    kwargs = {
-        k: v
-        for k, v in target.connection_kwargs.items()
-        if k in accepted and k not in ("host", "port", "max_connections")
-    }
+    kwargs = {k: v for k, v in target.connection_kwargs.items() if k in accepted and k not in _NOT_COPIED}
     kwargs["max_connections"] = target.connection_kwargs.get("max_connections", 100)
     connection_class = target.connection_kwargs.get("connection_class")
     if isinstance(connection_class, type) and issubclass(connection_class, SSLConnection):

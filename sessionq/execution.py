@@ -107,7 +107,9 @@ async def execute(
             ):
                 return encode_error(codec, task.activity_id, error)
             execution.cancel_kind = None
-            running.cancelled.clear()
+            # A fresh state for the retry: a plain-def attempt that timed out may still run in its
+            # thread, and must keep seeing is_cancelled() (clearing a shared flag revived it).
+            execution.running = running = _RunningActivity(running.info)
             log.info(
                 "activity %s (%s) attempt %d timed out; retrying", task.name, task.activity_id, task.attempt
             )

@@ -331,7 +331,16 @@ class Session:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        await asyncio.shield(self.complete())
+        await self.leave_block()
+
+    async def leave_block(self) -> None:
+        """Complete the session as `async with` ends, and drop it from the caller's context
+        (the shielded complete() runs in a task of its own, on a copy of that context)."""
+        try:
+            await asyncio.shield(self.complete())
+        finally:
+            if current_session.get() is self.info:
+                current_session.set(None)
 
 
 class SessionOpener:
@@ -363,7 +372,7 @@ class SessionOpener:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         if self._session is not None:
-            await asyncio.shield(self._session.complete())
+            await self._session.leave_block()
 
     async def open(self) -> Session:
         held = current_session.get()

@@ -19,6 +19,7 @@ import msgpack
 import pytest
 import pytest_asyncio
 import redis.asyncio
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 import sessionq
 from sessionq import (
@@ -34,6 +35,7 @@ from sessionq import (
     SyncClient,
     Worker,
 )
+from sessionq.connection import is_cluster_url, split_cluster_url
 from tests import activities as shared
 from tests.helpers import wait_for
 
@@ -84,6 +86,29 @@ def flaky(path: str, failures: int, error: str = "FlakyError") -> int:
     return attempt
 
 
+def log_event(path: str, event: str) -> None:
+    with open(path, "a") as f:
+        f.write(event + "\n")
+
+
+@sessionq.activity
+def stall_sync(path: str, poll: float, succeed_from: int = 0) -> int:
+    """Log "start N", then poll is_cancelled() every `poll` s for up to 10 s ("cancelled N" or
+    "finished N"). Attempts from `succeed_from` on (if set) return at once."""
+    attempt = sessionq.activity_info().attempt
+    log_event(path, f"start {attempt}")
+    if succeed_from and attempt >= succeed_from:
+        return attempt
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if sessionq.is_cancelled():
+            log_event(path, f"cancelled {attempt}")
+            return -1
+        time.sleep(poll)
+    log_event(path, f"finished {attempt}")
+    return attempt
+
+
 @sessionq.activity
 async def heartbeat_then_stall(beats: int, marker: str) -> str:
     """Heartbeat `beats` times every 50 ms, then go silent (a stuck activity)."""
@@ -107,6 +132,21 @@ async def keep_heartbeating(seconds: float) -> float:
         sessionq.heartbeat({"elapsed": time.monotonic() - started})
         await asyncio.sleep(0.05)
     return time.monotonic() - started
+
+
+@sessionq.activity
+def heartbeat_sync_until_cancelled(marker: str) -> str:
+    """A plain-def activity that learns of its cancellation from heartbeat() raising."""
+    Path(f"{marker}.started").write_text("")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            sessionq.heartbeat()
+        except ActivityCancelledError:
+            Path(f"{marker}.cancelled").write_text("")
+            raise
+        time.sleep(0.01)
+    return "never cancelled"
 
 
 @sessionq.activity
@@ -140,8 +180,10 @@ ACTIVITIES = [
     explode,
     explode_sync,
     flaky,
+    stall_sync,
     heartbeat_then_stall,
     keep_heartbeating,
+    heartbeat_sync_until_cancelled,
     describe_sync,
     unencodable_result,
     sized_result,
@@ -189,6 +231,10 @@ def marker(tmp_path: Path) -> Iterator[str]:
 
 async def keys_under(redis_client: redis.asyncio.Redis, prefix: str) -> set[bytes]:
     return {key async for key in redis_client.scan_iter(match=f"{prefix}:*", count=1000)}
+
+
+def events_in(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
 
 
 def attempts_in(path: Path) -> list[int]:
@@ -316,11 +362,15 @@ async def test_non_retryable_error_types_fail_at_once(
     policy = RetryPolicy(initial_interval=0.01, maximum_attempts=5, non_retryable_error_types=["KeyError"])
     stopped, retried = tmp_path / "stopped", tmp_path / "retried"
     with pytest.raises(ActivityError) as caught:
-        await client.execute_activity(flaky, str(stopped), 9, "KeyError", task_queue=task_queue, retry_policy=policy)
+        await client.execute_activity(
+            flaky, str(stopped), 9, "KeyError", task_queue=task_queue, retry_policy=policy
+        )
     assert caught.value.cause.type == "KeyError"
     assert attempts_in(stopped) == [1]
     # The same policy still retries an error type it does not name.
-    assert await client.execute_activity(flaky, str(retried), 1, task_queue=task_queue, retry_policy=policy) == 2
+    assert (
+        await client.execute_activity(flaky, str(retried), 1, task_queue=task_queue, retry_policy=policy) == 2
+    )
     assert attempts_in(retried) == [1, 2]
 
 
@@ -339,21 +389,45 @@ async def test_start_to_close_timeout_cancels_async_activity(
         )  # fmt: skip
     assert caught.value.timeout_type == "start_to_close"
     assert time.monotonic() - started < 5
-    await wait_for(lambda: Path(f"{marker}.cancelled").exists(), 5, message="activity never got CancelledError")
+    await wait_for(
+        lambda: Path(f"{marker}.cancelled").exists(), 5, message="activity never got CancelledError"
+    )
 
 
 async def test_start_to_close_timeout_is_retried_per_policy(
     start_worker: StartWorker, client: Client, task_queue: str, tmp_path: Path
 ) -> None:
     await start_worker()
+    log = tmp_path / "log"
     with pytest.raises(ActivityTimeoutError) as caught:
         await client.execute_activity(
-            shared.sleep_sync, 30, str(tmp_path / "m"), task_queue=task_queue,
-            start_to_close_timeout=0.2, retry_policy=RetryPolicy(initial_interval=0.01, maximum_attempts=2),
+            stall_sync, str(log), 0.01, task_queue=task_queue,
+            start_to_close_timeout=0.2, retry_policy=RetryPolicy(initial_interval=0.05, maximum_attempts=2),
         )  # fmt: skip
     assert caught.value.timeout_type == "start_to_close"
-    # The sync activity polled is_cancelled() and gave up, on both attempts.
-    assert Path(tmp_path / "m.cancelled").exists()
+    # Both attempts ran, and each saw is_cancelled() turn true when its time was up.
+    await wait_for(lambda: len(events_in(log)) >= 4, 5, message=f"attempts incomplete: {events_in(log)}")
+    assert sorted(events_in(log)) == ["cancelled 1", "cancelled 2", "start 1", "start 2"]
+
+
+async def test_timed_out_sync_attempt_stays_cancelled_while_the_retry_runs(
+    start_worker: StartWorker, client: Client, task_queue: str, tmp_path: Path
+) -> None:
+    """A plain-def attempt cannot be killed; it must still see is_cancelled() once it timed out,
+    even after the retry that replaced it started (and here succeeded)."""
+    await start_worker()
+    log = tmp_path / "log"
+    result = await client.execute_activity(
+        stall_sync, str(log), 0.3, 2, task_queue=task_queue,
+        start_to_close_timeout=0.2, retry_policy=RetryPolicy(initial_interval=0.01, maximum_attempts=2),
+    )  # fmt: skip
+    assert result == 2
+    await wait_for(
+        lambda: "cancelled 1" in events_in(log),
+        3,
+        message=f"attempt 1 never saw is_cancelled(): {events_in(log)}",
+    )
+    assert "finished 1" not in events_in(log)
 
 
 async def test_heartbeat_timeout_fails_a_silent_activity(
@@ -417,7 +491,9 @@ async def test_schedule_to_start_timeout_when_no_worker_picks_it_up_in_time(
     assert caught.value.timeout_type == "schedule_to_start"
     assert not runs.exists(), "an activity past its schedule_to_start_timeout must not run"
     # In time, the same activity runs.
-    assert await client.execute_activity(shared.mark, str(runs), task_queue=task_queue, schedule_to_start_timeout=5)
+    assert await client.execute_activity(
+        shared.mark, str(runs), task_queue=task_queue, schedule_to_start_timeout=5
+    )
 
 
 # --- activity_info ---------------------------------------------------------------------
@@ -479,6 +555,20 @@ async def test_cancel_running_plain_activity(
     assert await client.execute_activity(shared.echo, "still here", task_queue=task_queue) == "still here"
 
 
+async def test_cancel_sync_activity_makes_heartbeat_raise(
+    start_worker: StartWorker, client: Client, task_queue: str, marker: str
+) -> None:
+    await start_worker()
+    handle = await client.start_activity(
+        heartbeat_sync_until_cancelled, marker, task_queue=task_queue, retry_policy=NO_RETRY
+    )
+    await wait_for(lambda: Path(f"{marker}.started").exists(), 10, message="activity never started")
+    await handle.cancel()
+    with pytest.raises(ActivityCancelledError):
+        await handle.result()
+    await wait_for(lambda: Path(f"{marker}.cancelled").exists(), 5, message="heartbeat() did not raise")
+
+
 # --- D03: unknown activity -------------------------------------------------------------
 
 
@@ -488,7 +578,9 @@ async def test_d03_unknown_activity_name_fails_fast_and_worker_keeps_serving(
     await start_worker()
     started = time.monotonic()
     with pytest.raises(ActivityNotRegisteredError) as caught:
-        await client.execute_activity("no_such_activity", 1, task_queue=task_queue, schedule_to_close_timeout=10)
+        await client.execute_activity(
+            "no_such_activity", 1, task_queue=task_queue, schedule_to_close_timeout=10
+        )
     assert time.monotonic() - started < 2
     assert "no_such_activity" in str(caught.value)
     assert await client.execute_activity(shared.echo, "ok", task_queue=task_queue) == "ok"
@@ -504,7 +596,9 @@ GARBAGE_TASKS: list[dict[bytes, bytes]] = [
 ]
 
 
-async def dead_entries(redis_client: redis.asyncio.Redis, key_prefix: str, queue: str) -> list[dict[bytes, bytes]]:
+async def dead_entries(
+    redis_client: redis.asyncio.Redis, key_prefix: str, queue: str
+) -> list[dict[bytes, bytes]]:
     return [fields for _, fields in await redis_client.xrange(f"{key_prefix}:{{{queue}}}:dead")]
 
 
@@ -564,7 +658,9 @@ async def test_d04_malformed_entries_in_worker_stream_are_moved_aside(
 ) -> None:
     worker = await start_worker("w-own")
     own_stream = f"{key_prefix}:{{{task_queue}}}:w:{worker.worker_id}"
-    handle = await client.start_activity(shared.sleep_for, 30, marker, task_queue=task_queue, retry_policy=NO_RETRY)
+    handle = await client.start_activity(
+        shared.sleep_for, 30, marker, task_queue=task_queue, retry_policy=NO_RETRY
+    )
     await wait_for(lambda: Path(f"{marker}.started").exists(), 10, message="activity never started")
     garbage: list[dict[bytes, bytes]] = [
         {b"t": b"a", b"d": b"\xc1garbage"},  # a session activity that does not decode
@@ -608,7 +704,9 @@ async def test_d04_malformed_control_entry_does_not_swallow_the_rest_of_the_batc
 ) -> None:
     worker = await start_worker("w-ctl")
     own_stream = f"{key_prefix}:{{{task_queue}}}:w:{worker.worker_id}"
-    handle = await client.start_activity(shared.sleep_for, 30, marker, task_queue=task_queue, retry_policy=NO_RETRY)
+    handle = await client.start_activity(
+        shared.sleep_for, 30, marker, task_queue=task_queue, retry_policy=NO_RETRY
+    )
     await wait_for(lambda: Path(f"{marker}.started").exists(), 10, message="activity never started")
     async with redis_client.pipeline(transaction=True) as pipe:
         pipe.xadd(own_stream, garbage)
@@ -650,7 +748,11 @@ async def test_d05_oversized_argument_raises_before_anything_is_written(
 
 
 async def test_d05_nothing_is_added_to_a_live_queue(
-    start_worker: StartWorker, client: Client, task_queue: str, key_prefix: str, redis_client: redis.asyncio.Redis
+    start_worker: StartWorker,
+    client: Client,
+    task_queue: str,
+    key_prefix: str,
+    redis_client: redis.asyncio.Redis,
 ) -> None:
     await start_worker()
     assert await client.execute_activity(shared.echo, 1, task_queue=task_queue) == 1
@@ -681,7 +783,9 @@ async def test_d05_unencodable_or_oversized_result_is_a_serialization_error(
     with pytest.raises(SerializationError, match="unencodable_result"):
         await client.execute_activity(unencodable_result, task_queue=task_queue, retry_policy=NO_RETRY)
     with pytest.raises(SerializationError, match="limit"):
-        await client.execute_activity(sized_result, 2 * 1024 * 1024, task_queue=task_queue, retry_policy=NO_RETRY)
+        await client.execute_activity(
+            sized_result, 2 * 1024 * 1024, task_queue=task_queue, retry_policy=NO_RETRY
+        )
     # The worker survived both and still answers.
     assert len(await client.execute_activity(sized_result, 1000, task_queue=task_queue)) == 1000
 
@@ -703,18 +807,29 @@ async def test_sync_client_from_a_thread(
             )
             greeting = handle.result()
             with pytest.raises(ActivityError) as caught:
-                sync_client.execute_activity(explode, "sync boom", task_queue=task_queue, retry_policy=NO_RETRY)
+                sync_client.execute_activity(
+                    explode, "sync boom", task_queue=task_queue, retry_policy=NO_RETRY
+                )
             return direct, by_name, greeting, caught.value.cause.message
 
     assert await asyncio.to_thread(blocking_code) == ([1, b"2"], "w-sync", "Hey, Cy!", "sync boom")
+
+
+def user_redis(url: str, decode_responses: bool) -> Any:
+    """A client as a user would build it: a Redis, or a RedisCluster on the cluster backend."""
+    if not is_cluster_url(url):
+        return redis.asyncio.Redis.from_url(url, decode_responses=decode_responses)
+    _, nodes = split_cluster_url(url)
+    startup_nodes = [ClusterNode(host, port) for host, port in nodes]
+    return RedisCluster(startup_nodes=startup_nodes, decode_responses=decode_responses)
 
 
 @pytest.mark.parametrize("decode_responses", [False, True], ids=["bytes", "decode_responses"])
 async def test_client_and_worker_accept_a_redis_instance(
     start_worker: StartWorker, task_queue: str, redis_url: str, key_prefix: str, decode_responses: bool
 ) -> None:
-    worker_redis = redis.asyncio.Redis.from_url(redis_url, decode_responses=decode_responses)
-    client_redis = redis.asyncio.Redis.from_url(redis_url, decode_responses=decode_responses)
+    worker_redis = user_redis(redis_url, decode_responses)
+    client_redis = user_redis(redis_url, decode_responses)
     try:
         await start_worker("w-instance", redis=worker_redis)
         async with Client(client_redis, prefix=key_prefix) as c:

@@ -27,6 +27,8 @@ from sessionq.keys import QueueKeys
 from tests.activities import mark, sleep_for, whoami
 from tests.helpers import SpawnWorker, WorkerProcess, wait_for
 
+pytestmark = pytest.mark.cluster  # these behaviours also run on the Redis Cluster backend
+
 HB = 1.0
 """Heartbeat timeout of most workers here: small, yet safe from a busy box's hiccups."""
 MARGIN = 1.5
@@ -519,6 +521,8 @@ class RedisProxy:
 
 @pytest_asyncio.fixture
 async def proxy(redis_url: str) -> AsyncIterator[RedisProxy]:
+    if redis_url.startswith(("redis+cluster://", "rediss+cluster://")):
+        pytest.skip("D02's relay fronts one server; a cluster client follows the nodes' own addresses")
     relay = RedisProxy(redis_url)
     await relay.start()
     yield relay

@@ -20,7 +20,8 @@ def named_ids() -> set[str]:
         if path.name == Path(__file__).name:
             continue
         text = path.read_text()
-        found.update(m.upper() for m in re.findall(r"def test_([sd]\d\d)_", text))
+        for name in re.findall(r"def (test_\w+)", text):
+            found.update(m.upper() for m in re.findall(r"(?<=_)([sd]\d\d)(?=_)", name))
         found.update(re.findall(r"#\s*([SD]\d\d)\b", text))
     return found
 

@@ -44,6 +44,8 @@ from sessionq.keys import QueueKeys
 from tests import activities as acts
 from tests.helpers import SpawnWorker, wait_for
 
+pytestmark = pytest.mark.cluster  # these behaviours also run on the Redis Cluster backend
+
 PROMPT = 0.25
 """Longest a waiting creator may take to get a freed slot: the original polled every 1-10 s."""
 NO_RETRY = RetryPolicy(maximum_attempts=1)
@@ -260,22 +262,7 @@ async def test_s02_concurrent_creators_never_exceed_the_limit(
                 worker_peak[w] = max(worker_peak[w], worker.open_sessions)
             await asyncio.sleep(0.005)
 
-    import sys
-
-    async def dumper() -> None:
-        await asyncio.sleep(10)
-        print("DUMP", file=sys.stdout)
-        for t in asyncio.all_tasks():
-            t.print_stack(limit=25, file=sys.stdout)
-        print("waiters", await redis_client.lrange(keys.waiters, 0, -1))
-        for w in workers:
-            print(w.worker_id, await redis_client.hgetall(keys.worker(w.worker_id)), w.open_sessions)
-        print("held", held)
-
-    dump_task = asyncio.create_task(dumper())
-    print("PHASE start", time.monotonic())
     async with running(*workers):
-        print("PHASE running", time.monotonic())
         stop = asyncio.Event()
         sampler = asyncio.create_task(sample(stop))
         try:
@@ -283,8 +270,6 @@ async def test_s02_concurrent_creators_never_exceed_the_limit(
         finally:
             stop.set()
             await sampler
-        print('PHASE gathered', time.monotonic())
-        dump_task.cancel()
         assert len(used) == creators
         assert set(used) == set(held), Counter(used)
         assert max(peaks.values()) <= limit, peaks

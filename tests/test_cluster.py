@@ -1,0 +1,207 @@
+"""Redis Cluster specifics: URL forms, queues spread over masters, connections used.
+
+The session behaviours themselves (S01-S19, D01, D06) run on the cluster through the
+``cluster`` backend of ``redis_url`` (test_sessions.py and test_faults.py opt in with
+``pytest.mark.cluster``). These tests check what only a cluster has, so they take the
+``cluster_url`` fixture directly and run once, on the cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import pytest_asyncio
+import redis
+from redis.asyncio.cluster import RedisCluster
+
+import sessionq
+from sessionq.connection import as_cluster_url, connect, split_cluster_url
+from sessionq.keys import QueueKeys
+from tests import activities as acts
+from tests.cluster import sync_cluster
+from tests.helpers import wait_for
+
+pytestmark = pytest.mark.cluster
+
+
+@pytest.fixture
+def prefix(cluster_url: str) -> Iterator[str]:
+    from tests.conftest import delete_keys
+
+    name = "sqt" + uuid.uuid4().hex[:10]
+    yield name
+    delete_keys(cluster_url, f"{name}:*")
+
+
+def worker(url: object, prefix: str, queue: str, identity: str, **options: object) -> sessionq.Worker:
+    return sessionq.Worker(
+        url,
+        task_queue=queue,
+        activities=acts.ALL,
+        enable_sessions=True,
+        identity=identity,
+        heartbeat_timeout=2.0,
+        shutdown_grace=2.0,
+        prefix=prefix,
+        **options,  # type: ignore[arg-type]
+    )
+
+
+def queue_on_each_master(url: str, prefix: str) -> dict[str, str]:
+    """{master "host:port": a queue name whose slot it holds}, one per master."""
+    found: dict[str, str] = {}
+    with sync_cluster(url) as client:
+        masters = {f"{n.host}:{n.port}" for n in client.get_primaries()}
+        for i in range(10_000):
+            node = client.get_node_from_key(QueueKeys(prefix, f"q{i}").tasks)
+            found.setdefault(f"{node.host}:{node.port}", f"q{i}")
+            if len(found) == len(masters):
+                return found
+    raise AssertionError("no queue name found for some master")
+
+
+def keys_by_master(url: str, prefix: str) -> dict[str, list[bytes]]:
+    out: dict[str, list[bytes]] = {}
+    with sync_cluster(url) as client:
+        for node in client.get_primaries():
+            with redis.Redis(host=node.host, port=node.port) as conn:
+                out[f"{node.host}:{node.port}"] = list(conn.scan_iter(match=f"{prefix}:*"))
+    return out
+
+
+# --- URLs ------------------------------------------------------------------------------
+
+
+def test_cluster_url_lists_several_nodes_with_credentials_and_options() -> None:
+    single, nodes = split_cluster_url("rediss+cluster://u:p%40w@h1:7000,h2,[::1]:7002/0?max_connections=7")
+    assert nodes == [("h1", 7000), ("h2", 6379), ("::1", 7002)]
+    assert single == "rediss://u:p%40w@h1:7000/0?max_connections=7"
+    client = connect("rediss+cluster://u:p%40w@h1:7000,h2:7001?max_connections=7&pool_timeout=3")
+    assert isinstance(client, RedisCluster)
+    assert client.connection_kwargs["password"] == "p@w"
+    assert client.connection_kwargs["max_connections"] == 7
+    assert client.pool_timeout == 3.0  # type: ignore[attr-defined]
+    assert [n.name for n in client.startup_nodes] == ["h1:7000", "h2:7001"]
+
+
+@pytest.mark.parametrize(
+    ("url", "complaint"),
+    [
+        ("redis+cluster://h1:7000/3", "only database 0"),
+        ("redis+cluster://", "names no node"),
+        ("redis+cluster://h1:port", "bad port"),
+    ],
+)
+def test_cluster_url_mistakes_raise_configuration_error(url: str, complaint: str) -> None:
+    with pytest.raises(sessionq.ConfigurationError, match=complaint):
+        sessionq.Client(url)
+
+
+def test_cluster_flag_rewrites_a_plain_url() -> None:
+    assert as_cluster_url("redis://h:7000/0") == "redis+cluster://h:7000/0"
+    assert as_cluster_url("rediss://h:7000") == "rediss+cluster://h:7000"
+    assert as_cluster_url("redis+cluster://h:7000") == "redis+cluster://h:7000"
+    with pytest.raises(sessionq.ConfigurationError):
+        as_cluster_url("unix:///tmp/redis.sock")
+
+
+# --- queues over masters -----------------------------------------------------------------
+
+
+async def test_cluster_each_queue_lives_on_one_master_and_queues_spread(
+    cluster_url: str, prefix: str
+) -> None:
+    """One queue per master, a session and plain work on each: every key of a queue sits on
+    that queue's master, in one slot, and every master holds one queue."""
+    placement = queue_on_each_master(cluster_url, prefix)
+    workers = [worker(cluster_url, prefix, q, f"w-{q}") for q in placement.values()]
+    async with sessionq.Client(cluster_url, prefix=prefix) as client:
+        for w in workers:
+            await w.__aenter__()
+        try:
+            for q in placement.values():
+                async with client.create_session(q) as session:
+                    assert await session.execute_activity(acts.whoami) == f"w-{q}"
+                assert await client.execute_activity(acts.echo, q, task_queue=q) == q
+        finally:
+            for w in workers:
+                await w.__aexit__(None, None, None)
+    found = keys_by_master(cluster_url, prefix)
+    with sync_cluster(cluster_url) as c:
+        for master, queue in placement.items():
+            base = QueueKeys(prefix, queue).base.encode()
+            mine = [k for k in found[master] if k.startswith(base)]
+            assert mine, f"no key of queue {queue} on {master}"
+            assert {c.keyslot(k) for k in mine} == {c.keyslot(QueueKeys(prefix, queue).tasks)}
+            elsewhere = [k for m, ks in found.items() if m != master for k in ks if k.startswith(base)]
+            assert not elsewhere, f"keys of {queue} on other masters: {elsewhere}"
+
+
+async def test_cluster_client_and_worker_accept_a_redis_cluster_instance(
+    cluster_url: str, prefix: str
+) -> None:
+    """A user's RedisCluster (here decoding replies to str) is taken as connection settings."""
+    _, nodes = split_cluster_url(cluster_url)
+    from redis.asyncio.cluster import ClusterNode
+
+    user = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in nodes], decode_responses=True)
+    try:
+        async with (
+            worker(user, prefix, "inst", "w1"),
+            sessionq.Client(user, prefix=prefix) as client,
+            client.create_session("inst") as session,
+        ):
+            assert await session.execute_activity(acts.echo, b"raw") == b"raw"
+    finally:
+        await user.aclose()
+
+
+# --- connections -------------------------------------------------------------------------
+
+
+@pytest_asyncio.fixture
+async def busy_worker(cluster_url: str, prefix: str) -> AsyncIterator[str]:
+    async with worker(cluster_url, prefix, "conn", "w1", max_concurrent_activities=300):
+        yield "conn"
+
+
+async def test_cluster_many_waiting_calls_share_a_few_connections(
+    cluster_url: str, prefix: str, busy_worker: str
+) -> None:
+    """200 concurrent calls through a client allowed 4 connections all succeed: their
+    result waits share one blocking pop, and the sends queue for a free connection."""
+    name = f"{prefix}-caller"
+    url = f"{cluster_url}?max_connections=4&client_name={name}"
+    async with sessionq.Client(url, prefix=prefix) as client:
+        calls = [client.execute_activity(acts.sleep_for, 0.3, task_queue=busy_worker) for _ in range(200)]
+        assert len(await asyncio.wait_for(asyncio.gather(*calls), 20)) == 200
+        opened = connections_named(cluster_url, name)
+    assert opened, "the caller's connections were not seen"
+    assert max(opened.values()) <= 4 + 1, opened  # + the one redis-py keeps from CLUSTER SLOTS
+
+
+def connections_named(url: str, name: str) -> dict[str, int]:
+    """{master: connections open with this client name}, as the servers see them."""
+    with sync_cluster(url) as client:
+        return {
+            f"{n.host}:{n.port}": sum(c.get("name") == name for c in client.client_list(target_nodes=n))
+            for n in client.get_primaries()
+        }
+
+
+async def test_cluster_exhausted_connections_raise_a_clear_error(cluster_url: str, prefix: str) -> None:
+    """With one connection allowed and a result wait holding it, the next send waits
+    pool_timeout and then says which setting to raise."""
+    url = f"{cluster_url}?max_connections=1&pool_timeout=0.3"
+    async with sessionq.Client(url, prefix=prefix) as client:
+        handle = await client.start_activity(acts.echo, 1, task_queue="nobody")  # its wait blocks
+        await wait_for(
+            lambda: client.redis.permits.in_use == 1, message="the result wait holds no connection"
+        )
+        with pytest.raises(sessionq.errors.ConnectionPoolExhaustedError, match="max_connections"):
+            await client.start_activity(acts.echo, 2, task_queue="nobody")
+    with pytest.raises(sessionq.SessionqError, match="closed"):
+        await handle.result()
