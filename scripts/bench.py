@@ -38,6 +38,7 @@ import math
 import os
 import platform
 import resource
+import select
 import shutil
 import signal
 import socket
@@ -198,7 +199,8 @@ class RedisServer:
         deadline = time.monotonic() + 10
         while True:
             try:
-                redis.Redis(port=self.port, socket_connect_timeout=0.2).ping()
+                with redis.Redis(port=self.port, socket_connect_timeout=0.2) as probe:
+                    probe.ping()
                 return
             except redis.ConnectionError:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
@@ -276,13 +278,14 @@ class Bench:
         if self.uvloop:
             cmd.append("--uvloop")
         log = self.workdir / f"worker-{identity}.log"
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log.open("wb"))
+        with log.open("wb") as stderr:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr)
         worker = WorkerProcess(proc, identity, log)
         self.workers.append(worker)
         assert proc.stdout is not None
-        deadline = time.monotonic() + READY_TIMEOUT
-        line = proc.stdout.readline().decode()
-        if not line.startswith("READY") or time.monotonic() > deadline:
+        readable, _, _ = select.select([proc.stdout], [], [], READY_TIMEOUT)
+        line = proc.stdout.readline().decode() if readable else ""
+        if not line.startswith("READY"):
             worker.stop()
             raise RuntimeError(f"worker {identity} did not start: {line!r}\n{log.read_text()[-2000:]}")
         return worker
