@@ -434,6 +434,10 @@ async def retrying(call: Callable[[], Awaitable[T]], *, within: float = 15.0, wh
 
     Only for idempotent operations. Raises RedisUnavailableError when Redis stays away.
     """
+    try:  # the common case pays nothing for the retry machinery
+        return await call()
+    except TRANSIENT as exc:
+        log.warning("%s: Redis connection error (%s); retrying", what, exc)
     try:
         async for attempt in AsyncRetrying(
             retry=retry_if_exception_type(TRANSIENT),
