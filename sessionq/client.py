@@ -270,6 +270,7 @@ class Client:
         if self._closed:
             return
         self._closed = True
+        await self.monitor.close()
         for inbox in self._inboxes.values():
             await inbox.close(SessionqError("the Client was closed while this call was waiting"))
         await self.redis.aclose()

@@ -10,6 +10,7 @@ as SessionFailedError within its heartbeat timeout plus a fraction, never a hang
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -86,6 +87,14 @@ class LivenessMonitor:
         self.sessions.add(session)
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="sessionq-liveness")
+
+    async def close(self) -> None:
+        """Stop watching (the client is closing): leave no task behind on the loop."""
+        self.sessions.clear()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
 
     async def _run(self) -> None:
         while True:
@@ -390,22 +399,29 @@ class SessionOpener:
         inbox = client.inbox(self.task_queue)
         grant_future = inbox.expect(sid)
         wait_ms = to_ms(opts.creation_timeout)  # type: ignore[arg-type]
-        reply = await retrying(
-            lambda: client.scripts.run(
-                "create_session",
-                [k.free, k.waiters],
-                [
-                    k.base,
-                    sid,
-                    client.client_id,
-                    to_ms(opts.execution_timeout),  # type: ignore[arg-type]
-                    wait_ms,
-                    target,
-                    client.identity,
-                ],
-            ),
-            what="creating a session",
+        claim = asyncio.ensure_future(
+            retrying(
+                lambda: client.scripts.run(
+                    "create_session",
+                    [k.free, k.waiters],
+                    [
+                        k.base,
+                        sid,
+                        client.client_id,
+                        to_ms(opts.execution_timeout),  # type: ignore[arg-type]
+                        wait_ms,
+                        target,
+                        client.identity,
+                    ],
+                ),
+                what="creating a session",
+            )
         )
+        try:
+            reply = await asyncio.shield(claim)
+        except asyncio.CancelledError:
+            await asyncio.shield(self._undo_claim(claim, sid, grant_future))
+            raise
         status = reply[0]
         if status == b"OK":
             inbox.forget(sid)
@@ -458,6 +474,18 @@ class SessionOpener:
             return False
         await reap(self.client, self.keys, worker_id, 0)
         return True
+
+    async def _undo_claim(self, claim: asyncio.Future[Any], sid: str, future: asyncio.Future[Any]) -> None:
+        """The caller was cancelled while the create_session script ran: wait for its answer
+        and give back what it took, its place in the line or its slot (a session nobody holds
+        would keep the slot until its execution timeout)."""
+        try:
+            reply = await claim
+        except Exception:
+            self.client.inbox(self.task_queue).forget(sid)
+            return
+        # Without a ticket, cancel_wait finds the session if one was opened, and we complete it.
+        await self._give_up(reply[1] if reply[0] == b"WAIT" else b"", sid, future)
 
     async def _give_up(
         self, ticket: bytes, sid: str, future: asyncio.Future[Any], complete_if_granted: bool = True

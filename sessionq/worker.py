@@ -140,6 +140,8 @@ class Worker:
             max_workers=max_concurrent_activities, thread_name_prefix="sessionq-activity"
         )
         self._runner: asyncio.Task[None] | None = None
+        self._plain_running: set[bytes] = set()  # stream ids read and not yet acknowledged
+        self._recover_pending = True  # look at our own pending list first (see _poll_shared)
         self._background: set[asyncio.Task[Any]] = set()
         self._burst = False
 
@@ -332,11 +334,19 @@ class Worker:
             self._slot_freed.clear()
             await self._slot_freed.wait()
             return
+        if self._recover_pending:
+            await self._recover_own_pending(free)
+            return
         started = time.monotonic()
         try:
             reply = await self.redis.xreadgroup(
                 CONSUMER_GROUP, self.worker_id, {self.keys.tasks: ">"}, count=free, block=POLL_BLOCK_MS
             )
+        except TRANSIENT:
+            # The reply may have been lost after Redis delivered entries to us: they now sit
+            # in our pending list, where neither '>' reads nor other workers would find them.
+            self._recover_pending = True
+            raise
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
@@ -352,6 +362,26 @@ class Worker:
                 await asyncio.sleep(0.005)  # fakeredis returns from XREADGROUP BLOCK at once
             return
         for entry_id, fields in entries:
+            self._start_plain(entry_id, fields)
+
+    async def _recover_own_pending(self, free: int) -> None:
+        """Start entries delivered to this consumer that it is not running (at-least-once)."""
+        reply = await self.redis.xreadgroup(
+            CONSUMER_GROUP, self.worker_id, {self.keys.tasks: "0"}, count=free
+        )
+        entries = reply[0][1] if reply else []
+        self._recover_pending = len(entries) >= free
+        for entry_id, fields in entries:
+            if entry_id in self._plain_running:
+                continue
+            if not fields:  # deleted meanwhile: nothing to run
+                await self.redis.xack(self.keys.tasks, CONSUMER_GROUP, entry_id)
+                continue
+            log.warning(
+                "worker %s: resuming activity %s whose delivery was interrupted",
+                self.worker_id,
+                entry_id.decode(),
+            )
             self._start_plain(entry_id, fields)
 
     def _spawn(self, coro: Any) -> None:
@@ -370,6 +400,7 @@ class Worker:
         if delivery_count > task.attempt:
             task.attempt = delivery_count  # an earlier holder died mid-attempt: that attempt counts
         self._in_use += 1
+        self._plain_running.add(entry_id)
         self._spawn(self._run(task, None, ack=entry_id))
 
     async def _poll_own(self) -> None:
@@ -528,6 +559,7 @@ class Worker:
             message = await self._execute(task, local)
         except asyncio.CancelledError:
             if local is None:
+                self._plain_running.discard(ack or b"")
                 return  # shutting down: left pending, a live worker takes it over (at-least-once)
             message = encode_error(
                 self.codec,
@@ -627,6 +659,7 @@ class Worker:
             self._acks[:0] = acks
             self._outbox_ready.set()
             raise
+        self._plain_running.difference_update(acks)
         if len(self._inbox_expiry) > 10_000:
             self._inbox_expiry = {k: v for k, v in self._inbox_expiry.items() if v > now}
 

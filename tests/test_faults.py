@@ -662,3 +662,28 @@ async def test_s11_graceful_stop_sigterm_fails_open_session_promptly_and_cleans_
     assert await redis_client.exists(keys.alive(wid), keys.worker(wid), keys.stream(wid)) == 0
     assert not await registered(redis_client, keys, wid)
     assert await session_state(redis_client, keys, session.session_id) == "FAILED"
+
+
+async def test_d01_entry_delivered_but_reply_lost_is_still_run(
+    redis_url: str, key_prefix: str, task_queue: str, redis_client: redis.asyncio.Redis
+) -> None:
+    """An entry Redis delivered to a consumer whose reply never arrived (connection dropped
+    mid-read) sits in that live consumer's pending list, where neither '>' reads nor the
+    orphan reaper would find it: the worker itself must pick it up again."""
+    keys = QueueKeys(key_prefix, task_queue)
+    client = sessionq.Client(redis_url, prefix=key_prefix)
+    try:
+        handle = await client.start_activity(whoami, task_queue=task_queue, schedule_to_close_timeout=15)
+        # Deliver the entry to consumer "w-lost" by hand, as if its reply had been lost.
+        with contextlib.suppress(redis.exceptions.ResponseError):
+            await redis_client.xgroup_create(keys.tasks, "workers", id="0")
+        delivered = await redis_client.xreadgroup("workers", "w-lost", {keys.tasks: ">"}, count=10)
+        assert delivered and len(delivered[0][1]) == 1
+        worker = sessionq.Worker(
+            redis_url, task_queue=task_queue, activities=[whoami], identity="w-lost",
+            heartbeat_timeout=1.0, prefix=key_prefix,
+        )  # fmt: skip
+        async with worker:
+            assert await handle.result() == "w-lost"
+    finally:
+        await client.close()

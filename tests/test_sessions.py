@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import socket
 import time
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -46,8 +47,9 @@ from tests.helpers import SpawnWorker, wait_for
 
 pytestmark = pytest.mark.cluster  # these behaviours also run on the Redis Cluster backend
 
-PROMPT = 0.25
-"""Longest a waiting creator may take to get a freed slot: the original polled every 1-10 s."""
+PROMPT = 0.15
+"""Longest a waiting creator may take to get a freed slot (typically 1-10 ms here; the
+original polled with a 1-10 s backoff)."""
 NO_RETRY = RetryPolicy(maximum_attempts=1)
 LONG_WAIT = SessionOptions(creation_timeout=30)
 
@@ -64,8 +66,14 @@ def make_worker(
     enable_sessions: bool = True,
     max_sessions: int | None = None,
     concurrency: int = 100,
+    heartbeat_timeout: float = 10.0,
 ) -> Worker:
-    """An in-process worker with test-sized timeouts; `async with` it to run it."""
+    """An in-process worker; `async with` it to run it.
+
+    No test here kills a worker, so the heartbeat timeout is roomy: on a loaded machine the
+    in-process fakeredis server can starve a worker's heartbeat for a second or two, and a
+    worker wrongly declared dead would fail unrelated assertions.
+    """
     options: dict[str, Any] = {}
     if max_sessions is not None:
         options["max_concurrent_sessions"] = max_sessions
@@ -76,7 +84,7 @@ def make_worker(
         enable_sessions=enable_sessions,
         max_concurrent_activities=concurrency,
         identity=identity,
-        heartbeat_timeout=2.0,
+        heartbeat_timeout=heartbeat_timeout,
         shutdown_grace=2.0,
         prefix=prefix,
         **options,
@@ -124,15 +132,13 @@ def spawn_creator(
     return asyncio.create_task(client.create_session(task_queue, options).open())
 
 
-async def ticket_of_waiter(r: redis.asyncio.Redis, keys: QueueKeys, count: int) -> None:
-    """Wait until `count` creators are queued in Redis (so their order is fixed)."""
-    await wait_for(
-        lambda: r_llen_at_least(r, keys, count), timeout=5, message=f"{count} tickets in the waiters list"
-    )
+async def until_queued(r: redis.asyncio.Redis, keys: QueueKeys, count: int) -> None:
+    """Wait until `count` creators have their ticket in the waiters list (their order is fixed)."""
 
+    async def queued() -> bool:
+        return int(await r.llen(keys.waiters)) >= count
 
-async def r_llen_at_least(r: redis.asyncio.Redis, keys: QueueKeys, count: int) -> bool:
-    return int(await r.llen(keys.waiters)) >= count
+    await wait_for(queued, timeout=5, message=f"{count} ticket(s) in the waiters list")
 
 
 async def scan_keys(r: redis.asyncio.Redis, prefix: str) -> list[bytes]:
@@ -148,7 +154,7 @@ async def test_s01_worker_without_sessions_takes_none(
     redis_client: redis.asyncio.Redis, sessions_option: str,
 ) -> None:  # fmt: skip
     """A worker with enable_sessions off (the default) runs plain activities but takes no
-    session: create_session times out after creation_timeout."""
+    session: create_session raises SessionCreationTimeoutError once creation_timeout passed."""
     worker = (
         Worker(redis_url, task_queue=task_queue, activities=acts.ALL, identity="plain", prefix=key_prefix)
         if sessions_option == "default"
@@ -156,22 +162,13 @@ async def test_s01_worker_without_sessions_takes_none(
     )
     async with worker:
         assert await client.execute_activity(acts.whoami, task_queue=task_queue) == "plain"
-        with pytest.raises(SessionCreationTimeoutError):
-            await client.create_session(task_queue, SessionOptions(creation_timeout=0.5))
-        assert await open_count(redis_client, keys, "plain") == 0
-        assert await waiting_tickets(redis_client, keys) == []
-
-
-async def test_s01_creation_times_out_after_creation_timeout_with_no_session_worker(
-    redis_url: str, key_prefix: str, task_queue: str, client: Client
-) -> None:
-    """With only a non-session worker, the timeout comes after creation_timeout, not before."""
-    async with make_worker(redis_url, key_prefix, task_queue, "plain", enable_sessions=False):
         start = time.monotonic()
         with pytest.raises(SessionCreationTimeoutError):
-            await client.create_session(task_queue, SessionOptions(creation_timeout=0.6))
+            await client.create_session(task_queue, SessionOptions(creation_timeout=0.5))
         took = time.monotonic() - start
-    assert 0.55 <= took < 0.6 + 2.0, took
+        assert 0.45 <= took < 0.5 + 2.0, took
+        assert await open_count(redis_client, keys, "plain") == 0
+        assert await waiting_tickets(redis_client, keys) == []
 
 
 async def test_s01_session_worker_takes_sessions(
@@ -292,7 +289,7 @@ async def test_s03_waiting_creator_gets_the_slot_when_a_session_ends(
     async with make_worker(redis_url, key_prefix, task_queue, "w1", max_sessions=1):
         holder = await client.create_session(task_queue)
         waiter = spawn_creator(client, task_queue)
-        await ticket_of_waiter(redis_client, keys, 1)
+        await until_queued(redis_client, keys, 1)
         assert not waiter.done()
         start = time.monotonic()
         await holder.complete()
@@ -307,7 +304,7 @@ async def test_s03_waiting_creator_gets_the_slot_when_a_session_ends(
 
 async def test_s03_waiting_creator_does_not_poll_redis(
     redis_url: str, key_prefix: str, task_queue: str, client: Client, keys: QueueKeys,
-    redis_client: redis.asyncio.Redis, tmp_path: Path,
+    redis_client: redis.asyncio.Redis,
 ) -> None:  # fmt: skip
     """While it waits, a creator sends Redis next to nothing (one claim, a blocking read):
     it is woken by the grant, not by polling."""
@@ -324,8 +321,9 @@ async def test_s03_waiting_creator_does_not_poll_redis(
         waiter_client.redis.execute_command = counting  # type: ignore[method-assign]
         try:
             waiter = spawn_creator(waiter_client, task_queue)
-            await ticket_of_waiter(redis_client, keys, 1)
+            await until_queued(redis_client, keys, 1)
             before = len(sent)
+            assert before >= 1, "the counter saw no command: it would prove nothing"
             await holder.execute_activity(acts.sleep_for, 1.0)  # one second passes while it waits
             during = sent[before:]
             assert not waiter.done()
@@ -337,6 +335,21 @@ async def test_s03_waiting_creator_does_not_poll_redis(
             await session.complete()
         finally:
             await waiter_client.close()
+
+
+async def test_s03_a_session_worker_that_starts_serves_the_waiting_creator(
+    redis_url: str, key_prefix: str, task_queue: str, client: Client, keys: QueueKeys,
+    redis_client: redis.asyncio.Redis,
+) -> None:  # fmt: skip
+    """A creator waiting on a queue with no session worker gets its session as soon as one
+    starts, without waiting for its creation_timeout."""
+    waiter = spawn_creator(client, task_queue)
+    await until_queued(redis_client, keys, 1)
+    async with make_worker(redis_url, key_prefix, task_queue, "late"):
+        session = await asyncio.wait_for(waiter, 5)
+        assert session.info.worker_id == "late"
+        assert await session.execute_activity(acts.whoami) == "late"
+        await session.complete()
 
 
 async def test_s03_two_creators_race_for_the_last_slot(
@@ -353,7 +366,7 @@ async def test_s03_two_creators_race_for_the_last_slot(
                 done, pending = await asyncio.wait(tasks, timeout=5, return_when=asyncio.FIRST_COMPLETED)
                 assert len(done) == 1 and len(pending) == 1, "not exactly one winner"
                 (winner_task,), (loser_task,) = tuple(done), tuple(pending)
-                await ticket_of_waiter(redis_client, keys, 1)
+                await until_queued(redis_client, keys, 1)
                 assert not loser_task.done()
                 assert await open_count(redis_client, keys, "w1") == 1
                 winner = winner_task.result()
@@ -404,7 +417,7 @@ async def test_s03_freed_slots_go_to_waiters_first_come_first_served(
         waiters: list[asyncio.Task[Session]] = []
         for n in range(10):
             waiters.append(spawn_creator(client, task_queue))
-            await ticket_of_waiter(redis_client, keys, n + 1)
+            await until_queued(redis_client, keys, n + 1)
         for n, waiter in enumerate(waiters):
             assert not any(w.done() for w in waiters[n:])
             start = time.monotonic()
@@ -438,6 +451,97 @@ async def test_s04_creation_times_out_when_no_slot_frees(
         assert await redis_client.scard(keys.worker_sessions("w1")) == 0
 
 
+async def test_s04_cancelled_creator_leaves_the_line_without_taking_a_slot(
+    redis_url: str, key_prefix: str, task_queue: str, client: Client, keys: QueueKeys,
+    redis_client: redis.asyncio.Redis,
+) -> None:  # fmt: skip
+    """A waiting create_session that its caller cancels gives up its ticket: the next freed
+    slot goes to the creator behind it."""
+    async with make_worker(redis_url, key_prefix, task_queue, "w1", max_sessions=1):
+        holder = await client.create_session(task_queue)
+        quitter = spawn_creator(client, task_queue)
+        await until_queued(redis_client, keys, 1)
+        patient = spawn_creator(client, task_queue)
+        await until_queued(redis_client, keys, 2)
+        quitter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await quitter
+        assert len(await waiting_tickets(redis_client, keys)) == 1
+        await holder.complete()
+        session = await asyncio.wait_for(patient, 5)
+        assert await open_count(redis_client, keys, "w1") == 1
+        await session.complete()
+        assert await open_count(redis_client, keys, "w1") == 0
+
+
+async def test_s04_creator_cancelled_as_the_slot_frees_leaks_no_slot(
+    redis_url: str, key_prefix: str, task_queue: str, client: Client, keys: QueueKeys,
+    redis_client: redis.asyncio.Redis,
+) -> None:  # fmt: skip
+    """A creator cancelled at the very moment its slot is granted does not keep the slot:
+    the worker ends up with no open session, and the next creator gets it at once."""
+    async with make_worker(redis_url, key_prefix, task_queue, "w1", max_sessions=1):
+        for _ in range(5):
+            holder = await client.create_session(task_queue)
+            quitter = spawn_creator(client, task_queue)
+            await until_queued(redis_client, keys, 1)
+            await asyncio.gather(holder.complete(), cancel(quitter), return_exceptions=True)
+            await asyncio.gather(quitter, return_exceptions=True)
+            await wait_for(
+                lambda: open_count_is(redis_client, keys, "w1", 0), timeout=2, message="no slot leaked"
+            )
+            assert await waiting_tickets(redis_client, keys) == []
+            again = await client.create_session(task_queue, SessionOptions(creation_timeout=0.5))
+            await again.complete()
+
+
+@pytest.mark.parametrize("worker_full", [False, True], ids=["slot-free", "worker-full"])
+async def test_s04_creator_cancelled_while_its_claim_runs_leaks_nothing(
+    redis_url: str, key_prefix: str, task_queue: str, client: Client, keys: QueueKeys,
+    redis_client: redis.asyncio.Redis, worker_full: bool,
+) -> None:  # fmt: skip
+    """A creator cancelled after Redis ran its claim but before the answer reached it (e.g.
+    under asyncio.wait_for) gives back what the claim took: the slot it got, or its place in
+    the line, so the next creator is served."""
+    caller = Client(redis_url, prefix=key_prefix)
+    claimed, release = asyncio.Event(), asyncio.Event()
+    run_script = caller.scripts.run
+
+    async def answer_late(name: str, *args: Any, **kwargs: Any) -> Any:
+        result = await run_script(name, *args, **kwargs)
+        if name == "create_session":
+            claimed.set()
+            await release.wait()  # the caller is cancelled here, with the claim made in Redis
+        return result
+
+    caller.scripts.run = answer_late  # type: ignore[method-assign]
+    try:
+        async with make_worker(redis_url, key_prefix, task_queue, "w1", max_sessions=1):
+            holder = await client.create_session(task_queue) if worker_full else None
+            quitter = spawn_creator(caller, task_queue)
+            await wait_for(claimed.is_set, timeout=5, message="the claim ran in Redis")
+            quitter.cancel()
+            release.set()
+            with pytest.raises(asyncio.CancelledError):
+                await quitter
+            assert await waiting_tickets(redis_client, keys) == []
+            if holder is not None:
+                await holder.complete()
+            assert await open_count(redis_client, keys, "w1") == 0
+            again = await client.create_session(task_queue, SessionOptions(creation_timeout=0.5))
+            await again.complete()
+    finally:
+        await caller.close()
+
+
+async def cancel(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+
+
+async def open_count_is(r: redis.asyncio.Redis, keys: QueueKeys, worker_id: str, count: int) -> bool:
+    return await open_count(r, keys, worker_id) == count
+
+
 async def test_s07_complete_releases_the_slot_at_once(
     redis_url: str, key_prefix: str, task_queue: str, client: Client, keys: QueueKeys,
     redis_client: redis.asyncio.Redis,
@@ -456,6 +560,30 @@ async def test_s07_complete_releases_the_slot_at_once(
         again = await client.create_session(task_queue, SessionOptions(creation_timeout=0.1))
         assert again.info.worker_id == "w1"
         await again.complete()
+
+
+async def test_s07_complete_hands_the_slot_over_while_an_activity_still_runs(
+    redis_url: str, key_prefix: str, task_queue: str, client: Client, keys: QueueKeys,
+    redis_client: redis.asyncio.Redis, tmp_path: Path,
+) -> None:  # fmt: skip
+    """complete() on a busy session does not wait for its activity to wind down: the
+    waiting creator gets the slot at once."""
+    marker = str(tmp_path / "slow")
+    async with make_worker(redis_url, key_prefix, task_queue, "w1", max_sessions=1):
+        holder = await client.create_session(task_queue)
+        busy = await holder.start_activity(acts.sleep_sync, 30, marker)
+        await wait_for(lambda: Path(marker + ".started").exists(), timeout=5, message="activity started")
+        waiter = spawn_creator(client, task_queue)
+        await until_queued(redis_client, keys, 1)
+        start = time.monotonic()
+        await holder.complete()
+        session = await asyncio.wait_for(waiter, 5)
+        assert time.monotonic() - start < PROMPT
+        assert session.info.worker_id == "w1"
+        with pytest.raises(ActivityCancelledError):
+            await busy.result()
+        assert await session.execute_activity(acts.whoami) == "w1"
+        await session.complete()
 
 
 async def test_s07_sync_client_with_block_runs_and_completes_the_session(
@@ -504,14 +632,14 @@ async def test_s05_every_session_activity_runs_on_the_session_worker(
 
 
 async def test_s05_local_files_stay_reachable_within_the_session(
-    redis_url: str, key_prefix: str, task_queue: str, client: Client, tmp_path: Path
+    redis_url: str, key_prefix: str, task_queue: str, client: Client
 ) -> None:
     """The seed's use case: a file written by one activity is read by the next one of the
     session, because both run on the same worker."""
     workers = [make_worker(redis_url, key_prefix, task_queue, f"w{i}") for i in (1, 2, 3)]
     async with running(*workers):
         for n in range(6):
-            name = f"{tmp_path.name}-{n}.txt"
+            name = f"{uuid.uuid4().hex}.txt"  # never left over from another run, on any worker
             async with client.create_session(task_queue) as session:
                 await session.execute_activity(acts.write_local, name, f"data {n}")
                 assert await session.execute_activity(acts.read_local, name) == f"data {n}"
@@ -622,7 +750,9 @@ async def test_s08_activities_queued_for_a_completed_session_never_start(
     running_marker = str(tmp_path / "running")
     queued_markers = [str(tmp_path / f"queued{i}") for i in range(3)]
     ran_file = tmp_path / "ran.txt"
-    async with make_worker(redis_url, key_prefix, task_queue, "w1", concurrency=1):
+    # Its maintenance pass (every heartbeat_timeout / 3) trims what it read and publishes counters.
+    worker = make_worker(redis_url, key_prefix, task_queue, "w1", concurrency=1, heartbeat_timeout=3.0)
+    async with worker:
         session = await client.create_session(task_queue)
         first = await session.start_activity(acts.sleep_for, 30, running_marker)
         await wait_for(lambda: Path(running_marker + ".started").exists(), timeout=5, message="first started")
@@ -710,9 +840,8 @@ async def state_is(r: redis.asyncio.Redis, keys: QueueKeys, session_id: str, sta
 
 
 async def test_s10_execute_after_complete_raises_session_completed(
-    redis_url: str, key_prefix: str, task_queue: str, client: Client, keys: QueueKeys,
-    redis_client: redis.asyncio.Redis, tmp_path: Path,
-) -> None:  # fmt: skip
+    redis_url: str, key_prefix: str, task_queue: str, client: Client, tmp_path: Path
+) -> None:
     """After complete() (or the end of `async with`) the session refuses new activities
     with SessionCompletedError, and nothing reaches the worker."""
     ran_file = tmp_path / "ran.txt"
@@ -844,7 +973,8 @@ async def test_s18_two_worker_processes_each_take_their_own_limit(
     """Two worker processes on one host, limits 1 and 2: together they hold 3 sessions
     (1 + 2, by worker), and a fourth creator times out."""
     one, two = await asyncio.gather(
-        spawn_worker(identity="p1", max_sessions=1), spawn_worker(identity="p2", max_sessions=2)
+        spawn_worker(identity="p1", max_sessions=1, heartbeat_timeout=10),
+        spawn_worker(identity="p2", max_sessions=2, heartbeat_timeout=10),
     )
     assert one.pid != two.pid
     sessions = await asyncio.gather(
@@ -946,17 +1076,17 @@ async def test_s19_invalid_create_session_arguments_raise_configuration_error(
 
 
 async def test_s19_invalid_activity_option_on_a_session_sends_nothing(
-    redis_url: str, key_prefix: str, task_queue: str, client: Client, keys: QueueKeys,
-    redis_client: redis.asyncio.Redis, tmp_path: Path,
-) -> None:  # fmt: skip
+    redis_url: str, key_prefix: str, task_queue: str, client: Client, tmp_path: Path
+) -> None:
     """A non-positive activity timeout on a session activity raises ConfigurationError
     naming it; nothing reaches the worker and the session stays usable."""
     ran_file = tmp_path / "ran.txt"
-    async with make_worker(redis_url, key_prefix, task_queue, "w1"), client.create_session(task_queue) as s:
+    worker = make_worker(redis_url, key_prefix, task_queue, "w1", concurrency=1)  # runs them in order
+    async with worker, client.create_session(task_queue) as session:
         for field in ("start_to_close_timeout", "schedule_to_close_timeout", "heartbeat_timeout"):
             with pytest.raises(ConfigurationError) as caught:
-                await s.execute_activity(acts.mark, str(ran_file), **{field: 0})
+                await session.execute_activity(acts.mark, str(ran_file), **{field: 0})
             assert caught.value.field == field
-        assert not ran_file.exists()
-        assert await s.execute_activity(acts.whoami) == "w1"
-        assert s.info.state is SessionState.OPEN
+        assert await session.execute_activity(acts.mark, str(ran_file)) == "w1"
+        assert ran_file.read_text() == "w1\n", "a refused activity ran"
+        assert session.info.state is SessionState.OPEN
