@@ -57,6 +57,22 @@ class Execution:
             self.asyncio_task.cancel()
 
 
+def cancelled_reply(codec: Codec, execution: Execution) -> bytes:
+    """The caller's answer for an execution cancelled for `execution.cancel_kind`."""
+    kind = execution.cancel_kind or "cancelled"
+    return encode_error(
+        codec,
+        execution.task.activity_id,
+        RemoteError(
+            CANCEL_ERRORS[kind],
+            "",
+            execution.cancel_reason,
+            attempt=execution.task.attempt,
+            timeout_type=kind,
+        ),
+    )
+
+
 def application_error(exc: BaseException, attempt: int) -> RemoteError:
     kind = type(exc)
     name = (
@@ -115,17 +131,7 @@ async def execute(
             )
         except Exception as exc:
             if execution.cancel_kind is not None:  # a sync activity noticed cancellation and raised
-                return encode_error(
-                    codec,
-                    task.activity_id,
-                    RemoteError(
-                        CANCEL_ERRORS[execution.cancel_kind],
-                        "",
-                        execution.cancel_reason,
-                        attempt=task.attempt,
-                        timeout_type=execution.cancel_kind,
-                    ),
-                )
+                return cancelled_reply(codec, execution)
             error = application_error(exc, task.attempt)
             if not _may_retry(task, policy, error.type.rsplit(".", 1)[-1], give_up_at, redis_now_ms):
                 return encode_error(codec, task.activity_id, error)
@@ -145,17 +151,7 @@ async def execute(
         except asyncio.CancelledError:
             if execution.cancel_kind is None:
                 raise
-            return encode_error(
-                codec,
-                task.activity_id,
-                RemoteError(
-                    CANCEL_ERRORS[execution.cancel_kind],
-                    "",
-                    execution.cancel_reason,
-                    attempt=task.attempt,
-                    timeout_type=execution.cancel_kind,
-                ),
-            )
+            return cancelled_reply(codec, execution)
         task.attempt += 1
         running.info = _with_attempt(running.info, task.attempt)
         running.last_heartbeat = time.monotonic()

@@ -242,22 +242,20 @@ class Worker:
                 )
         # A registration left by an earlier process with this identity holds sessions this
         # process knows nothing of: fail them and start clean.
-        assert self.scripts is not None
-        await self.scripts.run(
-            "reap_worker",
-            [
-                k.workers,
-                k.worker(self.worker_id),
-                k.alive(self.worker_id),
-                k.stream(self.worker_id),
-                k.worker_sessions(self.worker_id),
-                k.waiters,
-            ],
-            [k.base, self.worker_id, f"worker {self.worker_id} restarted", "1", self.retention_ms],
-        )
+        await self._deregister(f"worker {self.worker_id} restarted")
         await self._ensure_group()
         await self._register()
         await self.redis.sadd(queues_index(self.prefix), self.task_queue)
+
+    async def _deregister(self, reason: str) -> None:
+        """Remove this worker's registration and stream; any session still open fails."""
+        k, w = self.keys, self.worker_id
+        assert self.scripts is not None
+        await self.scripts.run(
+            "reap_worker",
+            [k.workers, k.worker(w), k.alive(w), k.stream(w), k.worker_sessions(w), k.waiters],
+            [k.base, w, reason, "1", self.retention_ms],
+        )
 
     async def _ensure_group(self) -> None:
         try:
@@ -849,18 +847,7 @@ class Worker:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         try:
-            await self.scripts.run(
-                "reap_worker",
-                [
-                    k.workers,
-                    k.worker(self.worker_id),
-                    k.alive(self.worker_id),
-                    k.stream(self.worker_id),
-                    k.worker_sessions(self.worker_id),
-                    k.waiters,
-                ],
-                [k.base, self.worker_id, f"worker {self.worker_id} shut down", "1", self.retention_ms],
-            )
+            await self._deregister(f"worker {self.worker_id} shut down")
         except TRANSIENT as exc:
             log.warning(
                 "worker %s: could not deregister (%s); its heartbeat will expire", self.worker_id, exc

@@ -156,31 +156,6 @@ def _backend_of(item: pytest.Item) -> str | None:
 # --- backends --------------------------------------------------------------------------
 
 
-def _error_tolerant_handler() -> type:
-    """fakeredis' TCP handler, minus its habit of closing the connection after an error reply.
-
-    fakeredis 2.40's TcpFakeServer hangs up after any error reply (NOSCRIPT, BUSYGROUP...;
-    cunla/fakeredis-py#432), so redis.asyncio's next command on that connection fails with
-    ConnectionError. A real server keeps the connection: send the error and carry on.
-    """
-    from fakeredis._clients._tcp_server import TCPFakeRequestHandler
-
-    class Handler(TCPFakeRequestHandler):
-        def setup(self) -> None:
-            super().setup()
-            read = self.current_client.read_response
-
-            def read_response(**kwargs: object) -> object:
-                try:
-                    return read(**kwargs)
-                except redis.ResponseError as exc:  # a reply to send, not a reason to hang up
-                    return exc
-
-            self.current_client.read_response = read_response  # type: ignore[method-assign]
-
-    return Handler
-
-
 @pytest.fixture(scope="session")
 def fakeredis_url() -> Iterator[str]:
     """A fakeredis server on a free loopback TCP port, shared by the whole run.
@@ -190,7 +165,11 @@ def fakeredis_url() -> Iterator[str]:
     from fakeredis import TcpFakeServer
 
     server = TcpFakeServer(("127.0.0.1", 0), server_type="redis")
-    server.RequestHandlerClass = _error_tolerant_handler()
+    from sessionq.cli.embedded import error_tolerant_handler  # the demo's embedded server uses it too
+
+    handler = error_tolerant_handler()
+    if handler is not None:
+        server.RequestHandlerClass = handler
     # A connection someone forgot to close must not hang the end of the run.
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, name="fakeredis-tcp", daemon=True)
