@@ -145,6 +145,29 @@ async def scan_keys(r: redis.asyncio.Redis, prefix: str) -> list[bytes]:
     return [key async for key in r.scan_iter(match=f"{prefix}:*", count=1000)]
 
 
+async def cancel(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+
+
+async def open_count_is(r: redis.asyncio.Redis, keys: QueueKeys, worker_id: str, count: int) -> bool:
+    return await open_count(r, keys, worker_id) == count
+
+
+async def stream_read(r: redis.asyncio.Redis, keys: QueueKeys, worker_id: str) -> bool:
+    """True once the worker has read every entry of its own stream (it trims what it read)."""
+    return bool(await r.xlen(keys.stream(worker_id)) <= 1)
+
+
+async def worker_settled(r: redis.asyncio.Redis, keys: QueueKeys, worker_id: str, finished: int) -> bool:
+    """The worker's published counters: nothing running and `finished` activities done."""
+    running_now, done = await r.hmget(keys.worker(worker_id), "running", "done")
+    return running_now == b"0" and done is not None and int(done) >= finished
+
+
+async def state_is(r: redis.asyncio.Redis, keys: QueueKeys, session_id: str, state: bytes) -> bool:
+    return bool(await r.hget(keys.session(session_id), "state") == state)
+
+
 # --- S01: only session workers take sessions -------------------------------------------------
 
 
@@ -534,14 +557,6 @@ async def test_s04_creator_cancelled_while_its_claim_runs_leaks_nothing(
         await caller.close()
 
 
-async def cancel(task: asyncio.Task[Any]) -> None:
-    task.cancel()
-
-
-async def open_count_is(r: redis.asyncio.Redis, keys: QueueKeys, worker_id: str, count: int) -> bool:
-    return await open_count(r, keys, worker_id) == count
-
-
 async def test_s07_complete_releases_the_slot_at_once(
     redis_url: str, key_prefix: str, task_queue: str, client: Client, keys: QueueKeys,
     redis_client: redis.asyncio.Redis,
@@ -777,17 +792,6 @@ async def test_s08_activities_queued_for_a_completed_session_never_start(
     assert not ran_file.exists()
 
 
-async def stream_read(r: redis.asyncio.Redis, keys: QueueKeys, worker_id: str) -> bool:
-    """True once the worker has read every entry of its own stream (it trims what it read)."""
-    return bool(await r.xlen(keys.stream(worker_id)) <= 1)
-
-
-async def worker_settled(r: redis.asyncio.Redis, keys: QueueKeys, worker_id: str, finished: int) -> bool:
-    """The worker's published counters: nothing running and `finished` activities done."""
-    running_now, done = await r.hmget(keys.worker(worker_id), "running", "done")
-    return running_now == b"0" and done is not None and int(done) >= finished
-
-
 async def test_s09_complete_is_idempotent(
     redis_url: str, key_prefix: str, task_queue: str, client: Client, keys: QueueKeys,
     redis_client: redis.asyncio.Redis,
@@ -833,10 +837,6 @@ async def test_s09_complete_is_safe_on_a_failed_session(
         assert await state_is(redis_client, keys, session.session_id, b"FAILED")
         assert await open_count(redis_client, keys, "w1") == 1
         await kept.complete()
-
-
-async def state_is(r: redis.asyncio.Redis, keys: QueueKeys, session_id: str, state: bytes) -> bool:
-    return bool(await r.hget(keys.session(session_id), "state") == state)
 
 
 async def test_s10_execute_after_complete_raises_session_completed(
