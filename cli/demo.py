@@ -1,14 +1,17 @@
 """`sessionq demo`: the specification's file-processing example, end to end, in ~15 seconds.
 
-Three worker processes (`sessionq worker fileprocessing.worker:worker`, one session slot
-each) and several files, each downloaded, processed and uploaded in its own session.
-Mid-way one worker is SIGKILLed: the file it held fails with SessionFailedError within
-the heartbeat timeout and starts over in a new session on another worker, while the
-other files finish. Then everything is stopped and cleaned up.
+Three worker processes (`sessionq worker sessionq.cli.fileprocessing.worker:worker`, one
+session slot each) and several files, each downloaded, processed and uploaded in its own
+session. Mid-way one worker is SIGKILLed: the file it held fails with SessionFailedError
+within the heartbeat timeout and starts over in a new session on another worker, while
+the other files finish. Then everything is stopped and cleaned up.
 
 Redis: --redis-url / $SESSIONQ_REDIS_URL / $REDIS_URL when given; else the default
 localhost:6379 if something answers there; else an embedded server (see embedded.py).
 On a user's Redis all keys live under a fresh prefix, deleted at the end.
+
+The pipeline is the packaged sessionq.cli.fileprocessing (examples/fileprocessing
+re-exports it), so the demo runs from a plain wheel install, from any directory.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import click
@@ -31,6 +33,7 @@ from rich.table import Table
 
 import sessionq
 
+from . import fileprocessing
 from .common import (
     CliError,
     configure_logging,
@@ -43,33 +46,13 @@ from .common import (
     url_configured,
 )
 from .embedded import BACKENDS, Embedded, EmbeddedError, start_embedded
+from .fileprocessing import starter
 from .fleet import Fleet
 
-TASK_QUEUE = "fileprocessing"
-WORKER_TARGET = "fileprocessing.worker:worker"
+TASK_QUEUE = fileprocessing.TASK_QUEUE
+# An installed module, so the workers import it from site-packages whatever their cwd.
+WORKER_TARGET = f"{fileprocessing.__name__}.worker:worker"
 HEARTBEAT_TIMEOUT = 2.0
-
-
-def examples_dir() -> Path:
-    """The repository's examples/ folder (sessionq demo runs from a source checkout)."""
-    folder = Path(__file__).resolve().parent.parent / "examples"
-    if not (folder / "fileprocessing" / "worker.py").exists():
-        raise CliError(
-            f"the demo needs examples/fileprocessing next to the sessionq sources (looked in {folder}); "
-            "install sessionq from a checkout with `pip install -e .`",
-            1,
-        )
-    return folder
-
-
-def load_example(folder: Path) -> ModuleType:
-    """Import fileprocessing.starter from examples/ (what the demo's caller side runs)."""
-    import importlib
-    import sys
-
-    if str(folder) not in sys.path:
-        sys.path.insert(0, str(folder))
-    return importlib.import_module("fileprocessing.starter")
 
 
 @dataclass
@@ -135,12 +118,11 @@ class Demo:
         self.work_seconds = work_seconds
         self.prefix = "sqdemo" + uuid.uuid4().hex[:8]
         self.tmp = Path(tempfile.mkdtemp(prefix="sessionq-demo-"))
-        self.examples = examples_dir()
-        self.starter = load_example(self.examples)
+        self.starter = starter
         self.story = Story(console)
         self.fleet = Fleet(
             WORKER_TARGET,
-            self.examples,
+            self.tmp,  # the workers' cwd: nothing there to shadow the installed package
             backend.url,
             self.prefix,
             TASK_QUEUE,
@@ -186,7 +168,8 @@ class Demo:
         self.console.print("[bold]sessionq demo[/]: the file-processing example of the Worker Sessions spec")
         self.console.print(f"  redis:      {self.backend.description}")
         self.console.print(f"  keys:       prefix {self.prefix!r}, task queue {TASK_QUEUE!r}")
-        self.console.print(f"  example:    {self.examples / 'fileprocessing'}")
+        where = Path(fileprocessing.__file__).parent
+        self.console.print(f"  example:    {fileprocessing.__name__} ({where})")
         self.console.print(f"  inspect:    sessionq inspect --redis-url {redact(self.backend.url)} "
                            f"--prefix {self.prefix}   (while it runs)\n")  # fmt: skip
 
@@ -384,7 +367,6 @@ def demo_command(
     """
     configure_logging(log_level, verbose, quiet, default="WARNING")
     console = Console(highlight=False)
-    examples_dir()  # fail early, before starting anything
     backend = choose_backend(redis_url, embedded, embedded_backend)
     demo: Demo | None = None
     try:

@@ -37,7 +37,12 @@ class WorkerProc:
 
 @dataclass
 class Fleet:
-    """Worker subprocesses running `sessionq worker MODULE:ATTR` on one Redis and prefix."""
+    """Worker subprocesses running `sessionq worker MODULE:ATTR` on one Redis and prefix.
+
+    MODULE must be importable by the worker processes as installed (the demo's is
+    sessionq.cli.fileprocessing); `cwd` is their working directory, which the CLI also
+    puts on sys.path.
+    """
 
     target: str
     cwd: Path
@@ -53,7 +58,6 @@ class Fleet:
                 "--redis-url", self.redis_url, "--prefix", self.prefix, "--identity", identity,
                 "--stop-with-parent", "--log-level", "WARNING", *flags]  # fmt: skip
         env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(self.cwd), env.get("PYTHONPATH", "")) if p)
         self.logs.mkdir(parents=True, exist_ok=True)
         log_path = self.logs / f"{identity}.log"
         with open(log_path, "wb") as log:

@@ -4,7 +4,8 @@
   keeps a module's Worker settings unless flags override them, drains and exits in --burst,
   and reports a bad MODULE:ATTR or an unreachable Redis in one line.
 - `sessionq inspect --json` shows workers, sessions and queues, and never writes Redis.
-- `sessionq demo` tells the whole story and exits 0 on both embedded servers.
+- `sessionq demo` tells the whole story and exits 0 on both embedded servers, running only
+  modules the wheel ships.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import pytest
 import pytest_asyncio
 import redis.asyncio
 from click.testing import CliRunner
+from rich.console import Console
 
 import sessionq
 from sessionq.keys import QueueKeys
@@ -551,6 +553,59 @@ def test_demo_uses_a_configured_redis_else_the_default_else_an_embedded_one(
     monkeypatch.setenv("REDIS_URL", "redis://configured:7/0")
     assert demo.choose_backend(None, False, None).url == "redis://configured:7/0"
     assert demo.choose_backend("redis://flag:8/0", False, None).url == "redis://flag:8/0"
+
+
+def test_demo_runs_only_modules_the_wheel_ships() -> None:
+    """`pip install sessionq` (a wheel, no checkout) is enough for the demo: its pipeline and
+    the workers' MODULE:ATTR live in sessionq.cli.fileprocessing, a package pyproject.toml
+    ships (an editable install would hide a missing one), and the workers run in a scratch
+    directory with no PYTHONPATH into the sources."""
+    tomllib = pytest.importorskip("tomllib")
+    import sessionq.cli
+    from sessionq.cli import demo, fileprocessing
+    from sessionq.cli.fileprocessing import activities, starter, worker
+
+    module, _, attr = demo.WORKER_TARGET.partition(":")
+    assert module == worker.__name__ == "sessionq.cli.fileprocessing.worker"
+    assert isinstance(getattr(worker, attr), sessionq.Worker)
+    assert demo.TASK_QUEUE == fileprocessing.TASK_QUEUE == worker.worker.task_queue
+    cli_root = Path(sessionq.cli.__file__).resolve().parent
+    for packaged in (activities, starter, worker):
+        assert Path(str(packaged.__file__)).resolve().parent == cli_root / "fileprocessing"
+
+    config = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert config["package-dir"]["sessionq.cli"] == "cli"
+    subpackages = {
+        ".".join(("sessionq.cli", *init.parent.relative_to(cli_root).parts))
+        for init in cli_root.rglob("__init__.py")
+    }
+    assert "sessionq.cli.fileprocessing" in subpackages
+    assert subpackages <= set(config["packages"]), "a package under cli/ is missing from the wheel"
+
+    made = demo.Demo(Console(), demo.Backend("redis://unused:1/0", "unused"), sessions=1, work_seconds=0.1)
+    try:
+        assert made.starter is starter
+        assert made.fleet.target == demo.WORKER_TARGET
+        assert REPO_ROOT not in made.fleet.cwd.resolve().parents and "PYTHONPATH" not in made.fleet.env
+    finally:
+        made.cleanup_files()
+
+
+def test_the_wheel_ships_every_data_file_of_the_core() -> None:
+    """The workers of a wheel install read sessionq/lua/ (includes too) and py.typed: every
+    non-Python file of the package must match pyproject.toml's package-data."""
+    tomllib = pytest.importorskip("tomllib")
+    config = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    root = REPO_ROOT / "sessionq"
+    shipped = {path for pattern in config["package-data"]["sessionq"] for path in root.glob(pattern)}
+    data = {
+        path
+        for path in root.rglob("*")
+        if path.is_file() and path.suffix not in (".py", ".pyc") and "__pycache__" not in path.parts
+    }
+    assert root / "py.typed" in data
+    missing = sorted(str(path.relative_to(root)) for path in data - shipped)
+    assert not missing, f"not in the wheel: {missing}"
 
 
 async def run_demo(*flags: str) -> Ran:

@@ -7,13 +7,17 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
+import redis.asyncio
+
+from sessionq.keys import QueueKeys
 from tests.conftest import REPO_ROOT
 from tests.helpers import wait_for
 
-HELLO = REPO_ROOT / "examples" / "hello"
+EXAMPLES = REPO_ROOT / "examples"
+HELLO = EXAMPLES / "hello"
 
 
 def example_env(redis_url: str, key_prefix: str) -> dict[str, str]:
@@ -29,11 +33,13 @@ def example_env(redis_url: str, key_prefix: str) -> dict[str, str]:
 
 
 @contextlib.asynccontextmanager
-async def running(script: Path, env: dict[str, str], out: Path) -> AsyncIterator[asyncio.subprocess.Process]:
-    """Run `script` with its stdout+stderr in `out`; SIGKILL it on the way out if still alive."""
+async def running(
+    args: Sequence[str], env: dict[str, str], out: Path, cwd: Path = REPO_ROOT
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """Run `python ARGS...` with its stdout+stderr in `out`; SIGKILL it on the way out if still alive."""
     with out.open("wb") as sink:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, str(script), cwd=REPO_ROOT, env=env,
+            sys.executable, *args, cwd=cwd, env=env,
             stdin=asyncio.subprocess.DEVNULL, stdout=sink, stderr=asyncio.subprocess.STDOUT,
         )  # fmt: skip
         try:
@@ -47,14 +53,14 @@ async def running(script: Path, env: dict[str, str], out: Path) -> AsyncIterator
 async def test_hello_example_two_processes(redis_url: str, key_prefix: str, tmp_path: Path) -> None:
     env = example_env(redis_url, key_prefix)
     worker_out, client_out = tmp_path / "worker.out", tmp_path / "client.out"
-    async with running(HELLO / "worker.py", env, worker_out) as worker:
+    async with running([str(HELLO / "worker.py")], env, worker_out) as worker:
         await wait_for(
             lambda: "ready on task queue 'hello'" in worker_out.read_text() or worker.returncode is not None,
             20,
             message="the hello worker never said it was ready",
         )
         assert worker.returncode is None, worker_out.read_text()
-        async with running(HELLO / "client.py", env, client_out) as client:
+        async with running([str(HELLO / "client.py")], env, client_out) as client:
             code = await asyncio.wait_for(client.wait(), 30)
         output = client_out.read_text()
         assert code == 0, output
@@ -66,3 +72,35 @@ async def test_hello_example_two_processes(redis_url: str, key_prefix: str, tmp_
         worker.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(worker.wait(), 20) == 0, worker_out.read_text()
     assert "worker stopped" in worker_out.read_text()
+
+
+async def test_fileprocessing_example_by_hand_from_examples(
+    redis_url: str, key_prefix: str, redis_client: redis.asyncio.Redis, tmp_path: Path
+) -> None:
+    """The README's walkthrough, run from examples/: its modules re-export the packaged
+    sessionq.cli.fileprocessing (one copy of the code), and each file goes through one session."""
+    env = example_env(redis_url, key_prefix)
+    env.update(FILEPROCESSING_WORK_SECONDS="0.05", FILEPROCESSING_SCRATCH=str(tmp_path / "disks"))
+    worker_out, starter_out = tmp_path / "worker.out", tmp_path / "starter.out"
+    worker_argv = ["-m", "sessionq.cli", "worker", "fileprocessing.worker:worker", "-n", "ex-w1",
+                   "--prefix", key_prefix]  # fmt: skip
+    alive = QueueKeys(key_prefix, "fileprocessing").alive("ex-w1")
+    async with running(worker_argv, env, worker_out, cwd=EXAMPLES) as worker:
+        await wait_for(
+            lambda: worker.returncode is not None or redis_client.exists(alive),
+            20,
+            message="the fileprocessing worker never registered",
+        )
+        assert worker.returncode is None, worker_out.read_text()
+        starter_argv = ["-m", "fileprocessing.starter", "--files", "2", "--prefix", key_prefix]
+        async with running(starter_argv, env, starter_out, cwd=EXAMPLES) as starter:
+            code = await asyncio.wait_for(starter.wait(), 60)
+        output = starter_out.read_text()
+        assert code == 0, output + worker_out.read_text()
+        for name in ("file-1.txt", "file-2.txt"):
+            assert f"{name}: ex-w1: " in output, output
+            assert f"{name}: upload done on ex-w1" in output, output
+        worker.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(worker.wait(), 20) == 0, worker_out.read_text()
+    shims = (EXAMPLES / "fileprocessing").glob("*.py")
+    assert all("from sessionq.cli.fileprocessing" in shim.read_text() for shim in shims)

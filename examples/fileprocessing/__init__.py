@@ -1,13 +1,15 @@
 """The file-processing example of the Worker Sessions specification, on sessionq.
 
-Download a file, process it, upload the result: three activities that must run on the
-same worker, because the file lives on that worker's local disk between the steps.
-A session pins them to one worker; if that worker dies mid-way, the caller gets
-SessionFailedError within the heartbeat timeout and starts over in a new session.
+The code lives in the installed package, ``sessionq.cli.fileprocessing`` (cli/fileprocessing/
+in a checkout), because ``sessionq demo`` runs it and must work from a plain ``pip install``.
+These modules re-export it, so there is one copy, and the commands in README.md work from
+the examples/ folder:
 
 - ``fileprocessing.activities``: the three activities.
 - ``fileprocessing.worker``: the Worker (``sessionq worker fileprocessing.worker:worker``).
 - ``fileprocessing.starter``: the caller side (``python -m fileprocessing.starter``).
 """
 
-TASK_QUEUE = "fileprocessing"
+from sessionq.cli.fileprocessing import TASK_QUEUE
+
+__all__ = ["TASK_QUEUE"]

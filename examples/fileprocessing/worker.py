@@ -1,29 +1,14 @@
-"""The worker of the file-processing example.
+"""The worker of the file-processing example; defined in sessionq.cli.fileprocessing.worker.
 
     cd examples && sessionq worker fileprocessing.worker:worker      # or: python -m fileprocessing.worker
 
-Start three of them (three terminals, or three hosts) to see sessions spread out. The
-Redis URL comes from SESSIONQ_REDIS_URL / REDIS_URL (or `sessionq worker --redis-url`).
+Start three of them to see sessions spread out; the Redis URL comes from
+SESSIONQ_REDIS_URL / REDIS_URL (or `sessionq worker --redis-url`).
 """
 
-from __future__ import annotations
+from sessionq.cli.fileprocessing.worker import main, worker
 
-import asyncio
-import logging
-
-import sessionq
-
-from . import TASK_QUEUE
-from .activities import ACTIVITIES
-
-worker = sessionq.Worker(
-    task_queue=TASK_QUEUE,
-    activities=ACTIVITIES,
-    enable_sessions=True,
-    max_concurrent_sessions=2,  # this host has room for two files at a time
-    heartbeat_timeout=5,  # silent this long = dead: its sessions' callers get SessionFailedError
-)
+__all__ = ["main", "worker"]
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(worker.run())  # Ctrl-C stops it; `sessionq worker` adds graceful SIGTERM handling
+    main()
