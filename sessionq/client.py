@@ -27,6 +27,7 @@ from .inbox import Inbox
 from .keys import DEFAULT_PREFIX, QueueKeys, validate_name
 from .options import ActivityOptions, SessionOptions
 from .scripts import Scripts
+from .wire import Wire
 
 if TYPE_CHECKING:
     from .session import SessionOpener
@@ -136,7 +137,8 @@ class Client:
         self.client_id = uuid.uuid4().hex
         self.identity = identity or f"{os.getpid()}@{socket.gethostname()}"
         self.retention_ms = int(retention * 1000)
-        self.scripts = Scripts(self.redis)
+        self.wire = Wire(self.redis)
+        self.scripts = Scripts(self.wire)
         self._inboxes: dict[str, Inbox] = {}
         self._closed = False
         from .session import LivenessMonitor
@@ -152,7 +154,8 @@ class Client:
             raise SessionqError("this Client was closed; create a new one")
         inbox = self._inboxes.get(task_queue)
         if inbox is None:
-            inbox = Inbox(self.redis, self.keys(task_queue).inbox(self.client_id), self.codec)
+            key = self.keys(task_queue).inbox(self.client_id)
+            inbox = Inbox(self.wire.blocking(key), key, self.codec)
             self._inboxes[task_queue] = inbox
         return inbox
 
@@ -208,7 +211,10 @@ class Client:
         inbox = self.inbox(queue)
         future = inbox.expect(activity_id)
         try:
-            await retrying(lambda: self.redis.xadd(keys.tasks, {"d": payload}), what="queueing an activity")
+            await retrying(
+                lambda: self.wire.execute(keys.tasks, "XADD", keys.tasks, "*", "d", payload),
+                what="queueing an activity",
+            )
         except BaseException:
             inbox.forget(activity_id)
             raise
@@ -273,6 +279,7 @@ class Client:
         await self.monitor.close()
         for inbox in self._inboxes.values():
             await inbox.close(SessionqError("the Client was closed while this call was waiting"))
+        await self.wire.aclose()
         await self.redis.aclose()
 
     async def __aenter__(self) -> Client:

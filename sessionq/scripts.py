@@ -1,18 +1,22 @@
 """Loads the Lua scripts (one file per atomic operation) and calls them by name.
 
 A script file may pull in a shared fragment with a line ``-- @include NAME``
-(from ``lua/includes/NAME.lua``). Scripts are sent once and then run by SHA; redis-py
-reloads a script the server has forgotten (NOSCRIPT) by itself.
+(from ``lua/includes/NAME.lua``). Scripts run by SHA over the hot-path connections
+(wire.py); a server that does not know a script yet (NOSCRIPT: first use, a restart, another
+cluster node) gets it through one EVAL, which also caches it there.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from functools import cache
 from importlib import resources
 from typing import Any
 
-from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError, ResponseError
+
+from .wire import Wire
 
 _INCLUDE = re.compile(r"^-- @include (\w+)\s*$", re.MULTILINE)
 
@@ -29,7 +33,7 @@ def source(name: str) -> str:
 
 
 class Scripts:
-    """The scripts bound to one Redis client; attribute access by script name."""
+    """The scripts, run by name over one Client's or Worker's Wire."""
 
     NAMES = (
         "create_session",
@@ -41,11 +45,16 @@ class Scripts:
         "claim_orphans",
     )
 
-    def __init__(self, redis: Any) -> None:
-        self._scripts: dict[str, AsyncScript] = {
-            name: redis.register_script(source(name)) for name in self.NAMES
-        }
+    def __init__(self, wire: Wire) -> None:
+        self.wire = wire
+        self._sources = {name: source(name) for name in self.NAMES}
+        self._shas = {name: hashlib.sha1(text.encode()).hexdigest() for name, text in self._sources.items()}
 
-    async def run(self, name: str, keys: list[str], args: list[Any], client: Any = None) -> Any:
-        """Run script `name` (EVALSHA, loading it on NOSCRIPT)."""
-        return await self._scripts[name](keys=keys, args=args, client=client)
+    async def run(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        """Run script `name`: EVALSHA, or EVAL when the server does not have it yet."""
+        try:
+            return await self.wire.execute(keys[0], "EVALSHA", self._shas[name], len(keys), *keys, *args)
+        except ResponseError as exc:
+            if not isinstance(exc, NoScriptError) and not str(exc).startswith("NOSCRIPT"):
+                raise
+        return await self.wire.execute(keys[0], "EVAL", self._sources[name], len(keys), *keys, *args)

@@ -189,7 +189,9 @@ class Session:
         stream = self.keys.stream(self.info.worker_id)
         try:
             sent = await retrying(
-                lambda: self.client.redis.xadd(stream, {"t": "a", "d": payload}, nomkstream=True),
+                lambda: self.client.wire.execute(
+                    stream, "XADD", stream, "NOMKSTREAM", "*", "t", "a", "d", payload
+                ),
                 what="sending a session activity",
             )
         except BaseException:

@@ -35,6 +35,7 @@ from .execution import Execution, execute
 from .keys import CONSUMER_GROUP, DEFAULT_PREFIX, QueueKeys, queues_index, validate_name
 from .scripts import Scripts
 from .session_info import SessionInfo, SessionState
+from .wire import BlockingRead, Wire, stream_entries
 
 log = logging.getLogger("sessionq")
 
@@ -120,6 +121,9 @@ class Worker:
         self._redis_target = resolve_url(redis) if redis is None or isinstance(redis, str) else redis
         self.redis: Any = None
         self.scripts: Scripts | None = None
+        self.wire: Wire | None = None
+        self._shared_reader: BlockingRead | None = None
+        self._own_reader: BlockingRead | None = None
         # run state
         self._stopping: asyncio.Event | None = None  # events are made in run(), on its loop
         self._stopped: asyncio.Event | None = None
@@ -155,7 +159,10 @@ class Worker:
         self._slot_freed = asyncio.Event()
         self._outbox_ready = asyncio.Event()
         self.redis = connect(self._redis_target)
-        self.scripts = Scripts(self.redis)
+        self.wire = Wire(self.redis)
+        self.scripts = Scripts(self.wire)
+        self._shared_reader = self.wire.blocking(self.keys.tasks)
+        self._own_reader = self.wire.blocking(self.keys.stream(self.worker_id))
         try:
             await retrying(self._startup, within=5.0, what=f"starting worker {self.worker_id}")
             self._tasks = [
@@ -183,6 +190,7 @@ class Worker:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
             self._pool.shutdown(wait=False, cancel_futures=True)
+            await self.wire.aclose()
             await self.redis.aclose()
             self._stopped.set()
 
@@ -336,10 +344,12 @@ class Worker:
             await self._recover_own_pending(free)
             return
         started = time.monotonic()
+        assert self._shared_reader is not None
         try:
-            reply = await self.redis.xreadgroup(
-                CONSUMER_GROUP, self.worker_id, {self.keys.tasks: ">"}, count=free, block=POLL_BLOCK_MS
-            )
+            reply = await self._shared_reader.execute(
+                "XREADGROUP", "GROUP", CONSUMER_GROUP, self.worker_id,
+                "COUNT", free, "BLOCK", POLL_BLOCK_MS, "STREAMS", self.keys.tasks, ">",
+            )  # fmt: skip
         except TRANSIENT:
             # The reply may have been lost after Redis delivered entries to us: they now sit
             # in our pending list, where neither '>' reads nor other workers would find them.
@@ -354,7 +364,7 @@ class Worker:
             await self._ensure_group()
             await self._register()
             return
-        entries = reply[0][1] if reply else []
+        entries = stream_entries(reply)
         if not entries:
             if time.monotonic() - started < POLL_BLOCK_MS / 2000:
                 await asyncio.sleep(0.005)  # fakeredis returns from XREADGROUP BLOCK at once
@@ -403,10 +413,13 @@ class Worker:
 
     async def _poll_own(self) -> None:
         stream = self.keys.stream(self.worker_id)
-        reply = await self.redis.xread({stream: self._last_own_id}, count=OWN_BATCH, block=POLL_BLOCK_MS)
-        if not reply:
+        assert self._own_reader is not None
+        reply = await self._own_reader.execute(
+            "XREAD", "COUNT", OWN_BATCH, "BLOCK", POLL_BLOCK_MS, "STREAMS", stream, self._last_own_id
+        )
+        entries = stream_entries(reply)
+        if not entries:
             return
-        entries = reply[0][1]
         self._last_own_id = entries[-1][0]
         ending = {f.get(b"s") for _, f in entries if f.get(b"t") == b"c"}
         for entry_id, fields in entries:
@@ -632,8 +645,8 @@ class Worker:
         self._outbox_ready.set()
 
     async def _flush(self) -> None:
-        """Write queued replies and acks in one round trip."""
-        assert self._outbox_ready is not None
+        """Write queued replies and acks in one round trip: one RPUSH per inbox."""
+        assert self._outbox_ready is not None and self.wire is not None
         await self._outbox_ready.wait()
         self._outbox_ready.clear()
         outbox, acks = self._outbox, self._acks
@@ -641,17 +654,20 @@ class Worker:
             return
         self._outbox, self._acks = [], []
         now = time.monotonic()
+        by_inbox: dict[str, list[bytes]] = {}
+        for inbox, message in outbox:
+            by_inbox.setdefault(inbox, []).append(message)
+        commands: list[tuple[Any, ...]] = []
+        for inbox, messages in by_inbox.items():
+            commands.append(("RPUSH", inbox, *messages))
+            if self._inbox_expiry.get(inbox, 0) < now:
+                commands.append(("PEXPIRE", inbox, INBOX_TTL_MS))
+                self._inbox_expiry[inbox] = now + 60
+        if acks:
+            commands.append(("XACK", self.keys.tasks, CONSUMER_GROUP, *acks))
+            commands.append(("XDEL", self.keys.tasks, *acks))
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for inbox, message in outbox:
-                    pipe.rpush(inbox, message)
-                    if self._inbox_expiry.get(inbox, 0) < now:
-                        pipe.pexpire(inbox, INBOX_TTL_MS)
-                        self._inbox_expiry[inbox] = now + 60
-                if acks:
-                    pipe.xack(self.keys.tasks, CONSUMER_GROUP, *acks)
-                    pipe.xdel(self.keys.tasks, *acks)
-                await pipe.execute()
+            await self.wire.execute_many(self.keys.tasks, commands)
         except BaseException:
             self._outbox[:0] = outbox  # keep them for the next try
             self._acks[:0] = acks

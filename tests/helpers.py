@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import re
 import signal
 import sys
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 T = TypeVar("T")
 
@@ -197,9 +198,7 @@ async def start_worker_process(
     ]
     exited = asyncio.ensure_future(process.wait())
     try:
-        await asyncio.wait(
-            {ready, exited}, timeout=ready_timeout, return_when=asyncio.FIRST_COMPLETED
-        )
+        await asyncio.wait({ready, exited}, timeout=ready_timeout, return_when=asyncio.FIRST_COMPLETED)
     finally:
         exited.cancel()
     if ready.done():
@@ -211,6 +210,36 @@ async def start_worker_process(
     else:
         problem = f"exited with code {process.returncode} before READY"
     await asyncio.wait(worker.drainers, timeout=5)  # collect its last words
-    raise WorkerStartError(
-        f"worker {identity} (pid {process.pid}) {problem}\n{worker.output_tail()}"
-    )
+    raise WorkerStartError(f"worker {identity} (pid {process.pid}) {problem}\n{worker.output_tail()}")
+
+
+_COMMAND_NAME = re.compile(rb"(?:^|\r\n)\*\d+\r\n\$\d+\r\n([A-Za-z]+)\r\n")
+
+
+def with_client_name(url: str, name: str) -> str:
+    """The URL with a CLIENT SETNAME for every connection made from it."""
+    return f"{url}{'&' if '?' in url else '?'}client_name={name}"
+
+
+@contextlib.contextmanager
+def commands_sent_by(client_name: str) -> Iterator[list[str]]:
+    """Record the name of every command written on a connection named `client_name`.
+
+    Counted where redis-py writes to the socket, so no path (pool, pipeline, sessionq's
+    multiplexed and blocking connections) is missed."""
+    from redis.asyncio.connection import AbstractConnection
+
+    sent: list[str] = []
+    original = AbstractConnection.send_packed_command
+
+    async def counting(self: Any, command: Any, check_health: bool = True) -> None:
+        if getattr(self, "client_name", None) == client_name:
+            data = command if isinstance(command, bytes) else b"".join(command)
+            sent.extend(m.group(1).decode().upper() for m in _COMMAND_NAME.finditer(data))
+        await original(self, command, check_health)
+
+    AbstractConnection.send_packed_command = counting  # type: ignore[method-assign]
+    try:
+        yield sent
+    finally:
+        AbstractConnection.send_packed_command = original  # type: ignore[method-assign]

@@ -9,6 +9,7 @@ The session behaviours themselves (S01-S19, D01, D06) run on the cluster through
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
@@ -192,16 +193,24 @@ def connections_named(url: str, name: str) -> dict[str, int]:
         }
 
 
-async def test_cluster_exhausted_connections_raise_a_clear_error(cluster_url: str, prefix: str) -> None:
-    """With one connection allowed and a result wait holding it, the next send waits
-    pool_timeout and then says which setting to raise."""
+async def test_cluster_sends_and_waits_need_no_pool_connection(cluster_url: str, prefix: str) -> None:
+    """With one pool connection allowed and a blocking command holding it, activities are
+    still sent and waited for (they have connections of their own, wire.py); a further
+    command through the pool waits pool_timeout, then says which setting to raise."""
     url = f"{cluster_url}?max_connections=1&pool_timeout=0.3"
     async with sessionq.Client(url, prefix=prefix) as client:
-        handle = await client.start_activity(acts.echo, 1, task_queue="nobody")  # its wait blocks
+        blocker = asyncio.ensure_future(client.redis.execute_command("BLPOP", f"{prefix}:idle", 5))
         await wait_for(
-            lambda: client.redis.permits.in_use == 1, message="the result wait holds no connection"
+            lambda: client.redis.permits is not None and client.redis.permits.in_use == 1,
+            message="the blocking command holds no pool connection",
         )
+        handle = await client.start_activity(acts.echo, 1, task_queue="nobody")
+        second = await client.start_activity(acts.echo, 2, task_queue="nobody")
+        assert not handle.done() and not second.done()
         with pytest.raises(sessionq.errors.ConnectionPoolExhaustedError, match="max_connections"):
-            await client.start_activity(acts.echo, 2, task_queue="nobody")
+            await client.redis.exists(f"{prefix}:other")
+        blocker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await blocker
     with pytest.raises(sessionq.SessionqError, match="closed"):
         await handle.result()

@@ -16,7 +16,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 import pytest_asyncio
@@ -26,6 +25,7 @@ import sessionq
 from sessionq.keys import QueueKeys
 from tests.activities import mark, sleep_for, whoami
 from tests.helpers import SpawnWorker, WorkerProcess, wait_for
+from tests.proxy import RedisProxy
 
 pytestmark = pytest.mark.cluster  # these behaviours also run on the Redis Cluster backend
 
@@ -444,79 +444,6 @@ async def test_d01_long_plain_activity_on_healthy_worker_is_never_handed_out_twi
 
 
 # --- D02: a worker loses Redis for a while ---------------------------------------------------
-
-
-class RedisProxy:
-    """A TCP relay between one worker and Redis that a test can cut and resume.
-
-    Cut: every relayed connection is aborted and new ones are dropped as soon as they
-    connect, as when a network link or the Redis server goes away.
-    """
-
-    def __init__(self, target_url: str) -> None:
-        parts = urlsplit(target_url)
-        self.target = (parts.hostname or "127.0.0.1", parts.port or 6379)
-        self.path = parts.path
-        self.up = True
-        self.accepted = 0
-        self.refused = 0
-        self._server: asyncio.Server | None = None
-        self._transports: set[asyncio.BaseTransport] = set()
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-
-    @property
-    def url(self) -> str:
-        assert self._server is not None
-        port = self._server.sockets[0].getsockname()[1]
-        return f"redis://127.0.0.1:{port}{self.path}"
-
-    def cut(self) -> None:
-        self.up = False
-        for transport in list(self._transports):
-            transport.abort()
-
-    def resume(self) -> None:
-        self.up = True
-
-    async def close(self) -> None:
-        self.cut()
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if not self.up:
-            self.refused += 1
-            writer.transport.abort()
-            return
-        try:
-            upstream_reader, upstream_writer = await asyncio.open_connection(*self.target)
-        except OSError:
-            writer.transport.abort()
-            return
-        self.accepted += 1
-        pair = {writer.transport, upstream_writer.transport}
-        self._transports |= pair
-        try:
-            await asyncio.gather(self._pipe(reader, upstream_writer), self._pipe(upstream_reader, writer))
-        finally:
-            self._transports -= pair
-            for transport in pair:
-                transport.abort()
-
-    @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Copy one direction until either side closes; then close the other too."""
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except OSError:
-            pass
-        finally:
-            writer.transport.abort()
 
 
 @pytest_asyncio.fixture

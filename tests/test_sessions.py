@@ -43,7 +43,7 @@ from sessionq import (
 )
 from sessionq.keys import QueueKeys
 from tests import activities as acts
-from tests.helpers import SpawnWorker, wait_for
+from tests.helpers import SpawnWorker, commands_sent_by, wait_for, with_client_name
 
 pytestmark = pytest.mark.cluster  # these behaviours also run on the Redis Cluster backend
 
@@ -331,31 +331,25 @@ async def test_s03_waiting_creator_does_not_poll_redis(
 ) -> None:  # fmt: skip
     """While it waits, a creator sends Redis next to nothing (one claim, a blocking read):
     it is woken by the grant, not by polling."""
+    name = f"{key_prefix}-waiter"
     async with make_worker(redis_url, key_prefix, task_queue, "w1", max_sessions=1):
         holder = await client.create_session(task_queue)
-        waiter_client = Client(redis_url, prefix=key_prefix)
-        sent: list[str] = []
-        execute = waiter_client.redis.execute_command
-
-        async def counting(*args: Any, **kwargs: Any) -> Any:
-            sent.append(str(args[0]))
-            return await execute(*args, **kwargs)
-
-        waiter_client.redis.execute_command = counting  # type: ignore[method-assign]
+        waiter_client = Client(with_client_name(redis_url, name), prefix=key_prefix)
         try:
-            waiter = spawn_creator(waiter_client, task_queue)
-            await until_queued(redis_client, keys, 1)
-            before = len(sent)
-            assert before >= 1, "the counter saw no command: it would prove nothing"
-            await holder.execute_activity(acts.sleep_for, 1.0)  # one second passes while it waits
-            during = sent[before:]
-            assert not waiter.done()
-            assert len(during) <= 2, f"the waiting creator sent {during} in 1 s"
-            start = time.monotonic()
-            await holder.complete()
-            session = await asyncio.wait_for(waiter, 5)
-            assert time.monotonic() - start < PROMPT
-            await session.complete()
+            with commands_sent_by(name) as sent:
+                waiter = spawn_creator(waiter_client, task_queue)
+                await until_queued(redis_client, keys, 1)
+                before = len(sent)
+                assert "EVALSHA" in sent, f"the counter missed the claim: it would prove nothing ({sent})"
+                await holder.execute_activity(acts.sleep_for, 1.0)  # one second passes while it waits
+                during = sent[before:]
+                assert not waiter.done()
+                assert len(during) <= 2, f"the waiting creator sent {during} in 1 s"
+                start = time.monotonic()
+                await holder.complete()
+                session = await asyncio.wait_for(waiter, 5)
+                assert time.monotonic() - start < PROMPT
+                await session.complete()
         finally:
             await waiter_client.close()
 
