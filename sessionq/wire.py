@@ -39,6 +39,11 @@ from redis.backoff import NoBackoff
 
 from .connection import is_cluster
 
+try:  # hiredis' C command packer: byte for byte what redis-py's Python one writes, ~6x faster
+    from hiredis import pack_command as _hiredis_pack
+except ImportError:  # hiredis not installed, or older than 2.1
+    _hiredis_pack = None
+
 Command = Sequence[Any]
 ConnectionFactory = Callable[[], AbstractConnection]
 
@@ -80,7 +85,7 @@ class Multiplexer:
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in commands]
         self._replies.extend(futures)
-        packed = conn.pack_command(*commands[0]) if len(commands) == 1 else conn.pack_commands(commands)
+        packed = pack(conn, commands)
         try:
             await conn.send_packed_command(packed, check_health=False)
         except BaseException as exc:
@@ -174,7 +179,7 @@ class BlockingConnection:
             conn = self._conn = self._make_connection()
         if not conn.is_connected:
             await conn.connect()
-        await conn.send_packed_command(conn.pack_command(*args), check_health=False)
+        await conn.send_packed_command(pack(conn, (args,)), check_health=False)
         return await conn.read_response()
 
     async def aclose(self) -> None:
@@ -288,6 +293,19 @@ class BlockingRead:
             if not str(exc).startswith(_REDIRECTS):
                 raise
         return await wire.redis.execute_command(*args)
+
+
+def pack(conn: AbstractConnection, commands: Sequence[Command]) -> bytes | list[bytes]:
+    """The wire form of `commands`: hiredis packs it when it can, redis-py otherwise (an
+    argument type only redis-py's encoder knows, such as memoryview)."""
+    if _hiredis_pack is not None:
+        try:
+            if len(commands) == 1:
+                return _hiredis_pack(tuple(commands[0]))  # type: ignore[no-any-return]
+            return b"".join([_hiredis_pack(tuple(command)) for command in commands])
+        except TypeError:
+            pass
+    return conn.pack_command(*commands[0]) if len(commands) == 1 else conn.pack_commands(commands)
 
 
 def stream_entries(reply: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:

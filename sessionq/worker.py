@@ -5,8 +5,10 @@ Loops, each one task, each readable top to bottom:
   many as there are free activity slots, so busy workers leave work to idle ones.
 - `_poll_own`: XREAD the worker's own stream: session opened / ended, session
   activities, cancel requests.
-- `_maintain`: heartbeat (TTL key), trim the own stream, enforce activity heartbeat
-  timeouts, reap dead workers and reclaim the plain activities they held.
+- `_heartbeat`: refresh the heartbeat key (a TTL key) every third of heartbeat_timeout,
+  in a task of its own so that slow housekeeping never delays it.
+- `_maintain`: trim the own stream, enforce activity heartbeat timeouts, reap dead
+  workers and reclaim the plain activities they held.
 - `_flush`: write results (and acks) in one pipeline per batch.
 """
 
@@ -167,6 +169,7 @@ class Worker:
             await retrying(self._startup, within=5.0, what=f"starting worker {self.worker_id}")
             self._tasks = [
                 asyncio.create_task(self._loop(self._poll_shared), name="sessionq-poll-shared"),
+                asyncio.create_task(self._loop(self._heartbeat), name="sessionq-heartbeat"),
                 asyncio.create_task(self._loop(self._maintain), name="sessionq-maintain"),
                 asyncio.create_task(self._loop(self._flush), name="sessionq-flush"),
             ]
@@ -678,9 +681,8 @@ class Worker:
             self._inbox_expiry = {k: v for k, v in self._inbox_expiry.items() if v > now}
 
     # -- maintenance ----------------------------------------------------------------------
-    async def _maintain(self) -> None:
-        assert self._stopping is not None and self.scripts is not None
-        interval = self.heartbeat_timeout / 3  # type: ignore[operator]
+    async def _heartbeat(self) -> None:
+        assert self.scripts is not None
         k = self.keys
         alive = await self.scripts.run(
             "heartbeat",
@@ -693,6 +695,11 @@ class Worker:
                 self.worker_id,
             )
             await self._register()
+        await asyncio.sleep(self.heartbeat_timeout / 3)  # type: ignore[operator]
+
+    async def _maintain(self) -> None:
+        interval = self.heartbeat_timeout / 3  # type: ignore[operator]
+        k = self.keys
         if self._last_own_id != b"0-0":
             # Trim what was read, the last entry included, so what remains is queued (inspect counts it).
             ms, _, seq = self._last_own_id.partition(b"-")

@@ -429,17 +429,33 @@ async def test_cli_worker_from_module_instance_with_flag_overrides(
     assert await worker.wait() == 0
 
 
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 async def test_cli_worker_burst_drains_the_queue_and_exits(
-    redis_url: str, key_prefix: str, task_queue: str, tmp_path: Path
+    redis_url: str, key_prefix: str, task_queue: str, tmp_path: Path, loop: str
 ) -> None:
+    """On either event loop (--loop; uvloop comes with the `fast` extra)."""
+    if loop == "uvloop":
+        pytest.importorskip("uvloop", reason="uvloop is not installed (pip install 'sessionq[fast]')")
     async with sessionq.Client(redis_url, prefix=key_prefix) as client:
         handles = [await client.start_activity("echo", i, task_queue=task_queue) for i in range(5)]
         ran = await run_cli(
             "worker", "tests.activities:ALL", "--burst", "--redis-url", redis_url, "--prefix", key_prefix,
-            "-Q", task_queue, "-n", "burst-w", "--heartbeat-timeout", "1",
+            "-Q", task_queue, "-n", "burst-w", "--heartbeat-timeout", "1", "--loop", loop,
         )  # fmt: skip
         assert ran.code == 0, ran.err
+        assert f"{loop} event loop" in ran.err
         assert [await h.result() for h in handles] == list(range(5))
+
+
+def test_worker_loop_uvloop_without_uvloop_says_how_to_get_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sessionq.cli.common import CliError
+    from sessionq.cli.worker_cmd import event_loop
+
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop now raises ImportError
+    with pytest.raises(CliError, match=r"sessionq\[fast\]"):
+        event_loop("uvloop")
+    assert event_loop("auto")[0] == "asyncio"
+    assert event_loop("asyncio")[0] == "asyncio"
 
 
 # --- inspect -------------------------------------------------------------------------------

@@ -614,3 +614,39 @@ async def test_d01_entry_delivered_but_reply_lost_is_still_run(
             assert await handle.result() == "w-lost"
     finally:
         await client.close()
+
+
+# --- a live worker is never mistaken for a dead one ------------------------------------------
+
+
+async def test_s11_heartbeat_goes_on_while_housekeeping_is_stuck(
+    redis_url: str, key_prefix: str, task_queue: str, redis_client: Redis, keys: QueueKeys
+) -> None:
+    """Heartbeats have a task of their own: a housekeeping pass that hangs (a slow reap or
+    orphan claim on a loaded Redis) must not let a live worker's heartbeat key expire, or
+    its callers would see a death that did not happen."""
+    worker = sessionq.Worker(
+        redis_url, task_queue=task_queue, activities=[whoami], enable_sessions=True,
+        heartbeat_timeout=HB, prefix=key_prefix, identity="stuck-housekeeping",
+    )  # fmt: skip
+    stuck = asyncio.Event()
+
+    async def housekeeping_hangs() -> None:
+        stuck.set()
+        await asyncio.Event().wait()
+
+    worker._maintain = housekeeping_hangs  # type: ignore[method-assign]
+    refreshed: list[int] = []
+
+    async def refreshed_three_times() -> bool:
+        ttl = await redis_client.pttl(keys.alive(worker.worker_id))
+        assert ttl != -2, "the heartbeat key expired while the worker was alive"
+        if not refreshed or ttl > refreshed[-1]:
+            refreshed.append(ttl)
+        else:
+            refreshed[-1] = ttl
+        return len(refreshed) > 3
+
+    async with worker:
+        await wait_for(stuck.is_set, message="housekeeping never ran")
+        await wait_for(refreshed_three_times, timeout=4 * HB, message="the heartbeat stopped")
