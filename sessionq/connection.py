@@ -295,22 +295,26 @@ class ClusterClient(RedisCluster):
         return await super()._determine_slot(command, *args)
 
     def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> ClusterPipeline:
-        if shard_hint:
+        if shard_hint or (transaction and not _PIPELINE_TAKES_TRANSACTION):
             return super().pipeline(transaction, shard_hint)  # raises redis-py's own error
-        return _PermitPipeline(self, transaction)
+        if _PIPELINE_TAKES_TRANSACTION:
+            return _PermitPipeline(self, transaction)
+        return _PermitPipeline(self)  # redis-py 5.0: no transaction argument
 
     def exhausted(self) -> ConnectionPoolExhaustedError:
         limit = self.connection_kwargs.get("max_connections", "?")
         return pool_exhausted(limit, self.pool_timeout, "redis+cluster://")
 
 
+_PIPELINE_TAKES_TRANSACTION = "transaction" in inspect.signature(ClusterPipeline.__init__).parameters
+
+
 class _PermitPipeline(ClusterPipeline):
     """A cluster pipeline that takes a permit of its client while it executes."""
 
-    cluster_client: ClusterClient
-
     async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> list[Any]:
-        async with self.cluster_client.permit():
+        owner: ClusterClient = getattr(self, "cluster_client", None) or self._client  # redis-py 5.0: _client
+        async with owner.permit():
             return await super().execute(raise_on_error, allow_redirections)
 
 
@@ -401,7 +405,7 @@ def cluster_from_client(target: RedisCluster) -> ClusterClient:
     if isinstance(connection_class, type) and issubclass(connection_class, SSLConnection):
         kwargs["ssl"] = True
     manager = target.nodes_manager
-    known = target.get_primaries() or target.startup_nodes
+    known = target.get_primaries() or list(manager.startup_nodes.values())
     kwargs.update(require_full_coverage=manager.require_full_coverage, address_remap=manager.address_remap)
     pool_timeout = getattr(target, "pool_timeout", DEFAULT_POOL_TIMEOUT)
     nodes = [ClusterNode(n.host, n.port) for n in known]

@@ -85,7 +85,7 @@ def test_cluster_url_lists_several_nodes_with_credentials_and_options() -> None:
     assert client.connection_kwargs["password"] == "p@w"
     assert client.connection_kwargs["max_connections"] == 7
     assert client.pool_timeout == 3.0  # type: ignore[attr-defined]
-    assert [n.name for n in client.startup_nodes] == ["h1:7000", "h2:7001"]
+    assert list(client.nodes_manager.startup_nodes) == ["h1:7000", "h2:7001"]
 
 
 @pytest.mark.parametrize(
