@@ -14,6 +14,7 @@ import redis.exceptions as rexc
 from sessionq.connection import connect, is_cluster_url
 from sessionq.scripts import Scripts
 from sessionq.wire import Wire
+from tests import activities as acts
 from tests.proxy import RedisProxy
 
 pytestmark = pytest.mark.cluster  # routing by key slot matters most there
@@ -134,3 +135,24 @@ async def test_a_script_the_server_does_not_know_is_sent_whole(wire: Wire, key_p
     k = key_of(key_prefix, "hb")
     reply = await scripts.run("heartbeat", [k + ":workers", k + ":worker", k + ":alive"], ["w", 1000, 0, 0])
     assert reply == 0  # the script ran: this worker is not registered
+
+
+async def test_client_and_worker_on_an_in_process_fakeredis() -> None:
+    """How users test their own activities: a fakeredis.aioredis.FakeRedis passed to Client
+    and Worker (its connections are fake sockets, driven directly by the hot path too)."""
+    import fakeredis
+
+    from sessionq import Client, Worker
+
+    server, key_prefix = fakeredis.FakeServer(), "sqt" + uuid.uuid4().hex[:10]  # a private server
+    worker = Worker(
+        fakeredis.aioredis.FakeRedis(server=server), task_queue="q", activities=[acts.echo],
+        enable_sessions=True, prefix=key_prefix,
+    )  # fmt: skip
+    async with worker, Client(fakeredis.aioredis.FakeRedis(server=server), prefix=key_prefix) as client:
+        assert (
+            await asyncio.wait_for(client.execute_activity(acts.echo, "plain", task_queue="q"), 10) == "plain"
+        )
+        async with client.create_session("q") as session:
+            assert await asyncio.wait_for(session.execute_activity(acts.echo, "pinned"), 10) == "pinned"
+            assert session.info.worker_id == worker.worker_id
