@@ -38,6 +38,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from .connection import is_cluster
+from .errors import SessionqError
 
 try:  # hiredis' C command packer: byte for byte what redis-py's Python one writes, ~6x faster
     from hiredis import pack_command as _hiredis_pack
@@ -94,8 +95,8 @@ class Multiplexer:
         return futures
 
     async def _connect(self) -> AbstractConnection:
-        if self._closed:
-            raise rexc.ConnectionError("this sessionq connection was closed")
+        if self._closed:  # not a ConnectionError: retrying would wait for Redis in vain
+            raise SessionqError("this Client (or Worker) was closed; create a new one to talk to Redis")
         if self._connecting is None or self._connecting.done():
             self._connecting = asyncio.ensure_future(self._open())
         return await asyncio.shield(self._connecting)

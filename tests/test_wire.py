@@ -16,6 +16,7 @@ from sessionq.scripts import Scripts
 from sessionq.wire import Wire
 from tests import activities as acts
 from tests.proxy import RedisProxy
+from tests.test_sessions import make_worker
 
 pytestmark = pytest.mark.cluster  # routing by key slot matters most there
 
@@ -156,3 +157,17 @@ async def test_client_and_worker_on_an_in_process_fakeredis() -> None:
         async with client.create_session("q") as session:
             assert await asyncio.wait_for(session.execute_activity(acts.echo, "pinned"), 10) == "pinned"
             assert session.info.worker_id == worker.worker_id
+
+
+async def test_a_session_used_after_its_client_closed_says_so_at_once(
+    redis_url: str, key_prefix: str
+) -> None:
+    """No retrying against a Redis that is fine: the client is closed, and the error says so."""
+    from sessionq import Client, SessionqError
+
+    async with make_worker(redis_url, key_prefix, "q", "w1"):
+        client = Client(redis_url, prefix=key_prefix)
+        session = await client.create_session("q")
+        await client.close()
+        with pytest.raises(SessionqError, match="closed"):
+            await asyncio.wait_for(session.execute_activity(acts.echo, 1), 2)
