@@ -28,8 +28,8 @@ POP_BATCH = 256
 class Inbox:
     """Resolves futures by id (activity id or session id) as messages arrive."""
 
-    def __init__(self, reader: BlockingRead, key: str, codec: Codec) -> None:
-        self.reader = reader
+    def __init__(self, connection: BlockingRead, key: str, codec: Codec) -> None:
+        self.connection = connection
         self.key = key
         self.codec = codec
         self._futures: dict[str, asyncio.Future[Result | Grant | Refusal]] = {}
@@ -56,7 +56,7 @@ class Inbox:
     async def _pop(self) -> list[bytes]:
         if self._use_blmpop:
             try:
-                reply = await self.reader.execute(
+                reply = await self.connection.execute(
                     "BLMPOP", POP_TIMEOUT, 1, self.key, "LEFT", "COUNT", POP_BATCH
                 )
                 return list(reply[1]) if reply else []
@@ -64,7 +64,7 @@ class Inbox:
                 if "unknown command" not in str(exc).lower():
                     raise
                 self._use_blmpop = False  # Redis < 7: one message per pop
-        reply = await self.reader.execute("BLPOP", self.key, POP_TIMEOUT)
+        reply = await self.connection.execute("BLPOP", self.key, POP_TIMEOUT)
         return [reply[1]] if reply else []
 
     async def _read(self) -> None:

@@ -9,7 +9,7 @@ Loops, each one task, each readable top to bottom:
   in a task of its own so that slow housekeeping never delays it.
 - `_maintain`: trim the own stream, enforce activity heartbeat timeouts, reap dead
   workers and reclaim the plain activities they held.
-- `_flush`: write results (and acks) in one pipeline per batch.
+- `_flush`: write each batch of results (one RPUSH per caller inbox) and acks in one write.
 """
 
 from __future__ import annotations
