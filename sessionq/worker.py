@@ -671,8 +671,17 @@ class Worker:
             commands.append(("XDEL", self.keys.tasks, *acks))
         try:
             await self.wire.execute_many(self.keys.tasks, commands)
+        except ResponseError as exc:
+            # Redis answered the whole batch but refused a command (say NOGROUP: the task
+            # stream's consumer group was deleted by hand). Sending it again would only push
+            # the same results again, so say so once and move on.
+            log.error(
+                "worker %s: Redis refused part of a batch of %d result(s) and %d ack(s): %s; the "
+                "results that could be written were; check the keys under %s",
+                self.worker_id, len(outbox), len(acks), exc, self.keys.base,
+            )  # fmt: skip
         except BaseException:
-            self._outbox[:0] = outbox  # keep them for the next try
+            self._outbox[:0] = outbox  # the connection failed: keep them for the next try
             self._acks[:0] = acks
             self._outbox_ready.set()
             raise

@@ -26,6 +26,7 @@ from sessionq import (
     ActivityCancelledError,
     ActivityError,
     ActivityNotRegisteredError,
+    ActivityOptions,
     ActivityTimeoutError,
     ApplicationError,
     Client,
@@ -35,7 +36,10 @@ from sessionq import (
     SyncClient,
     Worker,
 )
+from sessionq.codec import default_codec
 from sessionq.connection import is_cluster_url, split_cluster_url
+from sessionq.envelope import encode_task
+from sessionq.keys import QueueKeys
 from tests import activities as shared
 from tests.helpers import wait_for
 
@@ -634,6 +638,33 @@ async def test_d04_malformed_entries_in_tasks_stream_are_moved_aside(
     # Nothing is left in the queue, pending or not: the garbage does not come back.
     assert await wait_for(lambda: _stream_empty(redis_client, tasks_key), 5, message="tasks stream not empty")
     assert "malformed entry" in caplog.text
+
+
+async def test_a_result_batch_redis_refuses_is_reported_once_not_resent(
+    start_worker: StartWorker,
+    client: Client,
+    task_queue: str,
+    key_prefix: str,
+    redis_client: redis.asyncio.Redis,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A batch of results Redis answers with an error (WRONGTYPE: a caller's inbox key was
+    overwritten by hand) is logged once, saying what to check, and not resent (each resend
+    would push the same results again); the worker goes on serving."""
+    keys = QueueKeys(key_prefix, task_queue)
+    await redis_client.set(keys.inbox("ghost"), "not a list")
+    payload = encode_task(
+        default_codec, activity_id="a-ghost", name="echo", args=(1,), kwargs={}, client_id="ghost",
+        session_id=None, options=ActivityOptions(),
+    )  # fmt: skip
+    await redis_client.xadd(keys.tasks, {"d": payload})
+    worker = await start_worker("w-refused")
+    refusal = "Redis refused part of a batch"
+    await wait_for(lambda: refusal in caplog.text, message="the refusal was not reported")
+    assert not worker._outbox and not worker._acks, "the refused batch was queued to be sent again"
+    assert await redis_client.xlen(keys.tasks) == 0, "the task was not acknowledged and deleted"
+    still = await client.execute_activity(shared.echo, "still serving", task_queue=task_queue)
+    assert still == "still serving"
 
 
 async def _dead_count_at_least(
