@@ -14,8 +14,9 @@ directly (connect, AUTH, SELECT, TLS and the hiredis parser all stay redis-py's)
 - `BlockingConnection`: one blocking read (XREAD/XREADGROUP BLOCK, BLMPOP) at a time, on a
   connection nothing else uses.
 - `Wire`: routes a command by its key. One server has one multiplexer; a Redis Cluster has
-  one per master, and a MOVED/ASK/TRYAGAIN/CLUSTERDOWN reply sends the command through
-  redis-py's cluster client instead, which follows the redirect and refreshes its slot map.
+  one per master. A MOVED reply makes it learn the slot map again (redis-py's nodes manager)
+  and resend; an ASK reply, ASKING and the command to the node named. TRYAGAIN and
+  CLUSTERDOWN are raised: they are transient, and the callers retry them.
 
 Replies are raw RESP2 values (bytes, ints, lists, None); a Redis error reply raises
 redis-py's ResponseError, and a lost connection fails every command in flight with
@@ -47,9 +48,6 @@ except ImportError:  # hiredis not installed, or older than 2.1
 
 Command = Sequence[Any]
 ConnectionFactory = Callable[[], AbstractConnection]
-
-_REDIRECTS = ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN")
-"""Cluster error replies after which redis-py's cluster client knows what to do."""
 
 
 class Multiplexer:
@@ -197,7 +195,7 @@ class Wire:
         self.redis = redis
         self.cluster = is_cluster(redis)
         self._muxes: dict[str, Multiplexer] = {}
-        self._blocking: list[BlockingConnection] = []
+        self._blocking: set[BlockingConnection] = set()
         if not self.cluster:
             pool = redis.connection_pool
             timeout = pool.connection_kwargs.get("socket_timeout")
@@ -209,29 +207,46 @@ class Wire:
         """Run a command on the server that holds `key`; returns the raw reply."""
         if self._single is not None:
             return await self._single.execute(*args)
-        mux = await self._mux_for(key)
         try:
-            return await mux.execute(*args)
-        except rexc.ResponseError as exc:
-            if not str(exc).startswith(_REDIRECTS):
-                raise
-        return await self.redis.execute_command(*args)  # follows the redirect, relearns the slots
+            return await (await self._mux_for(key)).execute(*args)
+        except rexc.AskError as exc:  # MOVED or ASK (a MovedError is an AskError)
+            return await self._redirected(key, exc, args)
 
     async def execute_many(self, key: Any, commands: Sequence[Command]) -> list[Any]:
         """Run several commands on keys of `key`'s slot, written at once; their replies in order.
 
         Raises the first error reply, after every command has been answered. On a cluster a
-        command redirected elsewhere is run again through redis-py's cluster client."""
+        command redirected elsewhere (MOVED, ASK) runs again where the reply points."""
         mux = self._single if self._single is not None else await self._mux_for(key)
         futures = await mux.send(commands)
         replies = await asyncio.gather(*futures, return_exceptions=True)
         for index, reply in enumerate(replies):
-            if isinstance(reply, rexc.ResponseError) and self.cluster and str(reply).startswith(_REDIRECTS):
-                replies[index] = await self.redis.execute_command(*commands[index])
+            if isinstance(reply, rexc.AskError) and self.cluster:
+                replies[index] = await self._redirected(key, reply, commands[index])
         for reply in replies:
             if isinstance(reply, BaseException):
                 raise reply
         return replies
+
+    async def _redirected(self, key: Any, redirect: rexc.AskError, command: Command) -> Any:
+        """Run `command` where a cluster redirect points. MOVED: the slot has a new owner, so
+        learn the slot map again and use it. ASK: the slot is being migrated and the key is
+        already on the target, so send ASKING and the command there, in one write."""
+        if isinstance(redirect, rexc.MovedError):
+            await self.relearn_slots()
+            return await (await self._mux_for(key)).execute(*command)
+        node = self.redis.get_node(host=redirect.host, port=redirect.port)
+        if node is None:  # a node the slot map does not know yet
+            await self.relearn_slots()
+            node = self.redis.get_node(host=redirect.host, port=redirect.port)
+            if node is None:
+                raise rexc.ClusterDownError(f"ASK points at {redirect.host}:{redirect.port}, no known node")
+        _, reply = await asyncio.gather(*await self._mux_of(node).send([("ASKING",), command]))
+        return reply
+
+    async def relearn_slots(self) -> None:
+        """Ask the cluster which master holds which slot (after a MOVED: resharding, failover)."""
+        await self.redis.nodes_manager.initialize()
 
     def blocking(self, key: Any) -> BlockingRead:
         """A dedicated connection for blocking reads of `key` (kept until aclose)."""
@@ -239,11 +254,17 @@ class Wire:
 
     def _new_blocking(self, make_connection: ConnectionFactory) -> BlockingConnection:
         conn = BlockingConnection(make_connection)
-        self._blocking.append(conn)
+        self._blocking.add(conn)
         return conn
 
+    async def _drop_blocking(self, conn: BlockingConnection) -> None:
+        self._blocking.discard(conn)
+        await conn.aclose()
+
     async def _mux_for(self, key: Any) -> Multiplexer:
-        node = await self._node_for(key)
+        return self._mux_of(await self._node_for(key))
+
+    def _mux_of(self, node: Any) -> Multiplexer:
         mux = self._muxes.get(node.name)
         if mux is None:
             mux = Multiplexer(
@@ -261,13 +282,13 @@ class Wire:
         muxes = [self._single] if self._single is not None else list(self._muxes.values())
         for mux in muxes:
             await mux.aclose()
-        for conn in self._blocking:
+        for conn in list(self._blocking):
             await conn.aclose()
 
 
 class BlockingRead:
-    """Blocking reads of one key over a dedicated connection (on a cluster: to the key's
-    master, re-resolved after a redirect)."""
+    """Blocking reads of one key over a dedicated connection (on a cluster: to the master
+    that holds the key, followed to a new one after MOVED)."""
 
     def __init__(self, wire: Wire, key: Any) -> None:
         self.wire = wire
@@ -282,18 +303,22 @@ class BlockingRead:
                 pool = wire.redis.connection_pool
                 self._conn = wire._new_blocking(_unbounded(pool.make_connection))
             return await self._conn.execute(*args)
-        node = await wire._node_for(self.key)
+        try:
+            return await self._execute_on_owner(args)
+        except rexc.MovedError:
+            await wire.relearn_slots()
+        except rexc.AskError as exc:  # the key moves right now: the caller's loop retries soon
+            raise rexc.TryAgainError(f"{self.key!r} is being migrated to {exc.host}:{exc.port}") from exc
+        return await self._execute_on_owner(args)
+
+    async def _execute_on_owner(self, args: Command) -> Any:
+        node = await self.wire._node_for(self.key)
         if self._conn is None or self._node != node.name:
             if self._conn is not None:
-                await self._conn.aclose()
-            self._conn = wire._new_blocking(_unbounded(_node_connection_factory(node)))
+                await self.wire._drop_blocking(self._conn)
+            self._conn = self.wire._new_blocking(_unbounded(_node_connection_factory(node)))
             self._node = node.name
-        try:
-            return await self._conn.execute(*args)
-        except rexc.ResponseError as exc:
-            if not str(exc).startswith(_REDIRECTS):
-                raise
-        return await wire.redis.execute_command(*args)
+        return await self._conn.execute(*args)
 
 
 def pack(conn: AbstractConnection, commands: Sequence[Command]) -> bytes | list[bytes]:

@@ -220,3 +220,32 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def move_slot(url: str, slot: int, target: str, *, finish: bool = True) -> str:
+    """Move `slot` and its keys to master `target` ("host:port") the way resharding does
+    (IMPORTING / MIGRATING, MIGRATE, SETSLOT NODE on every master); returns the old owner.
+    With finish=False it stops before SETSLOT NODE: the keys are on the target while the old
+    owner still holds the slot and answers ASK (call again with finish=True to end it)."""
+    with sync_cluster(url) as client:
+        masters = {f"{n.host}:{n.port}": n for n in client.get_primaries()}
+        owner = client.nodes_manager.slots_cache[slot][0]
+        source = f"{owner.host}:{owner.port}"
+    conns = {name: redis.Redis(host=n.host, port=n.port) for name, n in masters.items()}
+    try:
+        ids = {name: conn.execute_command("CLUSTER", "MYID").decode() for name, conn in conns.items()}
+        src, dst = conns[source], conns[target]
+        if source != target:
+            dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[source])
+            src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[target])
+            host, port = target.rsplit(":", 1)
+            while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
+                src.execute_command("MIGRATE", host, port, "", 0, 5000, "KEYS", *keys)
+        if not finish:
+            return source
+        for conn in (dst, *conns.values()):
+            conn.execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[target])
+    finally:
+        for conn in conns.values():
+            conn.close()
+    return source

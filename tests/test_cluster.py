@@ -21,8 +21,9 @@ from redis.asyncio.cluster import RedisCluster
 import sessionq
 from sessionq.connection import as_cluster_url, connect, split_cluster_url
 from sessionq.keys import QueueKeys
+from sessionq.wire import Wire
 from tests import activities as acts
-from tests.cluster import sync_cluster
+from tests.cluster import move_slot, sync_cluster
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.cluster
@@ -214,3 +215,56 @@ async def test_cluster_sends_and_waits_need_no_pool_connection(cluster_url: str,
             await blocker
     with pytest.raises(sessionq.SessionqError, match="closed"):
         await handle.result()
+
+
+async def test_cluster_hot_path_follows_a_slot_moved_to_another_master(cluster_url: str, prefix: str) -> None:
+    """Resharding: once a queue's slot moves, the hot path's commands reach the new master.
+    The old one answers MOVED; the wire learns the slot map again and resends the command
+    (raw reply and all, as on the way there). The slot moves three times, so that each path (shared
+    connection, batch, blocking read) is the first to meet the MOVED once; then a move is
+    caught halfway, where the old owner answers ASK."""
+    redis_client = connect(cluster_url)
+    wire = Wire(redis_client)
+    value, items = f"{prefix}:{{{prefix}-moving}}:value", f"{prefix}:{{{prefix}-moving}}:items"
+    slot = redis_client.keyslot(value)
+    masters = sorted(keys_by_master(cluster_url, prefix))
+    reader = wire.blocking(items)
+
+    async def move_to_next_master() -> str:
+        here = (await wire._node_for(value)).name
+        target = masters[(masters.index(here) + 1) % len(masters)]
+        assert await asyncio.to_thread(move_slot, cluster_url, slot, target) == here
+        return target
+
+    try:
+        assert await wire.execute(value, "SET", value, "v1") == b"OK"  # connected to the first owner
+        assert await reader.execute("LLEN", items) == 0
+
+        target = await move_to_next_master()
+        assert await wire.execute(value, "GET", value) == b"v1"
+        assert (await wire._node_for(value)).name == target, "the slot map was not relearned"
+
+        target = await move_to_next_master()
+        assert await wire.execute_many(value, [("SET", value, "v2"), ("GET", value)]) == [b"OK", b"v2"]
+        assert (await wire._node_for(value)).name == target
+
+        await wire.execute(items, "RPUSH", items, b"x")  # before the move: lands on the owner
+        target = await move_to_next_master()
+        assert await reader.execute("BLPOP", items, 1) == [items.encode(), b"x"]
+        assert (await wire._node_for(value)).name == target
+        assert await wire.execute(value, "GET", value) == b"v2"
+
+        # Mid-migration: the keys already sit on the next master, the old owner answers ASK.
+        here = target
+        target = masters[(masters.index(here) + 1) % len(masters)]
+        await asyncio.to_thread(move_slot, cluster_url, slot, target, finish=False)
+        assert await wire.execute(value, "GET", value) == b"v2"
+        assert await wire.execute_many(value, [("GET", value), ("EXISTS", value)]) == [b"v2", 1]
+        with pytest.raises(redis.exceptions.TryAgainError, match="being migrated"):
+            await reader.execute("LLEN", items)  # a worker's poll loop retries this shortly
+        await asyncio.to_thread(move_slot, cluster_url, slot, target)
+        assert await reader.execute("LLEN", items) == 0  # MOVED: relearned, reconnected
+        assert (await wire._node_for(value)).name == target
+    finally:
+        await wire.aclose()
+        await redis_client.aclose()
