@@ -63,12 +63,15 @@ DEFAULT_POOL_TIMEOUT = 10.0
 """Seconds a command waits for a free cluster connection before ConnectionPoolExhaustedError."""
 
 # A cluster that is failing over answers CLUSTERDOWN / TRYAGAIN without running the command,
-# and a slot may be briefly uncovered: all safe to retry like a dropped connection.
+# a slot may be briefly uncovered, and one that moves twice in quick succession can redirect
+# (MOVED/ASK) again after the wire followed the first redirect: all safe to retry like a
+# dropped connection.
 TRANSIENT = (
     rexc.ConnectionError,
     rexc.TimeoutError,
     rexc.ClusterDownError,
     rexc.TryAgainError,
+    rexc.AskError,  # MovedError is one too
     rexc.SlotNotCoveredError,
     ConnectionError,
     OSError,
