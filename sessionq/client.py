@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import time
@@ -12,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from .activity import name_of
 from .codec import Codec, default_codec
-from .connection import connect, resolve_url, retrying
+from .connection import connect, resolve_url
+from .durations import Duration, seconds
 from .envelope import RemoteError, Result, encode_task
 from .errors import (
     REMOTE_ERRORS,
@@ -23,6 +25,7 @@ from .errors import (
     ConfigurationError,
     SessionqError,
 )
+from .faults import DEFAULT_UNAVAILABLE_TIMEOUT, describe, public, retrying
 from .inbox import Inbox
 from .keys import DEFAULT_PREFIX, QueueKeys, validate_name
 from .options import ActivityOptions, SessionOptions
@@ -31,6 +34,8 @@ from .wire import Wire
 
 if TYPE_CHECKING:
     from .session import SessionOpener
+
+log = logging.getLogger("sessionq")
 
 
 def to_exception(error: RemoteError, name: str, activity_id: str) -> SessionqError:
@@ -76,6 +81,7 @@ class ActivityHandle:
     def done(self) -> bool:
         return self._future.done()
 
+    @public("waiting for an activity's result")
     async def result(self) -> Any:
         """The activity's return value; raises the sessionq error for any failure."""
         try:
@@ -105,6 +111,7 @@ class ActivityHandle:
                 timeout_type="schedule_to_close",
             ) from None
 
+    @public("cancelling an activity")
     async def cancel(self) -> None:
         """Ask the worker to cancel the activity; `result()` then raises ActivityCancelledError."""
         if self._cancel is not None and not self._future.done():
@@ -118,7 +125,9 @@ class Client:
     """Sends activities to task queues and opens worker sessions.
 
     `redis` is a URL (default: SESSIONQ_REDIS_URL, REDIS_URL, then localhost) or a
-    redis.asyncio.Redis whose connection settings are reused.
+    redis.asyncio.Redis whose connection settings are reused. `unavailable_timeout` is how
+    long a call rides out Redis being unreachable or refusing commands (retrying, or waiting
+    for its result) before it raises RedisUnavailableError.
     """
 
     def __init__(
@@ -129,8 +138,12 @@ class Client:
         codec: Codec | None = None,
         identity: str | None = None,
         retention: float = 3600.0,
+        unavailable_timeout: Duration = DEFAULT_UNAVAILABLE_TIMEOUT,
     ) -> None:
         validate_name("prefix", prefix)
+        self.unavailable_timeout: float = seconds(  # type: ignore[assignment]
+            "unavailable_timeout", unavailable_timeout, optional=False
+        )
         self.redis = connect(resolve_url(redis) if redis is None or isinstance(redis, str) else redis)
         self.prefix = prefix
         self.codec = codec or default_codec
@@ -141,9 +154,14 @@ class Client:
         self.scripts = Scripts(self.wire)
         self._inboxes: dict[str, Inbox] = {}
         self._closed = False
+        self._background: set[asyncio.Task[Any]] = set()
         from .session import LivenessMonitor
 
         self.monitor = LivenessMonitor(self)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     # -- plumbing shared with sessions --------------------------------------------------
     def keys(self, task_queue: str) -> QueueKeys:
@@ -155,7 +173,7 @@ class Client:
         inbox = self._inboxes.get(task_queue)
         if inbox is None:
             key = self.keys(task_queue).inbox(self.client_id)
-            inbox = Inbox(self.wire.blocking(key), key, self.codec)
+            inbox = Inbox(self.wire, self.scripts, key, self.codec, self.unavailable_timeout)
             self._inboxes[task_queue] = inbox
         return inbox
 
@@ -192,7 +210,26 @@ class Client:
         )
         return activity_id, name, payload
 
+    async def retrying(self, call: Callable[[], Any], what: str) -> Any:
+        """Run an idempotent Redis call through transient failures, for up to unavailable_timeout."""
+        return await retrying(call, within=self.unavailable_timeout, what=what)
+
+    def settle_later(self, call: Callable[[], Any], what: str) -> None:
+        """Finish `call` in the background once Redis answers again (cleanup a failed call
+        still owes: leaving a waiting line, giving a slot back). Retried for a minute."""
+
+        async def settle() -> None:
+            try:
+                await retrying(call, within=60.0, what=what)
+            except Exception as exc:
+                log.error("%s failed for good (%s); Redis' timeouts will clean up", what, describe(exc))
+
+        task = asyncio.ensure_future(settle())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     # -- plain activities -------------------------------------------------------------
+    @public("starting an activity")
     async def start_activity(
         self,
         activity: Any,
@@ -209,9 +246,9 @@ class Client:
         keys = self.keys(queue)
         activity_id, name, payload = self.prepare(activity, args, kwargs, opts, queue, None)
         inbox = self.inbox(queue)
-        future = inbox.expect(activity_id)
+        future = await inbox.expect(activity_id)
         try:
-            await retrying(
+            await self.retrying(
                 lambda: self.wire.execute(keys.tasks, "XADD", keys.tasks, "*", "d", payload),
                 what="queueing an activity",
             )
@@ -227,6 +264,7 @@ class Client:
             cancel=lambda: self._broadcast_cancel(keys, activity_id),
         )
 
+    @public("running an activity")
     async def execute_activity(
         self,
         activity: Any,
@@ -245,11 +283,15 @@ class Client:
 
     async def _broadcast_cancel(self, keys: QueueKeys, activity_id: str) -> None:
         """A plain activity may run on any worker: ask every registered one to cancel it."""
-        workers = await self.redis.smembers(keys.workers)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for w in workers:
-                pipe.xadd(keys.stream(w.decode()), {"t": "x", "i": activity_id}, nomkstream=True)
-            await pipe.execute()
+
+        async def broadcast() -> None:
+            workers = await self.redis.smembers(keys.workers)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for w in workers:
+                    pipe.xadd(keys.stream(w.decode()), {"t": "x", "i": activity_id}, nomkstream=True)
+                await pipe.execute()
+
+        await self.retrying(broadcast, what="cancelling an activity")
 
     # -- sessions -----------------------------------------------------------------------
     def create_session(self, task_queue: str, options: SessionOptions | None = None) -> SessionOpener:
@@ -271,11 +313,16 @@ class Client:
         return SessionOpener(self, parsed.task_queue, options or SessionOptions(), token=parsed)
 
     # -- lifecycle ----------------------------------------------------------------------
+    @public("closing a Client")
     async def close(self) -> None:
-        """Stop reading results and close the Redis connections."""
+        """Stop reading results, delete this client's inboxes and close the Redis connections."""
         if self._closed:
             return
         self._closed = True
+        if self._background:  # cleanup still owed to Redis: give it a moment
+            await asyncio.wait(self._background, timeout=5.0)
+            for task in self._background:
+                task.cancel()
         await self.monitor.close()
         for inbox in self._inboxes.values():
             await inbox.close(SessionqError("the Client was closed while this call was waiting"))

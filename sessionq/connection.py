@@ -22,7 +22,7 @@ flight per client, all nodes together, so no node's pool can run dry.)
 Cluster specifics handled here: the slot map is loaded before the first command (redis-py
 would otherwise route the first concurrent commands at random, and the MOVED replies make it
 drop every connection); the keys of XREAD/XREADGROUP/BLMPOP are read locally instead of with
-COMMAND GETKEYS; CLUSTERDOWN/TRYAGAIN count as transient; TIME is read on the queue's node.
+COMMAND GETKEYS; TIME is read on the queue's node. Which failures are retried: faults.py.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ import contextvars
 import inspect
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any
 from urllib.parse import urlsplit
 
 import redis.asyncio as aredis
@@ -44,38 +44,22 @@ from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.asyncio.connection import SSLConnection, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from tenacity import (
-    AsyncRetrying,
-    before_sleep_log,
-    retry_if_exception_type,
-    stop_after_delay,
-    wait_random_exponential,
-)
 
-from .errors import ConfigurationError, ConnectionPoolExhaustedError, RedisUnavailableError
+from .errors import ConfigurationError, ConnectionPoolExhaustedError
 
 log = logging.getLogger("sessionq")
-T = TypeVar("T")
 
 DEFAULT_URL = "redis://localhost:6379/0"
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 DEFAULT_POOL_TIMEOUT = 10.0
 """Seconds a command waits for a free cluster connection before ConnectionPoolExhaustedError."""
+DEFAULT_COMMAND_TIMEOUT = 10.0
+"""Seconds a command may wait for its reply before its connection counts as dead (a frozen
+network path, a half-open socket) and is replaced; ``?socket_timeout=S`` in the URL sets it."""
+DEFAULT_CONNECT_TIMEOUT = 5.0
+"""Seconds to open a connection, handshake included; ``?socket_connect_timeout=S`` sets it."""
+_TIMEOUTS = {"socket_timeout": DEFAULT_COMMAND_TIMEOUT, "socket_connect_timeout": DEFAULT_CONNECT_TIMEOUT}
 
-# A cluster that is failing over answers CLUSTERDOWN / TRYAGAIN without running the command,
-# a slot may be briefly uncovered, and one that moves twice in quick succession can redirect
-# (MOVED/ASK) again after the wire followed the first redirect: all safe to retry like a
-# dropped connection.
-TRANSIENT = (
-    rexc.ConnectionError,
-    rexc.TimeoutError,
-    rexc.ClusterDownError,
-    rexc.TryAgainError,
-    rexc.AskError,  # MovedError is one too
-    rexc.SlotNotCoveredError,
-    ConnectionError,
-    OSError,
-)
 _MaxConnectionsError: type[Exception] = getattr(rexc, "MaxConnectionsError", rexc.ConnectionError)
 _POOL_OWNED_KWARGS = (
     "maint_notifications_pool_handler",
@@ -116,7 +100,7 @@ def connect(target: Any) -> Any:
     """A client speaking RESP2 with raw bytes and no hidden command retries.
 
     redis-py retries a command after a connection error on its own; for a script that
-    claims a slot that could run it twice, so sessionq retries explicitly (see `retrying`)
+    claims a slot that could run it twice, so sessionq retries explicitly (see `faults.retrying`)
     and only where the operation is idempotent. A given client is not used as is: a new
     one is built on its connection settings, so user settings like decode_responses
     cannot change what sessionq reads.
@@ -137,6 +121,7 @@ def connect(target: Any) -> Any:
             retry=Retry(NoBackoff(), 0),
             socket_keepalive=True,
             health_check_interval=15,
+            **_TIMEOUTS,  # the URL's own values win
         )
         return aredis.Redis(connection_pool=pool)
     if isinstance(target, RedisCluster):
@@ -147,6 +132,7 @@ def connect(target: Any) -> Any:
         for owned in _POOL_OWNED_KWARGS:  # state the given pool made for itself (redis-py >= 7)
             kwargs.pop(owned, None)
         kwargs.update(protocol=2, decode_responses=False, retry=Retry(NoBackoff(), 0))
+        with_default_timeouts(kwargs)
         kwargs.setdefault("max_connections", getattr(given, "max_connections", None) or 100)
         kwargs.setdefault("pool_timeout", getattr(given, "pool_timeout", DEFAULT_POOL_TIMEOUT))
         pool = WaitingPool(connection_class=given.connection_class, **kwargs)
@@ -156,6 +142,15 @@ def connect(target: Any) -> Any:
         "expected a Redis URL, a redis.asyncio.Redis or a redis.asyncio.cluster.RedisCluster, "
         f"got {type(target).__name__}",
     )
+
+
+def with_default_timeouts(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Fill in sessionq's command and connect timeouts where none is set: without them a
+    command on a half-open connection waits forever."""
+    for name, default in _TIMEOUTS.items():
+        if kwargs.get(name) is None:
+            kwargs[name] = default
+    return kwargs
 
 
 class WaitingPool(aredis.BlockingConnectionPool):
@@ -392,6 +387,7 @@ def cluster_from_url(url: str) -> ClusterClient:
     pool_timeout = kwargs.pop("pool_timeout", DEFAULT_POOL_TIMEOUT)
     kwargs.setdefault("socket_keepalive", True)
     kwargs.setdefault("health_check_interval", 15)
+    with_default_timeouts(kwargs)
     return _make_cluster([ClusterNode(host, port) for host, port in nodes], kwargs, pool_timeout, url)
 
 
@@ -411,6 +407,7 @@ def cluster_from_client(target: RedisCluster) -> ClusterClient:
     known = target.get_primaries() or list(manager.startup_nodes.values())
     kwargs.update(require_full_coverage=manager.require_full_coverage, address_remap=manager.address_remap)
     pool_timeout = getattr(target, "pool_timeout", DEFAULT_POOL_TIMEOUT)
+    with_default_timeouts(kwargs)
     nodes = [ClusterNode(n.host, n.port) for n in known]
     return _make_cluster(nodes, kwargs, pool_timeout, repr(target))
 
@@ -434,30 +431,3 @@ async def server_time_ms(client: Any, key: str) -> float:
     else:
         seconds, micros = await client.time()
     return seconds * 1000 + micros / 1000
-
-
-async def retrying(call: Callable[[], Awaitable[T]], *, within: float = 15.0, what: str = "Redis call") -> T:
-    """Run `call`, retrying connection errors with jittered backoff for up to `within` s.
-
-    Only for idempotent operations. Raises RedisUnavailableError when Redis stays away.
-    """
-    try:  # the common case pays nothing for the retry machinery
-        return await call()
-    except TRANSIENT as exc:
-        log.warning("%s: Redis connection error (%s); retrying", what, exc)
-    try:
-        async for attempt in AsyncRetrying(
-            retry=retry_if_exception_type(TRANSIENT),
-            wait=wait_random_exponential(multiplier=0.05, max=2.0),
-            stop=stop_after_delay(within),
-            before_sleep=before_sleep_log(log, logging.WARNING),
-            reraise=True,
-        ):
-            with attempt:
-                return await call()
-    except TRANSIENT as exc:
-        raise RedisUnavailableError(
-            f"{what} failed: Redis unreachable for {within:.0f}s ({exc}). Check that Redis is "
-            "running and the URL is right (SESSIONQ_REDIS_URL / --redis-url)"
-        ) from exc
-    raise AssertionError("unreachable")  # pragma: no cover

@@ -108,7 +108,7 @@ class RemoteError:
 def encode_result(codec: Codec, activity_id: str, value: Any, name: str) -> bytes:
     """A success message for an inbox; an unencodable result becomes an error message."""
     try:
-        return b"r" + codec.dumps({"i": activity_id, "v": value}, what=f"the result of activity {name!r}")
+        return codec.dumps({"i": activity_id, "v": value}, what=f"the result of activity {name!r}")
     except SerializationError as exc:
         return encode_error(
             codec, activity_id, RemoteError("SerializationError", "SerializationError", str(exc))
@@ -117,7 +117,7 @@ def encode_result(codec: Codec, activity_id: str, value: Any, name: str) -> byte
 
 def encode_error(codec: Codec, activity_id: str, error: RemoteError) -> bytes:
     e = error
-    return b"r" + codec.dumps(
+    return codec.dumps(
         {"i": activity_id, "e": [e.kind, e.type, e.message, e.traceback, e.attempt, e.timeout_type]}
     )
 
@@ -148,20 +148,10 @@ class Result:
     error: RemoteError | None = None
 
 
-def decode_inbox(codec: Codec, raw: bytes) -> Result | Grant | Refusal:
-    """Parse one inbox message: b'r'+msgpack result, b'g'/b'x' + '|'-separated text."""
-    kind, rest = raw[:1], raw[1:]
-    if kind == b"r":
-        body = codec.loads(rest)
-        if "e" in body:
-            k, t, m, tb, att, tt = body["e"]
-            return Result(body["i"], error=RemoteError(k, t, m, tb, att, tt))
-        return Result(body["i"], value=body["v"])
-    text = rest.decode()
-    if kind == b"g":
-        sid, worker, host, deadline, hb = text.split("|")
-        return Grant(sid, worker, host, int(deadline), int(hb or 0))
-    if kind == b"x":
-        sid, reason = text.split("|", 1)
-        return Refusal(sid, reason)
-    raise ValueError(f"unknown inbox message kind {kind!r}")
+def decode_result(codec: Codec, data: bytes) -> Result:
+    """Parse one result message (as encode_result / encode_error made it)."""
+    body = codec.loads(data)
+    if "e" in body:
+        k, t, m, tb, att, tt = body["e"]
+        return Result(body["i"], error=RemoteError(k, t, m, tb, att, tt))
+    return Result(body["i"], value=body["v"])

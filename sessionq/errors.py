@@ -107,6 +107,12 @@ class RedisUnavailableError(SessionqError, ConnectionError):
     """Redis could not be reached after bounded retries."""
 
 
+class RedisDataLostError(SessionqError):
+    """Redis lost state a call depended on: it restarted without persistence, failed over
+    to a replica that lagged behind, or keys were deleted. Raised instead of waiting for a
+    message that can no longer come; the activity may or may not have run."""
+
+
 class ConnectionPoolExhaustedError(SessionqError):
     """Every connection this client may open to a Redis Cluster node stayed busy.
 

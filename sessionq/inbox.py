@@ -1,44 +1,86 @@
-"""A client's inbox on one task queue: one blocking pop serves every waiting call.
+"""A client's inbox on one task queue: one blocking read serves every waiting call.
 
-Workers push results, and Lua scripts push session grants, onto one Redis list per
-(client, task queue). A single reader task pops them in batches and resolves the
-matching futures, so a thousand concurrent waits hold one Redis connection, and a
-result reaches its caller the moment it is pushed (no polling).
+Workers append results, and Lua scripts append session grants, to one Redis stream per
+(client, task queue). A single reader task reads new entries in batches, by id, and
+resolves the matching futures, so a thousand concurrent waits hold one Redis connection
+and a result reaches its caller the moment it is written (no polling).
+
+Why a stream read by id and not a list popped: a pop removes the message in Redis before
+its reply reaches us, so a connection lost in between loses the message. A read by id
+removes nothing; entries are trimmed only once dispatched (the trim travels with the next
+read), and a reader that reconnects reads again from the last id it dispatched.
+
+The client owns the key. It creates the stream (open_inbox) before anything can be sent
+to it, renews its TTL while it waits, and deletes it on close. Writers append with
+NOMKSTREAM, so nothing re-creates an inbox without its TTL: a message for a client that
+is gone is dropped. An inbox found missing while the client had it (Redis lost its data,
+or the key expired while the process was stalled) fails every waiting call with
+RedisDataLostError, since their messages can no longer come. A reader that cannot read
+(Redis down, a refused command, any error) keeps retrying with backoff; once it has
+failed for `unavailable_timeout` seconds, the calls waiting on it fail with
+RedisUnavailableError instead of waiting blind.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-
-from redis.exceptions import ResponseError
+import os
+import time
+from collections.abc import Callable
+from typing import Any
 
 from .codec import Codec
-from .connection import TRANSIENT
-from .envelope import Grant, Refusal, Result, decode_inbox
-from .wire import BlockingRead
+from .envelope import Grant, Refusal, Result, decode_result
+from .errors import RedisDataLostError, SessionqError
+from .faults import describe, retrying, unavailable
+from .scripts import Scripts
+from .wire import Wire
 
 log = logging.getLogger("sessionq")
 
-POP_TIMEOUT = 2.0
-POP_BATCH = 256
+READ_BLOCK = 2.0
+"""Seconds one read blocks for new messages; when it returns empty the TTL is renewed."""
+READ_BATCH = 256
+INBOX_TTL = 600.0
+"""Seconds an inbox outlives its client's last sign of life."""
+RENEW_EVERY = INBOX_TTL / 4
+
+Message = Result | Grant | Refusal
 
 
 class Inbox:
     """Resolves futures by id (activity id or session id) as messages arrive."""
 
-    def __init__(self, connection: BlockingRead, key: str, codec: Codec) -> None:
-        self.connection = connection
+    def __init__(
+        self, wire: Wire, scripts: Scripts, key: str, codec: Codec, unavailable_timeout: float
+    ) -> None:
+        self.wire = wire
+        self.scripts = scripts
         self.key = key
         self.codec = codec
-        self._futures: dict[str, asyncio.Future[Result | Grant | Refusal]] = {}
+        self.unavailable_timeout = unavailable_timeout
+        self.connection = wire.blocking(key, READ_BLOCK)
+        self._futures: dict[str, asyncio.Future[Message]] = {}
         self._reader: asyncio.Task[None] | None = None
-        self._use_blmpop = True
+        self._last_id = b"0-0"
+        self._trim_below: bytes | None = None
+        self._renewed_at: float | None = None  # monotonic time of the last open/renew
+        self._opening: asyncio.Future[None] | None = None
+        self._closed = False
 
-    def expect(self, message_id: str) -> asyncio.Future[Result | Grant | Refusal]:
-        """A future for the message with this id; call before the message can be sent."""
-        future: asyncio.Future[Result | Grant | Refusal] = asyncio.get_running_loop().create_future()
+    # -- the caller's side -------------------------------------------------------------
+    async def expect(self, message_id: str) -> asyncio.Future[Message]:
+        """A future for the message with this id; await before the message can be sent
+        (it makes sure the inbox exists, so the message has somewhere to go)."""
+        if self._closed:
+            raise SessionqError("this Client was closed; create a new one")
+        renewed = self._renewed_at
+        if renewed is None or time.monotonic() - renewed > RENEW_EVERY:
+            await retrying(self._open, within=self.unavailable_timeout, what="opening the client's inbox")
+        future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self._futures[message_id] = future
         if self._reader is None or self._reader.done():
             self._reader = asyncio.create_task(self._read(), name=f"sessionq-inbox:{self.key}")
@@ -53,54 +95,148 @@ class Inbox:
         if future is not None and not future.done():
             future.set_exception(error)
 
-    async def _pop(self) -> list[bytes]:
-        if self._use_blmpop:
-            try:
-                reply = await self.connection.execute(
-                    "BLMPOP", POP_TIMEOUT, 1, self.key, "LEFT", "COUNT", POP_BATCH
-                )
-                return list(reply[1]) if reply else []
-            except ResponseError as exc:
-                if "unknown command" not in str(exc).lower():
-                    raise
-                self._use_blmpop = False  # Redis < 7: one message per pop
-        reply = await self.connection.execute("BLPOP", self.key, POP_TIMEOUT)
-        return [reply[1]] if reply else []
+    def _fail_all(self, error: Callable[[], BaseException], ids: list[str] | None = None) -> None:
+        """Fail the waiting futures (`ids`, default all), each with an error of its own."""
+        for message_id in list(self._futures) if ids is None else ids:
+            self.fail(message_id, error())
 
+    # -- the key's life ----------------------------------------------------------------
+    async def _open(self) -> None:
+        """Create the inbox if missing and renew its TTL (one at a time)."""
+        if self._opening is None or self._opening.done():
+            self._opening = asyncio.ensure_future(self._open_once())
+        await asyncio.shield(self._opening)
+
+    async def _open_once(self) -> None:
+        had_it = self._renewed_at is not None
+        made = await self.scripts.open_inbox(self.key, int(INBOX_TTL * 1000))
+        self._renewed_at = time.monotonic()
+        if made and had_it:
+            # Every call registered until now may have sent its message into the void.
+            self._lost(list(self._futures))
+
+    def _lost(self, waiting: list[str]) -> None:
+        """The inbox vanished under us: whatever was on its way to it is gone."""
+        log.error(
+            "inbox %s vanished (Redis lost its data, or the key expired while this process was "
+            "stalled); %d waiting call(s) fail",
+            self.key,
+            len(waiting),
+        )
+        self._last_id = b"0-0"
+        self._trim_below = None
+        self._fail_all(
+            lambda: RedisDataLostError(
+                "Redis lost the message this call was waiting for (its inbox vanished: Redis restarted "
+                "without persistence, failed over to a replica that lagged behind, or the key was "
+                "deleted or expired). The activity may or may not have run; retry it if it is safe"
+            ),
+            waiting,
+        )
+
+    # -- the reader ----------------------------------------------------------------------
     async def _read(self) -> None:
         backoff = 0.05
+        failing_since: float | None = None
         while self._futures:
             try:
-                messages = await self._pop()
-                backoff = 0.05
-            except TRANSIENT as exc:
-                log.warning("inbox %s: Redis error %s; retrying in %.2fs", self.key, exc, backoff)
-                await asyncio.sleep(backoff)
+                entries = await self._next_batch()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # never die: a dead reader would strand every later call
+                now = time.monotonic()
+                if failing_since is None:
+                    failing_since = now
+                    log.warning("inbox %s: cannot read (%s); retrying", self.key, describe(exc))
+                elif now - failing_since >= self.unavailable_timeout:
+                    waited = now - failing_since
+                    self._fail_all(functools.partial(unavailable, "waiting for a result", waited, exc))
+                    failing_since = None
+                await asyncio.sleep(backoff * (0.5 + os.urandom(1)[0] / 255))
                 backoff = min(backoff * 2, 2.0)
                 continue
-            for raw in messages:
-                self._dispatch(raw)
+            if failing_since is not None:
+                log.warning("inbox %s: reading again", self.key)
+            backoff, failing_since = 0.05, None
+            for entry_id, fields in entries:
+                self._dispatch(entry_id, fields)
+            if entries:
+                self._last_id = entries[-1][0]
+                self._trim_below = _next_id(self._last_id)
 
-    def _dispatch(self, raw: bytes) -> None:
+    async def _next_batch(self) -> list[tuple[bytes, list[Any]]]:
+        """New entries after the last one dispatched; trims what was dispatched on the way."""
+        renewed = self._renewed_at
+        if renewed is None or time.monotonic() - renewed > RENEW_EVERY:
+            await self._open()
+        block_ms = int(READ_BLOCK * 1000)
+        read = ("XREAD", "COUNT", READ_BATCH, "BLOCK", block_ms, "STREAMS", self.key, self._last_id)
+        trim = self._trim_below
+        if trim is None:
+            reply = await self.connection.execute(*read)
+        else:
+            _, reply = await self.connection.execute_many((("XTRIM", self.key, "MINID", trim), read))
+            if self._trim_below == trim:
+                self._trim_below = None
+        if not reply:  # a quiet spell: renew the TTL, and find out whether the inbox still exists
+            await self._open()
+            return []
+        return reply[0][1]  # type: ignore[no-any-return]
+
+    def _dispatch(self, entry_id: bytes, flat: list[Any]) -> None:
         try:
-            message = decode_inbox(self.codec, raw)
+            messages = _messages(self.codec, flat)
         except Exception:
-            log.exception("inbox %s: dropped a malformed message %r", self.key, raw[:80])
+            log.exception("inbox %s: dropped malformed entry %s %r", self.key, entry_id, flat[:4])
             return
-        message_id = message.activity_id if isinstance(message, Result) else message.session_id
-        future = self._futures.pop(message_id, None)
-        if future is None:
-            log.debug("inbox %s: no one waits for %s any more (late or duplicate)", self.key, message_id)
-        elif not future.done():
-            future.set_result(message)
+        for message in messages:
+            message_id = message.activity_id if isinstance(message, Result) else message.session_id
+            future = self._futures.pop(message_id, None)
+            if future is None:
+                log.debug("inbox %s: no one waits for %s any more (late or duplicate)", self.key, message_id)
+            elif not future.done():
+                future.set_result(message)
 
     async def close(self, error: BaseException) -> None:
-        """Stop reading; every still-waiting future fails with `error`."""
-        for future in self._futures.values():
-            if not future.done():
-                future.set_exception(error)
-        self._futures.clear()
+        """Stop reading, fail every waiting future with `error`, and delete the inbox."""
+        self._closed = True
+        self._fail_all(lambda: error)
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._reader
+        await self.connection.aclose()
+        if self._renewed_at is not None:
+            with contextlib.suppress(Exception):  # best effort: its TTL removes it otherwise
+                await self.wire.execute(self.key, "DEL", self.key)
+
+
+def _messages(codec: Codec, flat: list[Any]) -> list[Message]:
+    """The messages of one inbox entry. A worker's entry holds results (``r`` fields, one
+    per result); a script's entry holds one grant (``g`` = session id, with ``w``, ``h``,
+    ``d``, ``b``) or one refusal (``x`` = session id, with ``m``, the reason)."""
+    if not flat:
+        return []
+    kind = flat[0]
+    if kind == b"r":
+        return [decode_result(codec, value) for value in flat[1::2]]
+    fields = dict(zip(flat[::2], flat[1::2], strict=True))
+    if kind == b"g":
+        return [
+            Grant(
+                fields[b"g"].decode(),
+                fields[b"w"].decode(),
+                fields[b"h"].decode(),
+                int(fields[b"d"]),
+                int(fields.get(b"b") or 0),
+            )
+        ]
+    if kind == b"x":
+        return [Refusal(fields[b"x"].decode(), fields[b"m"].decode(errors="replace"))]
+    raise ValueError(f"unknown inbox entry kind {kind!r}")
+
+
+def _next_id(entry_id: bytes) -> bytes:
+    """The smallest stream id after `entry_id` (XTRIM MINID keeps ids >= its argument)."""
+    ms, _, seq = entry_id.partition(b"-")
+    return ms + b"-" + str(int(seq or b"0") + 1).encode()

@@ -43,6 +43,7 @@ class Scripts:
         "heartbeat",
         "reap_worker",
         "claim_orphans",
+        "open_inbox",
     )
 
     def __init__(self, wire: Wire) -> None:
@@ -50,11 +51,21 @@ class Scripts:
         self._sources = {name: source(name) for name in self.NAMES}
         self._shas = {name: hashlib.sha1(text.encode()).hexdigest() for name, text in self._sources.items()}
 
-    async def run(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        """Run script `name`: EVALSHA, or EVAL when the server does not have it yet."""
+    async def run(self, name: str, keys: list[str], args: list[Any], *, timeout: float | None = None) -> Any:
+        """Run script `name`: EVALSHA, or EVAL when the server does not have it yet.
+        `timeout` may shorten the wait for the reply (see Wire.execute)."""
+        wire = self.wire
         try:
-            return await self.wire.execute(keys[0], "EVALSHA", self._shas[name], len(keys), *keys, *args)
+            return await wire.execute(
+                keys[0], "EVALSHA", self._shas[name], len(keys), *keys, *args, timeout=timeout
+            )
         except ResponseError as exc:
             if not isinstance(exc, NoScriptError) and not str(exc).startswith("NOSCRIPT"):
                 raise
-        return await self.wire.execute(keys[0], "EVAL", self._sources[name], len(keys), *keys, *args)
+        return await wire.execute(
+            keys[0], "EVAL", self._sources[name], len(keys), *keys, *args, timeout=timeout
+        )
+
+    async def open_inbox(self, inbox: str, ttl_ms: int) -> bool:
+        """Make `inbox` if missing and renew its TTL; True when it was made now."""
+        return bool(await self.run("open_inbox", [inbox], [ttl_ms]))

@@ -18,16 +18,18 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from .client import ActivityHandle, Client
-from .connection import retrying
 from .durations import to_ms
 from .envelope import Grant, Refusal, Result
 from .errors import (
     ActivityCancelledError,
+    RedisDataLostError,
+    RedisUnavailableError,
     SessionAlreadyOpenError,
     SessionCompletedError,
     SessionCreationTimeoutError,
     SessionFailedError,
 )
+from .faults import describe, is_transient, public
 from .keys import QueueKeys
 from .options import SessionOptions
 from .session_info import RecreateToken, SessionInfo, SessionState, current_session
@@ -160,17 +162,18 @@ class Session:
         return self.info.state
 
     # -- activities --------------------------------------------------------------------
-    def _raise_if_closed(self) -> None:
+    def _raise_if_closed(self, cause: BaseException | None = None) -> None:
         if self.info.state is SessionState.COMPLETED:
             raise SessionCompletedError(
                 f"session {self.session_id} was completed; create a new session to run more activities"
-            )
+            ) from cause
         if self.info.state is SessionState.FAILED:
             raise SessionFailedError(
                 f"session {self.session_id} failed: {self.info.failure}; create a new session",
                 self.session_id,
-            )
+            ) from cause
 
+    @public("starting a session activity")
     async def start_activity(
         self,
         activity: Any,
@@ -184,11 +187,11 @@ class Session:
         activity_id, name, payload = self.client.prepare(
             activity, args, kwargs, opts, self.info.task_queue, self.session_id
         )
-        future = self._inbox.expect(activity_id)
+        future = await self._inbox.expect(activity_id)
         self._pending.add(activity_id)
         stream = self.keys.stream(self.info.worker_id)
         try:
-            sent = await retrying(
+            sent = await self.client.retrying(
                 lambda: self.client.wire.execute(
                     stream, "XADD", stream, "NOMKSTREAM", "*", "t", "a", "d", payload
                 ),
@@ -216,6 +219,7 @@ class Session:
             cancel=lambda: self._cancel_activity(activity_id),
         )
 
+    @public("running a session activity")
     async def execute_activity(
         self,
         activity: Any,
@@ -232,6 +236,12 @@ class Session:
             raise
         except SessionFailedError as exc:
             self._mark(SessionState.FAILED, str(exc))
+            raise
+        except RedisDataLostError as exc:
+            # Redis lost the result; if it lost the session too, that is what the caller must hear.
+            with contextlib.suppress(Exception):
+                await self._refresh()
+            self._raise_if_closed(cause=exc)
             raise
 
     def _forget(self, activity_id: str) -> None:
@@ -251,11 +261,12 @@ class Session:
         await self.client.redis.xadd(stream, {"t": "x", "i": activity_id}, nomkstream=True)
 
     # -- ending --------------------------------------------------------------------------
+    @public("completing a session")
     async def complete(self) -> None:
         """Release the worker's slot and cancel the session's activities. Idempotent;
         safe on a failed session (use it in `finally`)."""
         if self.info.state is SessionState.OPEN:
-            state, reason = await retrying(
+            state, reason = await self.client.retrying(
                 lambda: self.client.scripts.run(
                     "end_session",
                     [self.keys.session(self.session_id), self.keys.free, self.keys.waiters],
@@ -265,6 +276,8 @@ class Session:
             )
             if state == b"FAILED":
                 self._mark(SessionState.FAILED, reason.decode())
+            elif state == b"MISSING":
+                self._mark(SessionState.FAILED, "its record is gone from Redis (Redis lost its data?)")
             else:
                 self._mark(SessionState.COMPLETED, None)
         if current_session.get() is self.info:
@@ -385,6 +398,7 @@ class SessionOpener:
         if self._session is not None:
             await self._session.leave_block()
 
+    @public("creating a session")
     async def open(self) -> Session:
         held = current_session.get()
         if held is not None and held.state is SessionState.OPEN:
@@ -392,17 +406,27 @@ class SessionOpener:
                 f"this context already holds open session {held.session_id}; complete it first, or "
                 "create the new session outside its block (tasks started inside it inherit it)"
             )
-        return await self._claim()
-
-    async def _claim(self) -> Session:
-        k, client, opts = self.keys, self.client, self.options
+        deadline = time.monotonic() + float(self.options.creation_timeout)  # type: ignore[arg-type]
         sid = uuid.uuid4().hex
+        while True:
+            try:
+                return await self._claim(sid, deadline)
+            except RedisDataLostError:
+                if time.monotonic() >= deadline:
+                    raise
+                # Redis lost the waiting line with our ticket: queue again, same session id (the
+                # script hands back the session if it was made after all).
+                log.warning("session %s: Redis lost the waiting line; queueing again", sid)
+
+    async def _claim(self, sid: str, deadline: float) -> Session:
+        """Claim a slot now, or queue for one and wait for its grant until `deadline`."""
+        k, client, opts = self.keys, self.client, self.options
         target = self.token.worker_id if self.token else ""
         inbox = client.inbox(self.task_queue)
-        grant_future = inbox.expect(sid)
-        wait_ms = to_ms(opts.creation_timeout)  # type: ignore[arg-type]
+        grant_future = await inbox.expect(sid)
+        wait_ms = max(1, int((deadline - time.monotonic()) * 1000))
         claim = asyncio.ensure_future(
-            retrying(
+            client.retrying(
                 lambda: client.scripts.run(
                     "create_session",
                     [k.free, k.waiters],
@@ -422,7 +446,13 @@ class SessionOpener:
         try:
             reply = await asyncio.shield(claim)
         except asyncio.CancelledError:
-            await asyncio.shield(self._undo_claim(claim, sid, grant_future))
+            await asyncio.shield(self._undo_claim(claim, sid))
+            raise
+        except Exception as exc:
+            if is_transient(exc) or isinstance(exc, RedisUnavailableError):
+                self._leave_line_later(b"", sid)  # it may have run: undo whatever it did
+            else:
+                inbox.forget(sid)
             raise
         status = reply[0]
         if status == b"OK":
@@ -438,9 +468,14 @@ class SessionOpener:
             )
         ticket = reply[1]
         try:
-            message = await self._wait_for_grant(grant_future, ticket, sid, target)
+            message = await self._wait_for_grant(grant_future, ticket, sid, target, deadline)
         except asyncio.CancelledError:
-            await asyncio.shield(self._give_up(ticket, sid, grant_future))
+            await asyncio.shield(self._leave_line(ticket, sid))
+            raise
+        except RedisDataLostError:
+            raise
+        except BaseException:
+            self._leave_line_later(ticket, sid)
             raise
         if isinstance(message, Refusal):
             raise SessionFailedError(
@@ -451,10 +486,14 @@ class SessionOpener:
         return self._session_from(message)
 
     async def _wait_for_grant(
-        self, future: asyncio.Future[Result | Grant | Refusal], ticket: bytes, sid: str, target: str
+        self,
+        future: asyncio.Future[Result | Grant | Refusal],
+        ticket: bytes,
+        sid: str,
+        target: str,
+        deadline: float,
     ) -> Grant | Refusal | Result:
         """Block on the inbox until a slot is handed over or creation_timeout passes."""
-        deadline = time.monotonic() + float(self.options.creation_timeout)  # type: ignore[arg-type]
         step = check_interval(0) if target else None
         while True:
             remaining = deadline - time.monotonic()
@@ -465,19 +504,37 @@ class SessionOpener:
             except asyncio.TimeoutError:
                 if target and await self._target_dead(target):
                     continue  # the reaper refuses our ticket; the refusal arrives next
-        outcome = await self._give_up(ticket, sid, future, complete_if_granted=False)
-        if outcome == b"GRANTED":
-            return await asyncio.wait_for(future, 10.0)
+        try:
+            outcome = await self._give_up(ticket, sid, complete_if_granted=False)
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            self._leave_line_later(ticket, sid)
+            raise SessionCreationTimeoutError(
+                f"no session slot within creation_timeout={float(self.options.creation_timeout):g}s "  # type: ignore[arg-type]
+                f"on task queue {self.task_queue!r}, and Redis could not be reached to leave the waiting "
+                f"line ({describe(exc)}); sessionq keeps trying to leave it in the background"
+            ) from exc
+        if outcome == b"GRANTED":  # granted at the last moment: the grant is in the inbox
+            try:
+                return await asyncio.wait_for(asyncio.shield(future), self.client.unavailable_timeout)
+            except asyncio.TimeoutError:  # the grant was lost on its way: give the slot back
+                self._leave_line_later(b"", sid)
         await self._raise_timeout(target)
         raise AssertionError("unreachable")
 
     async def _target_dead(self, worker_id: str) -> bool:
-        if await self.client.redis.exists(self.keys.alive(worker_id)):
-            return False
-        await reap(self.client, self.keys, worker_id, 0)
+        try:
+            if await self.client.redis.exists(self.keys.alive(worker_id)):
+                return False
+            await reap(self.client, self.keys, worker_id, 0)
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            return False  # cannot tell now; the inbox reader reports a lasting outage
         return True
 
-    async def _undo_claim(self, claim: asyncio.Future[Any], sid: str, future: asyncio.Future[Any]) -> None:
+    async def _undo_claim(self, claim: asyncio.Future[Any], sid: str) -> None:
         """The caller was cancelled while the create_session script ran: wait for its answer
         and give back what it took, its place in the line or its slot (a session nobody holds
         would keep the slot until its execution timeout)."""
@@ -487,11 +544,27 @@ class SessionOpener:
             self.client.inbox(self.task_queue).forget(sid)
             return
         # Without a ticket, cancel_wait finds the session if one was opened, and we complete it.
-        await self._give_up(reply[1] if reply[0] == b"WAIT" else b"", sid, future)
+        await self._leave_line(reply[1] if reply[0] == b"WAIT" else b"", sid)
 
-    async def _give_up(
-        self, ticket: bytes, sid: str, future: asyncio.Future[Any], complete_if_granted: bool = True
-    ) -> bytes:
+    async def _leave_line(self, ticket: bytes, sid: str) -> None:
+        """Leave the waiting line for good; a slot granted meanwhile is given back. Done in
+        the background if Redis cannot be reached now."""
+        try:
+            await self._give_up(ticket, sid)
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            self._leave_line_later(ticket, sid)
+
+    def _leave_line_later(self, ticket: bytes, sid: str) -> None:
+        if self.client.closed:
+            return  # nothing can reach Redis any more; the ticket's deadline drops it
+        self.client.inbox(self.task_queue).forget(sid)
+        self.client.settle_later(
+            lambda: self._give_up(ticket, sid), what=f"leaving the waiting line (session {sid})"
+        )
+
+    async def _give_up(self, ticket: bytes, sid: str, complete_if_granted: bool = True) -> bytes:
         """Leave the waiting line; a slot granted meanwhile is released if unwanted."""
         k = self.keys
         outcome: bytes = await self.client.scripts.run("cancel_wait", [k.waiters, k.session(sid)], [ticket])
@@ -513,11 +586,17 @@ class SessionOpener:
                 f"worker {target} had no free session slot within creation_timeout={timeout:g}s; "
                 "complete sessions on it sooner, or raise creation_timeout"
             )
-        members = await self.client.redis.smembers(k.workers)
-        async with self.client.redis.pipeline(transaction=False) as pipe:
-            for w in members:
-                pipe.hget(k.worker(w.decode()), "max_sessions")
-            caps = await pipe.execute()
+        try:
+            members = await self.client.redis.smembers(k.workers)
+            async with self.client.redis.pipeline(transaction=False) as pipe:
+                for w in members:
+                    pipe.hget(k.worker(w.decode()), "max_sessions")
+                caps = await pipe.execute()
+        except Exception as exc:
+            raise SessionCreationTimeoutError(
+                f"no session slot on task queue {self.task_queue!r} within creation_timeout={timeout:g}s "
+                f"(and the workers could not be listed: {describe(exc)})"
+            ) from exc
         session_workers = sum(1 for c in caps if c is not None and int(c) >= 0)
         if session_workers == 0:
             raise SessionCreationTimeoutError(

@@ -11,7 +11,7 @@ directly (connect, AUTH, SELECT, TLS and the hiredis parser all stay redis-py's)
   the moment it is issued and answered in order (auto-pipelining, as ioredis and
   node-redis do), so commands issued together travel together and no call waits for a
   free connection.
-- `BlockingConnection`: one blocking read (XREAD/XREADGROUP BLOCK, BLMPOP) at a time, on a
+- `BlockingConnection`: one blocking read (XREAD/XREADGROUP BLOCK) at a time, on a
   connection nothing else uses.
 - `Wire`: routes a command by its key. One server has one multiplexer; a Redis Cluster has
   one per master. A MOVED reply makes it learn the slot map again (redis-py's nodes manager)
@@ -20,9 +20,13 @@ directly (connect, AUTH, SELECT, TLS and the hiredis parser all stay redis-py's)
 
 Replies are raw RESP2 values (bytes, ints, lists, None); a Redis error reply raises
 redis-py's ResponseError, and a lost connection fails every command in flight with
-redis-py's ConnectionError, which `connection.retrying` and the worker loops retry.
-A ``socket_timeout`` in the URL bounds each multiplexed command too; blocking reads are
-bounded by their own BLOCK timeout.
+redis-py's ConnectionError (faults.py says what is retried).
+
+Nothing waits forever on a connection: a multiplexed command gets its reply within the
+command timeout (``?socket_timeout=S``, default 10 s) or its connection is dropped and
+every command in flight fails with TimeoutError; a blocking read within its BLOCK time
+plus a margin. A frozen network path or a half-open socket thus costs one timeout, and
+the next command reconnects.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from .connection import is_cluster
+from .connection import DEFAULT_COMMAND_TIMEOUT, is_cluster
 from .errors import SessionqError
 
 try:  # hiredis' C command packer: byte for byte what redis-py's Python one writes, ~6x faster
@@ -46,51 +50,102 @@ try:  # hiredis' C command packer: byte for byte what redis-py's Python one writ
 except ImportError:  # hiredis not installed, or older than 2.1
     _hiredis_pack = None
 
+BLOCK_MARGIN = 2.0
+"""Seconds a blocking read may overrun its BLOCK time before its connection counts as dead."""
+
 Command = Sequence[Any]
 ConnectionFactory = Callable[[], AbstractConnection]
 
 
 class Multiplexer:
-    """Concurrent commands over one connection, written at once and answered in order."""
+    """Concurrent commands over one connection, written at once and answered in order.
 
-    def __init__(self, make_connection: ConnectionFactory, timeout: float | None = None) -> None:
+    Each command is packed before anything is queued (a command that cannot be packed
+    fails alone), then written into the transport's buffer in the same step as its reply
+    future is queued, so replies can never shift to the wrong caller. A caller cancelled
+    while waiting (even for a full send buffer) leaves the connection whole: its bytes are
+    already buffered and its late reply is read and dropped. A watchdog fails every
+    command in flight and drops the connection when the oldest one has waited `timeout`
+    seconds: a frozen path or half-open socket costs one timeout, never a hang.
+    """
+
+    def __init__(self, make_connection: ConnectionFactory, timeout: float) -> None:
         self._make_connection = make_connection
         self._timeout = timeout
         self._conn: AbstractConnection | None = None
         self._connecting: asyncio.Task[AbstractConnection] | None = None
-        self._replies: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self._replies: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
         self._reader: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._drain: asyncio.Future[None] | None = None
+        self._high_water = 65536
+        self._buffered: Callable[[], int] = lambda: 0
         self._closed = False
 
-    async def execute(self, *args: Any) -> Any:
-        """Send one command and return its reply."""
+    async def execute(self, *args: Any, timeout: float | None = None) -> Any:
+        """Send one command and return its reply. `timeout`, when shorter than the
+        connection's, bounds this call alone (a heartbeat must not wait for the watchdog)."""
         (future,) = await self.send((args,))
-        if self._timeout is None:
+        if timeout is None or timeout >= self._timeout:
             return await future
         try:
-            return await asyncio.wait_for(future, self._timeout)
+            return await asyncio.wait_for(future, timeout)
         except asyncio.TimeoutError:
-            self._broken(self._conn, rexc.TimeoutError(f"Redis did not answer within {self._timeout:g}s"))
-            raise rexc.TimeoutError(f"Redis did not answer {_name(args)} within {self._timeout:g}s") from None
+            self._broken(self._conn, rexc.TimeoutError(f"Redis did not answer within {timeout:g}s"))
+            raise rexc.TimeoutError(f"Redis did not answer {_name(args)} within {timeout:g}s") from None
 
     async def send(self, commands: Sequence[Command]) -> list[asyncio.Future[Any]]:
         """Write `commands` in one go and return futures for their replies, in order.
 
         The futures fail with ConnectionError if the connection drops before they are
-        answered (the commands may or may not have run)."""
+        answered, or TimeoutError if it stays silent (the commands may or may not have run)."""
         conn = self._conn
         if conn is None or not conn.is_connected:
             conn = await self._connect()
+        packed = pack(conn, commands)  # may raise: then nothing was queued or written
         loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
         futures = [loop.create_future() for _ in commands]
-        self._replies.extend(futures)
-        packed = pack(conn, commands)
-        try:
-            await conn.send_packed_command(packed, check_health=False)
-        except BaseException as exc:
+        self._replies.extend((future, deadline) for future in futures)
+        writer = conn._writer  # type: ignore[attr-defined]
+        try:  # into the transport's buffer, at once: no await between queueing and writing
+            writer.writelines((packed,) if isinstance(packed, bytes) else packed)
+        except Exception as exc:  # the transport is gone: these fail with every other in flight
             self._broken(conn, exc)
-            raise
+            for future in futures:
+                future.exception()  # retrieved here: the caller gets the exception raised below
+            raise rexc.ConnectionError(f"Redis connection lost while writing: {exc!r}") from exc
+        if self._watchdog is None:
+            self._watchdog = loop.call_at(deadline, self._check_overdue)
+        if self._buffered() > self._high_water:
+            await self._drained(writer)
         return futures
+
+    async def _drained(self, writer: asyncio.StreamWriter) -> None:
+        """Wait until the send buffer drains (flow control). One shared drain per
+        connection, shielded: a cancelled caller must not cut the write short."""
+        drain = self._drain
+        if drain is None or drain.done():
+            drain = self._drain = asyncio.ensure_future(writer.drain())
+            drain.add_done_callback(_swallow)
+        with contextlib.suppress(Exception):  # a lost connection fails the futures instead
+            await asyncio.shield(drain)
+
+    def _check_overdue(self) -> None:
+        """The watchdog: the oldest command in flight waited too long, so the connection is dead."""
+        self._watchdog = None
+        replies = self._replies  # the head counts even if its caller stopped waiting: all wait on it
+        if not replies:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = replies[0][1]
+        if deadline <= loop.time():
+            self._broken(
+                self._conn,
+                rexc.TimeoutError(f"Redis sent no reply for {self._timeout:g}s; the connection was dropped"),
+            )
+        else:
+            self._watchdog = loop.call_at(deadline, self._check_overdue)
 
     async def _connect(self) -> AbstractConnection:
         if self._closed:  # not a ConnectionError: retrying would wait for Redis in vain
@@ -101,8 +156,14 @@ class Multiplexer:
 
     async def _open(self) -> AbstractConnection:
         conn = self._make_connection()
+        conn.socket_timeout = self._timeout  # bounds the handshake (AUTH, SELECT...)
         await conn.connect()
+        conn.socket_timeout = None  # the reader waits for replies while idle: the watchdog bounds it
         self._conn = conn
+        transport = conn._writer.transport  # type: ignore[attr-defined]
+        limits = getattr(transport, "get_write_buffer_limits", None)  # absent on fakeredis' fake sockets
+        self._high_water = limits()[1] if limits is not None else -1  # -1: always wait for the drain
+        self._buffered = getattr(transport, "get_write_buffer_size", lambda: 0)
         self._reader = asyncio.create_task(self._read(conn), name="sessionq-wire-reader")
         return conn
 
@@ -122,7 +183,7 @@ class Multiplexer:
             if not replies:  # a reply nobody asked for: the stream is out of step
                 self._broken(conn, rexc.ConnectionError("unexpected reply from Redis"))
                 return
-            future = replies.popleft()
+            future = replies.popleft()[0]
             if future.done():
                 continue  # its caller stopped waiting (cancelled or timed out)
             if isinstance(reply, rexc.ResponseError):
@@ -141,9 +202,12 @@ class Multiplexer:
             else rexc.ConnectionError(f"Redis connection lost: {exc!r}")
         )
         while self._replies:
-            future = self._replies.popleft()
+            future = self._replies.popleft()[0]
             if not future.done():
                 future.set_exception(error)
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         reader = self._reader
         if reader is not None and reader is not asyncio.current_task():
             reader.cancel()
@@ -164,22 +228,36 @@ class Multiplexer:
 
 
 class BlockingConnection:
-    """A connection of its own for one blocking read at a time (XREAD BLOCK, BLMPOP)."""
+    """A connection of its own for one blocking read at a time (XREAD BLOCK, XREADGROUP).
+
+    Its socket timeout is the read's BLOCK time plus a margin: a reply that does not come
+    by then means a frozen path or half-open socket, so the connection is dropped and the
+    next call reconnects (a late reply must not answer the next command)."""
 
     def __init__(self, make_connection: ConnectionFactory) -> None:
         self._make_connection = make_connection
         self._conn: AbstractConnection | None = None
 
-    async def execute(self, *args: Any) -> Any:
-        """Send the command and wait for its reply. A cancelled or failed read closes the
-        connection (its late reply must not answer the next command); the next call reconnects."""
+    async def execute_many(self, commands: Sequence[Command]) -> list[Any]:
+        """Send the commands in one write and read every reply; raises the first error reply
+        once all are read. A cancelled or failed read closes the connection."""
         conn = self._conn
         if conn is None:
             conn = self._conn = self._make_connection()
         if not conn.is_connected:
             await conn.connect()
-        await conn.send_packed_command(pack(conn, (args,)), check_health=False)
-        return await conn.read_response()
+        await conn.send_packed_command(pack(conn, commands), check_health=False)
+        replies: list[Any] = []
+        error: rexc.ResponseError | None = None
+        for _ in commands:
+            try:
+                replies.append(await conn.read_response())
+            except rexc.ResponseError as exc:
+                error = error or exc
+                replies.append(exc)
+        if error is not None:
+            raise error
+        return replies
 
     async def aclose(self) -> None:
         if self._conn is not None:
@@ -198,34 +276,43 @@ class Wire:
         self._blocking: set[BlockingConnection] = set()
         if not self.cluster:
             pool = redis.connection_pool
-            timeout = pool.connection_kwargs.get("socket_timeout")
-            self._single: Multiplexer | None = Multiplexer(_unbounded(pool.make_connection), timeout)
+            self.timeout = pool.connection_kwargs.get("socket_timeout") or DEFAULT_COMMAND_TIMEOUT
+            self._single: Multiplexer | None = Multiplexer(pool.make_connection, self.timeout)
         else:
+            self.timeout = redis.connection_kwargs.get("socket_timeout") or DEFAULT_COMMAND_TIMEOUT
             self._single = None
 
-    async def execute(self, key: Any, *args: Any) -> Any:
-        """Run a command on the server that holds `key`; returns the raw reply."""
+    async def execute(self, key: Any, *args: Any, timeout: float | None = None) -> Any:
+        """Run a command on the server that holds `key`; returns the raw reply. `timeout`
+        may shorten the wait for this one reply (default: the connection's command timeout)."""
         if self._single is not None:
-            return await self._single.execute(*args)
+            return await self._single.execute(*args, timeout=timeout)
         try:
-            return await (await self._mux_for(key)).execute(*args)
+            return await (await self._mux_for(key)).execute(*args, timeout=timeout)
         except rexc.AskError as exc:  # MOVED or ASK (a MovedError is an AskError)
             return await self._redirected(key, exc, args)
 
-    async def execute_many(self, key: Any, commands: Sequence[Command]) -> list[Any]:
+    async def execute_many(
+        self, key: Any, commands: Sequence[Command], *, return_exceptions: bool = False
+    ) -> list[Any]:
         """Run several commands on keys of `key`'s slot, written at once; their replies in order.
 
-        Raises the first error reply, after every command has been answered. On a cluster a
+        Raises the first error reply, after every command has been answered (or, with
+        `return_exceptions`, returns each command's error in its place). On a cluster a
         command redirected elsewhere (MOVED, ASK) runs again where the reply points."""
         mux = self._single if self._single is not None else await self._mux_for(key)
         futures = await mux.send(commands)
         replies = await asyncio.gather(*futures, return_exceptions=True)
         for index, reply in enumerate(replies):
             if isinstance(reply, rexc.AskError) and self.cluster:
-                replies[index] = await self._redirected(key, reply, commands[index])
-        for reply in replies:
-            if isinstance(reply, BaseException):
-                raise reply
+                try:
+                    replies[index] = await self._redirected(key, reply, commands[index])
+                except Exception as exc:
+                    replies[index] = exc
+        if not return_exceptions:
+            for reply in replies:
+                if isinstance(reply, BaseException):
+                    raise reply
         return replies
 
     async def _redirected(self, key: Any, redirect: rexc.AskError, command: Command) -> Any:
@@ -248,12 +335,13 @@ class Wire:
         """Ask the cluster which master holds which slot (after a MOVED: resharding, failover)."""
         await self.redis.nodes_manager.initialize()
 
-    def blocking(self, key: Any) -> BlockingRead:
-        """A dedicated connection for blocking reads of `key` (kept until aclose)."""
-        return BlockingRead(self, key)
+    def blocking(self, key: Any, block: float) -> BlockingRead:
+        """A dedicated connection for blocking reads of `key` that block up to `block`
+        seconds (kept until aclose); a reply later than that plus a margin drops it."""
+        return BlockingRead(self, key, block + max(BLOCK_MARGIN, block))
 
-    def _new_blocking(self, make_connection: ConnectionFactory) -> BlockingConnection:
-        conn = BlockingConnection(make_connection)
+    def _new_blocking(self, make_connection: ConnectionFactory, read_timeout: float) -> BlockingConnection:
+        conn = BlockingConnection(_reading_within(make_connection, read_timeout))
         self._blocking.add(conn)
         return conn
 
@@ -267,9 +355,7 @@ class Wire:
     def _mux_of(self, node: Any) -> Multiplexer:
         mux = self._muxes.get(node.name)
         if mux is None:
-            mux = Multiplexer(
-                _unbounded(_node_connection_factory(node)), node.connection_kwargs.get("socket_timeout")
-            )
+            mux = Multiplexer(_node_connection_factory(node), self.timeout)
             self._muxes[node.name] = mux
         return mux
 
@@ -290,35 +376,46 @@ class BlockingRead:
     """Blocking reads of one key over a dedicated connection (on a cluster: to the master
     that holds the key, followed to a new one after MOVED)."""
 
-    def __init__(self, wire: Wire, key: Any) -> None:
+    def __init__(self, wire: Wire, key: Any, read_timeout: float) -> None:
         self.wire = wire
         self.key = key
+        self.read_timeout = read_timeout
         self._conn: BlockingConnection | None = None
         self._node: str | None = None
 
     async def execute(self, *args: Any) -> Any:
+        return (await self.execute_many((args,)))[-1]
+
+    async def execute_many(self, commands: Sequence[Command]) -> list[Any]:
+        """Write `commands` at once and return their replies (the last one may block)."""
         wire = self.wire
         if not wire.cluster:
             if self._conn is None:
                 pool = wire.redis.connection_pool
-                self._conn = wire._new_blocking(_unbounded(pool.make_connection))
-            return await self._conn.execute(*args)
+                self._conn = wire._new_blocking(pool.make_connection, self.read_timeout)
+            return await self._conn.execute_many(commands)
         try:
-            return await self._execute_on_owner(args)
+            return await self._execute_on_owner(commands)
         except rexc.MovedError:
             await wire.relearn_slots()
         except rexc.AskError as exc:  # the key moves right now: the caller's loop retries soon
             raise rexc.TryAgainError(f"{self.key!r} is being migrated to {exc.host}:{exc.port}") from exc
-        return await self._execute_on_owner(args)
+        return await self._execute_on_owner(commands)
 
-    async def _execute_on_owner(self, args: Command) -> Any:
+    async def aclose(self) -> None:
+        """Close this reader's connection (the wire's aclose closes it otherwise)."""
+        if self._conn is not None:
+            await self.wire._drop_blocking(self._conn)
+            self._conn = None
+
+    async def _execute_on_owner(self, commands: Sequence[Command]) -> list[Any]:
         node = await self.wire._node_for(self.key)
         if self._conn is None or self._node != node.name:
             if self._conn is not None:
                 await self.wire._drop_blocking(self._conn)
-            self._conn = self.wire._new_blocking(_unbounded(_node_connection_factory(node)))
+            self._conn = self.wire._new_blocking(_node_connection_factory(node), self.read_timeout)
             self._node = node.name
-        return await self._conn.execute(*args)
+        return await self._conn.execute_many(commands)
 
 
 def pack(conn: AbstractConnection, commands: Sequence[Command]) -> bytes | list[bytes]:
@@ -351,14 +448,12 @@ def _node_connection_factory(node: Any) -> ConnectionFactory:
     return lambda: node.connection_class(**kwargs)
 
 
-def _unbounded(make_connection: ConnectionFactory) -> ConnectionFactory:
-    """Connections without a socket read timeout: a multiplexed connection waits for replies
-    while idle, and a blocking read for as long as its BLOCK says (the multiplexer applies
-    any configured timeout per command instead)."""
+def _reading_within(make_connection: ConnectionFactory, read_timeout: float) -> ConnectionFactory:
+    """Connections whose every read (handshake included) gives up after `read_timeout` s."""
 
     def make() -> AbstractConnection:
         conn = make_connection()
-        conn.socket_timeout = None
+        conn.socket_timeout = read_timeout
         return conn
 
     return make

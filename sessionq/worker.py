@@ -29,11 +29,12 @@ from redis.exceptions import ResponseError
 
 from .activity import ActivityDefinition, ActivityInfo, _RunningActivity, definition_of
 from .codec import Codec, default_codec
-from .connection import TRANSIENT, connect, resolve_url, retrying, server_time_ms
+from .connection import connect, resolve_url, server_time_ms
 from .durations import Duration, seconds
 from .envelope import RemoteError, Task, decode_task, encode_error
 from .errors import ConfigurationError
 from .execution import Execution, execute
+from .faults import Kind, describe, is_transient, kind_of, retrying
 from .keys import CONSUMER_GROUP, DEFAULT_PREFIX, QueueKeys, queues_index, validate_name
 from .scripts import Scripts
 from .session_info import SessionInfo, SessionState
@@ -43,7 +44,6 @@ log = logging.getLogger("sessionq")
 
 POLL_BLOCK_MS = 1000
 OWN_BATCH = 256
-INBOX_TTL_MS = 3_600_000
 ENDED_MEMORY = 10_000
 
 
@@ -138,7 +138,6 @@ class Worker:
         self._outbox: list[tuple[str, bytes]] = []
         self._acks: list[bytes] = []
         self._outbox_ready: asyncio.Event | None = None
-        self._inbox_expiry: dict[str, float] = {}
         self._last_own_id = b"0-0"
         self._clock_offset_ms = 0.0
         self._done_count = 0
@@ -148,6 +147,8 @@ class Worker:
         self._runner: asyncio.Task[None] | None = None
         self._plain_running: set[bytes] = set()  # stream ids read and not yet acknowledged
         self._recover_pending = True  # look at our own pending list first (see _poll_shared)
+        self._pending_cursor: bytes = b"0"  # how far that look has come
+        self._reestablishing: asyncio.Future[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._burst = False
 
@@ -163,8 +164,8 @@ class Worker:
         self.redis = connect(self._redis_target)
         self.wire = Wire(self.redis)
         self.scripts = Scripts(self.wire)
-        self._shared_reader = self.wire.blocking(self.keys.tasks)
-        self._own_reader = self.wire.blocking(self.keys.stream(self.worker_id))
+        self._shared_reader = self.wire.blocking(self.keys.tasks, POLL_BLOCK_MS / 1000)
+        self._own_reader = self.wire.blocking(self.keys.stream(self.worker_id), POLL_BLOCK_MS / 1000)
         try:
             await retrying(self._startup, within=5.0, what=f"starting worker {self.worker_id}")
             self._tasks = [
@@ -236,7 +237,9 @@ class Worker:
         k = self.keys
         try:
             now_ms = await server_time_ms(self.redis, k.tasks)  # the node the queue's scripts run on
-        except TRANSIENT as exc:
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
             raise ConnectionError(
                 f"worker {self.worker_id} cannot reach Redis ({exc}); check that Redis runs and "
                 "the URL is right (--redis-url / SESSIONQ_REDIS_URL)"
@@ -275,6 +278,24 @@ class Worker:
             if "BUSYGROUP" not in str(exc):
                 raise
 
+    async def _reestablish(self) -> None:
+        """Redis lost our state (a restart without its data, a failover, keys deleted by
+        hand): make the task stream's consumer group and our registration again. Several
+        loops may notice at once; they share one attempt."""
+        if self._reestablishing is None or self._reestablishing.done():
+            self._reestablishing = asyncio.ensure_future(self._reestablish_once())
+        await asyncio.shield(self._reestablishing)
+
+    async def _reestablish_once(self) -> None:
+        log.warning(
+            "worker %s: its state in Redis is gone (Redis restarted without its data?); "
+            "re-creating the consumer group and registering again",
+            self.worker_id,
+        )
+        await self._ensure_group()
+        await self._register()
+        self._recover_pending = True
+
     async def _register(self) -> None:
         k = self.keys
         cap = (self.max_concurrent_sessions or 0) if self.enable_sessions else -1
@@ -295,6 +316,7 @@ class Worker:
             self._done_count,
         ]
         assert self.scripts is not None
+        held = list(self._sessions)  # sessions granted while the script runs are new: keep them
         outcome = await self.scripts.run(
             "register_worker",
             [k.workers, k.worker(self.worker_id), k.alive(self.worker_id), k.stream(self.worker_id)],
@@ -302,13 +324,14 @@ class Worker:
         )
         if outcome == b"FRESH":
             self._last_own_id = b"0-0"
-            if self._sessions:
+            lost = [sid for sid in held if sid in self._sessions]
+            if lost:
                 log.warning(
                     "worker %s was declared dead while cut off from Redis; its %d session(s) failed",
                     self.worker_id,
-                    len(self._sessions),
+                    len(lost),
                 )
-                for sid in list(self._sessions):
+                for sid in lost:
                     self._end_local(sid, "failed", "the worker was declared dead (heartbeat expired)")
 
     # -- the loops ----------------------------------------------------------------------
@@ -326,15 +349,28 @@ class Worker:
                 backoff = 0.05
             except asyncio.CancelledError:
                 raise
-            except TRANSIENT as exc:
+            except Exception as exc:
+                kind = kind_of(exc)
+                if kind is Kind.LOST:
+                    try:
+                        await self._reestablish()
+                        continue
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception as again:
+                        exc, kind = again, kind_of(again)
+                if kind is Kind.FATAL:
+                    log.exception(
+                        "worker %s: unexpected error in %s; continuing", self.worker_id, step.__qualname__
+                    )
+                    await asyncio.sleep(0.5)
+                    continue
                 log.warning(
-                    "worker %s: Redis unavailable (%s); retrying in %.2fs", self.worker_id, exc, backoff
-                )
+                    "worker %s: Redis unavailable (%s); retrying in %.2fs",
+                    self.worker_id, describe(exc), backoff,
+                )  # fmt: skip
                 await asyncio.sleep(backoff * (0.5 + os.urandom(1)[0] / 255))
                 backoff = min(backoff * 2, 5.0)
-            except Exception:
-                log.exception("worker %s: unexpected error in %s; continuing", self.worker_id, step.__name__)
-                await asyncio.sleep(0.5)
 
     async def _poll_shared(self) -> None:
         assert self._slot_freed is not None
@@ -353,20 +389,11 @@ class Worker:
                 "XREADGROUP", "GROUP", CONSUMER_GROUP, self.worker_id,
                 "COUNT", free, "BLOCK", POLL_BLOCK_MS, "STREAMS", self.keys.tasks, ">",
             )  # fmt: skip
-        except TRANSIENT:
+        except BaseException:
             # The reply may have been lost after Redis delivered entries to us: they now sit
             # in our pending list, where neither '>' reads nor other workers would find them.
             self._recover_pending = True
             raise
-        except ResponseError as exc:
-            if "NOGROUP" not in str(exc):
-                raise
-            log.warning(
-                "worker %s: task stream or group vanished (Redis restarted?); recreating", self.worker_id
-            )
-            await self._ensure_group()
-            await self._register()
-            return
         entries = stream_entries(reply)
         if not entries:
             if time.monotonic() - started < POLL_BLOCK_MS / 2000:
@@ -376,12 +403,19 @@ class Worker:
             self._start_plain(entry_id, fields)
 
     async def _recover_own_pending(self, free: int) -> None:
-        """Start entries delivered to this consumer that it is not running (at-least-once)."""
+        """Start entries delivered to this consumer that it is not running (at-least-once).
+
+        Walks the pending list with a cursor, a batch per call, skipping what already runs
+        here, until the end: entries that run for long cannot pin it to its first page."""
         reply = await self.redis.xreadgroup(
-            CONSUMER_GROUP, self.worker_id, {self.keys.tasks: "0"}, count=free
+            CONSUMER_GROUP, self.worker_id, {self.keys.tasks: self._pending_cursor}, count=free
         )
         entries = reply[0][1] if reply else []
-        self._recover_pending = len(entries) >= free
+        if not entries:
+            self._recover_pending = False
+            self._pending_cursor = b"0"
+            return
+        self._pending_cursor = entries[-1][0]
         for entry_id, fields in entries:
             if entry_id in self._plain_running:
                 continue
@@ -648,7 +682,12 @@ class Worker:
         self._outbox_ready.set()
 
     async def _flush(self) -> None:
-        """Write queued replies and acks in one round trip: one RPUSH per inbox."""
+        """Write queued replies and acks in one round trip: one XADD per caller inbox.
+
+        Whatever Redis could not take for a transient reason (a lost connection, READONLY,
+        LOADING, OOM...) is kept and written again; only what it refused for good (say
+        WRONGTYPE on an inbox) is reported and dropped. An inbox that no longer exists (its
+        client is gone) takes nothing: NOMKSTREAM drops the result."""
         assert self._outbox_ready is not None and self.wire is not None
         await self._outbox_ready.wait()
         self._outbox_ready.clear()
@@ -656,55 +695,78 @@ class Worker:
         if not outbox and not acks:
             return
         self._outbox, self._acks = [], []
-        now = time.monotonic()
         by_inbox: dict[str, list[bytes]] = {}
         for inbox, message in outbox:
             by_inbox.setdefault(inbox, []).append(message)
         commands: list[tuple[Any, ...]] = []
         for inbox, messages in by_inbox.items():
-            commands.append(("RPUSH", inbox, *messages))
-            if self._inbox_expiry.get(inbox, 0) < now:
-                commands.append(("PEXPIRE", inbox, INBOX_TTL_MS))
-                self._inbox_expiry[inbox] = now + 60
+            fields: list[bytes] = []
+            for message in messages:
+                fields += (b"r", message)
+            commands.append(("XADD", inbox, "NOMKSTREAM", "*", *fields))
         if acks:
             commands.append(("XACK", self.keys.tasks, CONSUMER_GROUP, *acks))
             commands.append(("XDEL", self.keys.tasks, *acks))
         try:
-            await self.wire.execute_many(self.keys.tasks, commands)
-        except ResponseError as exc:
-            # Redis answered the whole batch but refused a command (say NOGROUP: the task
-            # stream's consumer group was deleted by hand). Sending it again would only push
-            # the same results again, so say so once and move on.
-            log.error(
-                "worker %s: Redis refused part of a batch of %d result(s) and %d ack(s): %s; the "
-                "results that could be written were; check the keys under %s",
-                self.worker_id, len(outbox), len(acks), exc, self.keys.base,
-            )  # fmt: skip
+            replies = await self.wire.execute_many(self.keys.tasks, commands, return_exceptions=True)
         except BaseException:
-            self._outbox[:0] = outbox  # the connection failed: keep them for the next try
+            self._outbox[:0] = outbox  # nothing is known to have been written: keep it all
             self._acks[:0] = acks
             self._outbox_ready.set()
             raise
-        self._plain_running.difference_update(acks)
-        if len(self._inbox_expiry) > 10_000:
-            self._inbox_expiry = {k: v for k, v in self._inbox_expiry.items() if v > now}
+        retry: BaseException | None = None
+        lost: BaseException | None = None
+        acked = True
+        for (inbox, messages), reply in zip(by_inbox.items(), replies, strict=False):
+            if isinstance(reply, BaseException):
+                if is_transient(reply):
+                    self._outbox[:0] = [(inbox, m) for m in messages]
+                    retry = reply
+                else:
+                    log.error(
+                        "worker %s: Redis refused %d result(s) for inbox %s (%s); they are dropped",
+                        self.worker_id, len(messages), inbox, describe(reply),
+                    )  # fmt: skip
+        for reply in replies[len(by_inbox) :]:
+            if isinstance(reply, BaseException):
+                acked = False
+                kind = kind_of(reply)
+                if kind is Kind.TRANSIENT:
+                    retry = reply
+                elif kind is Kind.LOST:
+                    lost = reply  # the task stream vanished, and the entries with it
+                else:
+                    log.error("worker %s: Redis refused an ack (%s)", self.worker_id, describe(reply))
+        if acks and not acked and retry is not None:
+            self._acks[:0] = acks  # XACK and XDEL are idempotent: send both again
+        else:
+            self._plain_running.difference_update(acks)
+        if retry is not None:
+            self._outbox_ready.set()
+            raise retry  # _loop backs off, then this runs again
+        if lost is not None:
+            raise lost  # _loop re-creates the group
 
     # -- maintenance ----------------------------------------------------------------------
     async def _heartbeat(self) -> None:
         assert self.scripts is not None
         k = self.keys
+        interval = self.heartbeat_timeout / 3  # type: ignore[operator]
+        # A reply later than one interval means a dead connection: drop it and beat on a new
+        # one, well before the heartbeat key (heartbeat_timeout) expires.
         alive = await self.scripts.run(
             "heartbeat",
             [k.workers, k.worker(self.worker_id), k.alive(self.worker_id)],
             [self.worker_id, int(self.heartbeat_timeout * 1000), self._in_use, self._done_count],  # type: ignore[operator]
+            timeout=interval,
         )
         if not alive:
             log.warning(
                 "worker %s: registration lost (declared dead or Redis restarted); re-registering",
                 self.worker_id,
             )
-            await self._register()
-        await asyncio.sleep(self.heartbeat_timeout / 3)  # type: ignore[operator]
+            await self._reestablish()
+        await asyncio.sleep(interval)
 
     async def _maintain(self) -> None:
         interval = self.heartbeat_timeout / 3  # type: ignore[operator]
@@ -792,10 +854,7 @@ class Worker:
         """Take over plain activities that dead workers had read but not finished."""
         k = self.keys
         assert self.scripts is not None
-        try:
-            consumers = await self.redis.xinfo_consumers(k.tasks, CONSUMER_GROUP)
-        except ResponseError:
-            return
+        consumers = await self.redis.xinfo_consumers(k.tasks, CONSUMER_GROUP)  # NOGROUP: _loop re-creates it
         for consumer in consumers:
             name = consumer["name"].decode()
             if name == self.worker_id or not consumer.get("pending"):
@@ -864,8 +923,8 @@ class Worker:
                     [k.base, sid, "fail", f"worker {self.worker_id} shut down", self.retention_ms],
                 )
                 self._end_local(sid, "failed", f"worker {self.worker_id} shut down")
-        except TRANSIENT as exc:
-            log.warning("worker %s: could not fail sessions on shutdown (%s)", self.worker_id, exc)
+        except Exception as exc:
+            log.warning("worker %s: could not fail sessions on shutdown (%s)", self.worker_id, describe(exc))
         deadline = time.monotonic() + self.shutdown_grace  # type: ignore[operator]
         while self._executions and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
@@ -880,9 +939,11 @@ class Worker:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         try:
             await self._deregister(f"worker {self.worker_id} shut down")
-        except TRANSIENT as exc:
+        except Exception as exc:
             log.warning(
-                "worker %s: could not deregister (%s); its heartbeat will expire", self.worker_id, exc
+                "worker %s: could not deregister (%s); its heartbeat will expire",
+                self.worker_id,
+                describe(exc),
             )
         log.info("worker %s stopped", self.worker_id)
 

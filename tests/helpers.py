@@ -225,21 +225,45 @@ def with_client_name(url: str, name: str) -> str:
 def commands_sent_by(client_name: str) -> Iterator[list[str]]:
     """Record the name of every command written on a connection named `client_name`.
 
-    Counted where redis-py writes to the socket, so no path (pool, pipeline, sessionq's
-    multiplexed and blocking connections) is missed."""
+    Counted where bytes enter the socket's StreamWriter, so no path (pool, pipeline,
+    sessionq's multiplexed and blocking connections) is missed. A connection is known by
+    its name from its handshake (CLIENT SETNAME), which goes through redis-py's
+    send_packed_command on every path."""
+    import weakref
+
     from redis.asyncio.connection import AbstractConnection
 
     sent: list[str] = []
-    original = AbstractConnection.send_packed_command
+    named: weakref.WeakSet[asyncio.StreamWriter] = weakref.WeakSet()
+    original_send = AbstractConnection.send_packed_command
+    original_write, original_writelines = asyncio.StreamWriter.write, asyncio.StreamWriter.writelines
 
-    async def counting(self: Any, command: Any, check_health: bool = True) -> None:
-        if getattr(self, "client_name", None) == client_name:
-            data = command if isinstance(command, bytes) else b"".join(command)
+    async def learning(self: Any, command: Any, check_health: bool = True) -> None:
+        writer = getattr(self, "_writer", None)
+        if writer is not None and getattr(self, "client_name", None) == client_name:
+            named.add(writer)
+        await original_send(self, command, check_health)
+
+    def record(writer: asyncio.StreamWriter, chunks: Any) -> None:
+        if writer in named:
+            data = b"".join(bytes(chunk) for chunk in chunks)
             sent.extend(m.group(1).decode().upper() for m in _COMMAND_NAME.finditer(data))
-        await original(self, command, check_health)
 
-    AbstractConnection.send_packed_command = counting  # type: ignore[method-assign]
+    def write(self: asyncio.StreamWriter, data: Any) -> None:
+        record(self, [data])
+        original_write(self, data)
+
+    def writelines(self: asyncio.StreamWriter, data: Any) -> None:
+        chunks = list(data)
+        record(self, chunks)
+        original_writelines(self, chunks)
+
+    AbstractConnection.send_packed_command = learning  # type: ignore[method-assign]
+    asyncio.StreamWriter.write = write  # type: ignore[method-assign]
+    asyncio.StreamWriter.writelines = writelines  # type: ignore[method-assign]
     try:
         yield sent
     finally:
-        AbstractConnection.send_packed_command = original  # type: ignore[method-assign]
+        AbstractConnection.send_packed_command = original_send  # type: ignore[method-assign]
+        asyncio.StreamWriter.write = original_write  # type: ignore[method-assign]
+        asyncio.StreamWriter.writelines = original_writelines  # type: ignore[method-assign]

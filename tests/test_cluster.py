@@ -228,7 +228,7 @@ async def test_cluster_hot_path_follows_a_slot_moved_to_another_master(cluster_u
     value, items = f"{prefix}:{{{prefix}-moving}}:value", f"{prefix}:{{{prefix}-moving}}:items"
     slot = redis_client.keyslot(value)
     masters = sorted(keys_by_master(cluster_url, prefix))
-    reader = wire.blocking(items)
+    reader = wire.blocking(items, 1)
 
     async def move_to_next_master() -> str:
         here = (await wire._node_for(value)).name

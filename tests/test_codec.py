@@ -15,7 +15,7 @@ import pytest
 
 from sessionq import ActivityOptions, Codec, ConfigurationError, RetryPolicy, SerializationError
 from sessionq.codec import DEFAULT_MAX_PAYLOAD_SIZE
-from sessionq.envelope import Result, decode_inbox, decode_task, encode_result, encode_task
+from sessionq.envelope import Result, decode_result, decode_task, encode_result, encode_task
 
 ROUND_TRIP: list[Any] = [
     b"",
@@ -175,10 +175,10 @@ def test_malformed_task_payloads_raise(payload: bytes) -> None:
 
 def test_unencodable_result_becomes_a_serialization_error_message() -> None:
     codec = Codec()
-    message = decode_inbox(codec, encode_result(codec, "a1", object(), "process"))
+    message = decode_result(codec, encode_result(codec, "a1", object(), "process"))
     assert isinstance(message, Result)
     assert message.error is not None
     assert message.error.kind == "SerializationError"
     assert "the result of activity 'process'" in message.error.message
-    ok = decode_inbox(codec, encode_result(codec, "a2", {"v": [1]}, "process"))
+    ok = decode_result(codec, encode_result(codec, "a2", {"v": [1]}, "process"))
     assert isinstance(ok, Result) and ok.error is None and ok.value == {"v": [1]}

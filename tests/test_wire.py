@@ -94,7 +94,7 @@ async def test_a_caller_that_stops_waiting_does_not_shift_later_replies(wire: Wi
 async def test_blocking_read_has_its_own_connection(wire: Wire, key_prefix: str) -> None:
     """A blocked read does not hold up commands on the shared connection."""
     queue = key_of(key_prefix, "queue")
-    reader = wire.blocking(queue)
+    reader = wire.blocking(queue, 5)
     popped = asyncio.ensure_future(reader.execute("BLPOP", queue, 5))
     await asyncio.sleep(0.05)
     assert not popped.done()
@@ -111,7 +111,7 @@ async def test_a_cut_connection_fails_commands_in_flight_then_reconnects(
     try:
         assert await wire.execute(key, "SET", key, "before") == b"OK"
         in_flight = asyncio.ensure_future(wire.execute(key, "GET", key))
-        blocked = asyncio.ensure_future(wire.blocking(key + ":q").execute("BLPOP", key + ":q", 5))
+        blocked = asyncio.ensure_future(wire.blocking(key + ":q", 5).execute("BLPOP", key + ":q", 5))
         await asyncio.sleep(0)  # both written, neither answered: the relay has not run yet
         proxy.cut()
         with pytest.raises(rexc.ConnectionError):
@@ -122,7 +122,7 @@ async def test_a_cut_connection_fails_commands_in_flight_then_reconnects(
             await wire.execute(key, "GET", key)  # Redis is away: fails at once, no hang
         proxy.resume()
         assert await wire.execute(key, "GET", key) == b"before"
-        assert await wire.blocking(key + ":q").execute("LPUSH", key + ":q", b"x") == 1
+        assert await wire.blocking(key + ":q", 5).execute("LPUSH", key + ":q", b"x") == 1
     finally:
         await wire.aclose()
         await redis.aclose()

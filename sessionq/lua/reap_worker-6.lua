@@ -36,7 +36,7 @@ for _, ticket in ipairs(redis.call('LRANGE', KEYS[6], 0, -1)) do
   local f = split(ticket, '|')
   if f[5] == w then
     redis.call('LREM', KEYS[6], 1, ticket)
-    notify(base, f[2], 'x' .. f[1] .. '|' .. reason)
+    notify(base, f[2], {'x', f[1], 'm', reason})
   end
 end
 return failed + 1

@@ -57,7 +57,7 @@ local function open_session(base, w, sid, exec_ms, now, owner)
     'deadline', deadline, 'exec_ms', exec_ms, 'hb_ms', info[3], 'owner', owner)
   redis.call('SADD', base .. 'wsessions:' .. w, sid)
   redis.call('XADD', base .. 'w:' .. w, 'NOMKSTREAM', '*', 't', 'o', 's', sid, 'x', exec_ms)
-  return {info[2], deadline, info[3]}
+  return {info[2] or '', deadline, info[3] or 0}
 end
 
 -- Give a slot back on worker w (if it is still registered).
@@ -74,11 +74,11 @@ local function release_slot(base, w)
   end
 end
 
--- Tell a waiting caller (via its inbox) that it got a session, or why it cannot.
-local function notify(base, client, message)
-  local inbox = base .. 'inbox:' .. client
-  redis.call('RPUSH', inbox, message)
-  redis.call('PEXPIRE', inbox, 3600000)
+-- Tell a waiting caller, through its inbox stream, that it got a session or why it
+-- cannot: fields is {'g', sid, 'w', worker, ...} or {'x', sid, 'm', reason}. NOMKSTREAM:
+-- the inbox belongs to its client (which made it, with a TTL); a client gone takes nothing.
+local function notify(base, client, fields)
+  redis.call('XADD', base .. 'inbox:' .. client, 'NOMKSTREAM', '*', (unpack or table.unpack)(fields))
 end
 
 -- Hand free slots to waiting callers, first come first served.
@@ -105,7 +105,7 @@ local function grant_waiters(base, now)
       if w then
         local opened = open_session(base, w, sid, exec_ms, now, f[6] or '')
         redis.call('LREM', waiters, 1, ticket)
-        notify(base, client, 'g' .. sid .. '|' .. w .. '|' .. opened[1] .. '|' .. opened[2] .. '|' .. opened[3])
+        notify(base, client, {'g', sid, 'w', w, 'h', opened[1], 'd', opened[2], 'b', opened[3]})
       end
     end
   end
