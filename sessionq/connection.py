@@ -53,7 +53,7 @@ DEFAULT_URL = "redis://localhost:6379/0"
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 DEFAULT_POOL_TIMEOUT = 10.0
 """Seconds a command waits for a free cluster connection before ConnectionPoolExhaustedError."""
-DEFAULT_COMMAND_TIMEOUT = 10.0
+DEFAULT_COMMAND_TIMEOUT = 5.0
 """Seconds a command may wait for its reply before its connection counts as dead (a frozen
 network path, a half-open socket) and is replaced; ``?socket_timeout=S`` in the URL sets it."""
 DEFAULT_CONNECT_TIMEOUT = 5.0

@@ -139,6 +139,7 @@ class Inbox:
         backoff = 0.05
         failing_since: float | None = None
         while self._futures:
+            attempt = time.monotonic()
             try:
                 entries = await self._next_batch()
             except asyncio.CancelledError:
@@ -146,9 +147,10 @@ class Inbox:
             except Exception as exc:  # never die: a dead reader would strand every later call
                 now = time.monotonic()
                 if failing_since is None:
-                    failing_since = now
+                    # Out of touch since the read should have answered (a timeout), or now.
+                    failing_since = min(now, attempt + READ_BLOCK)
                     log.warning("inbox %s: cannot read (%s); retrying", self.key, describe(exc))
-                elif now - failing_since >= self.unavailable_timeout:
+                if now - failing_since >= self.unavailable_timeout:
                     waited = now - failing_since
                     self._fail_all(functools.partial(unavailable, "waiting for a result", waited, exc))
                     failing_since = None

@@ -23,7 +23,7 @@ redis-py's ResponseError, and a lost connection fails every command in flight wi
 redis-py's ConnectionError (faults.py says what is retried).
 
 Nothing waits forever on a connection: a multiplexed command gets its reply within the
-command timeout (``?socket_timeout=S``, default 10 s) or its connection is dropped and
+command timeout (``?socket_timeout=S``, default 5 s) or its connection is dropped and
 every command in flight fails with TimeoutError; a blocking read within its BLOCK time
 plus a margin. A frozen network path or a half-open socket thus costs one timeout, and
 the next command reconnects.
