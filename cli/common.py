@@ -45,8 +45,12 @@ URL_SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+c
 
 def redis_url_from(flag: str | None, cluster: bool = False) -> str:
     """--redis-url, else SESSIONQ_REDIS_URL, else REDIS_URL, else redis://localhost:6379/0;
-    with --cluster, redis://host:port becomes redis+cluster://host:port."""
-    url = resolve_url(flag)
+    with --cluster, redis://host:port becomes redis+cluster://host:port. An empty
+    --redis-url is an error (it would otherwise fall back to the defaults unnoticed)."""
+    try:
+        url = resolve_url(flag)
+    except ConfigurationError as exc:
+        raise CliError(f"--redis-url: {exc}", 2) from None
     if cluster:
         try:
             url = as_cluster_url(url)
@@ -79,7 +83,7 @@ def sync_client(url: str, timeout: float = 3.0) -> Any:
 
 def url_configured(flag: str | None) -> bool:
     """Whether the user named a Redis (flag or environment), as opposed to the default."""
-    return bool(flag or os.environ.get("SESSIONQ_REDIS_URL") or os.environ.get("REDIS_URL"))
+    return flag is not None or bool(os.environ.get("SESSIONQ_REDIS_URL") or os.environ.get("REDIS_URL"))
 
 
 def ping(url: str, timeout: float = 3.0) -> str | None:

@@ -58,6 +58,10 @@ Session::
     host                str|null
     worker_alive        bool|null  false on an OPEN session = stuck until its worker is reaped
     owner               str|null  the caller that created it (pid@host)
+    owner_client        str|null  its client's id (the key of its lease)
+    owner_timeout_s     float|null  the owner lease (null: none): silent this long = session fails
+    owner_silent_s      float|null  since its client last renewed the lease (null: no lease, or
+                              the lease key is gone: its client is gone)
     created_ms          int|null
     age_s               float|null
     deadline_ms         int|null  execution deadline (WAITING: when the caller gives up)
@@ -188,9 +192,22 @@ def session_state(s: dict[str, Any]) -> str:
     return f"[{style}]{s['state']}[/]" if style else s["state"]
 
 
+def owner_lease(s: dict[str, Any]) -> str:
+    """The owner lease, as a column: "-" without one, else how long its client has been silent."""
+    if not s["owner_timeout_s"]:
+        return "-"
+    if s["owner_silent_s"] is None:
+        return f"[red]gone[/]/{fmt_age(s['owner_timeout_s'])}" if s["state"] in ("OPEN", "WAITING") else "-"
+    return f"{fmt_age(s['owner_silent_s'])}/{fmt_age(s['owner_timeout_s'])}"
+
+
 def session_note(s: dict[str, Any]) -> str:
     if s["state"] == "OPEN" and s["worker_alive"] is False:
         return "[bold red]worker is dead[/]: fails when reaped"
+    if s["state"] == "OPEN" and s["owner_timeout_s"] and (
+        s["owner_silent_s"] is None or s["owner_silent_s"] > s["owner_timeout_s"]
+    ):
+        return "[bold red]owner gone[/]: fails at its worker's next pass"
     if s["state"] == "WAITING":
         return "waiting for a free slot" + (f" on {s['worker']}" if s["worker"] else "")
     return s["reason"] or ""
@@ -208,6 +225,7 @@ def sessions_table(rows: list[dict[str, Any]]) -> Table:
             ("deadline", "right", lambda s: "in " + fmt_age(s["deadline_in_s"])),
             ("run", "right", lambda s: fmt(s["activities_run"])),
             ("queued", "right", lambda s: str(s["queued"])),
+            ("owner lease", "right", owner_lease),
             ("note", "left", session_note),
         ],
     )

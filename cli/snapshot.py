@@ -72,7 +72,7 @@ class Reader:
         with self.r.pipeline(transaction=False) as pipe:
             pipe.xlen(k.tasks)
             pipe.xrange(k.tasks, "-", "+", count=1)
-            pipe.llen(k.waiters)
+            pipe.zcard(k.waiters)
             pipe.xlen(k.dead)
             length, first, waiting, dead = pipe.execute()
         group = self.group(k)
@@ -222,12 +222,16 @@ class Reader:
     ) -> dict[str, Any] | None:
         if not raw:
             return None
+        k = QueueKeys(self.prefix, queue)
         record = strings(raw)
         worker = record.get("worker")
         created, deadline = number(record.get("created")), number(record.get("deadline"))
         exec_ms = number(record.get("exec_ms"))
         state = record.get("state", "?")
         items = queued.get(sid, []) if state == "OPEN" else []  # the worker drops an ended one's entries
+        client, owner_ms = record.get("client") or None, number(record.get("owner_ms")) or 0
+        leased = client and owner_ms and state == "OPEN"
+        renewed = number(text(self.r.get(k.lease(client)))) if leased else None
         return {
             "task_queue": queue,
             "session_id": sid,
@@ -236,6 +240,9 @@ class Reader:
             "host": record.get("host"),
             "worker_alive": workers[worker]["alive"] if worker in workers else False,
             "owner": record.get("owner") or None,
+            "owner_client": client,
+            "owner_timeout_s": owner_ms / 1000 if owner_ms else None,
+            "owner_silent_s": round((self.now_ms - renewed) / 1000, 3) if renewed is not None else None,
             "created_ms": created,
             "age_s": age_s(self.now_ms, created),
             "deadline_ms": deadline,
@@ -252,11 +259,16 @@ class Reader:
         """Callers waiting for a slot (create_session / recreate_session), first come first."""
         k = QueueKeys(self.prefix, queue)
         rows = []
-        for raw in self.r.lrange(k.waiters, 0, -1):
-            fields = raw.decode(errors="replace").split("|")
-            fields += [""] * (6 - len(fields))
-            sid, _client, exec_ms, wait_until, target, owner = fields[:6]
+        sids = [m.decode(errors="replace") for m in self.r.zrange(k.waiters, 0, -1)]
+        fields = ("c", "x", "d", "t", "o", "l")
+        with self.r.pipeline(transaction=False) as pipe:
+            for sid in sids:
+                pipe.hmget(k.tickets, [f"{sid}:{f}" for f in fields])
+            tickets = pipe.execute()
+        for sid, ticket in zip(sids, tickets, strict=True):
+            client, exec_ms, wait_until, target, owner, owner_ms = (text(v) or "" for v in ticket)
             until = number(wait_until)
+            renewed = number(text(self.r.get(k.lease(client)))) if client else None
             rows.append(
                 {
                     "task_queue": queue,
@@ -266,6 +278,9 @@ class Reader:
                     "host": None,
                     "worker_alive": None,
                     "owner": owner or None,
+                    "owner_client": client or None,
+                    "owner_timeout_s": (number(owner_ms) or 0) / 1000 or None,
+                    "owner_silent_s": None if renewed is None else round((self.now_ms - renewed) / 1000, 3),
                     "created_ms": None,
                     "age_s": None,
                     "deadline_ms": until,

@@ -167,8 +167,8 @@ class Stopper:
         self.requested = True
         name = signal.Signals(signum).name
         log.warning(
-            "%s: stopping worker %s gracefully (open sessions fail now, running activities get "
-            "%gs to finish)%s",
+            "%s: stopping worker %s gracefully (running activities, session ones too, get up to "
+            "%gs to finish and nothing new is taken; then the sessions it holds fail)%s",
             name,
             self.worker.worker_id,
             self.worker.shutdown_grace,
@@ -303,7 +303,9 @@ def run_worker(worker: sessionq.Worker, burst: bool, stop_with_parent: bool, loo
     type=click.FloatRange(min=0),
     default=None,
     metavar="SECONDS",
-    help="On SIGTERM, how long running activities may take to finish [default: 30].",
+    help="On SIGTERM, how long running activities (session ones too) may take to finish; nothing "
+    "new is taken meanwhile, then what still runs is cancelled and the worker's sessions fail "
+    "[default: 30].",
 )
 @click.option(
     "--sessions/--no-sessions",

@@ -15,110 +15,22 @@ from .activity import name_of
 from .codec import Codec, default_codec
 from .connection import connect, resolve_url
 from .durations import Duration, seconds
-from .envelope import RemoteError, Result, encode_task
-from .errors import (
-    REMOTE_ERRORS,
-    ActivityCancelledError,
-    ActivityError,
-    ActivityTimeoutError,
-    ApplicationError,
-    ConfigurationError,
-    SessionqError,
-)
+from .envelope import encode_task
+from .errors import ConfigurationError, SessionqError
 from .faults import DEFAULT_UNAVAILABLE_TIMEOUT, describe, public, retrying
+from .handle import ActivityHandle
 from .inbox import Inbox
 from .keys import DEFAULT_PREFIX, QueueKeys, validate_name
+from .lease import LeaseKeeper
+from .liveness import LivenessMonitor
 from .options import ActivityOptions, SessionOptions
 from .scripts import Scripts
 from .wire import Wire
 
 if TYPE_CHECKING:
-    from .session import SessionOpener
+    from .session import Session, SessionOpener
 
 log = logging.getLogger("sessionq")
-
-
-def to_exception(error: RemoteError, name: str, activity_id: str) -> SessionqError:
-    """The exception a caller sees for a failure the worker reported."""
-    if error.kind == "ApplicationError":
-        cause = ApplicationError(error.message, type=error.type, traceback=error.traceback)
-        return ActivityError(
-            f"activity {name!r} ({activity_id}) failed after {error.attempt} attempt(s): "
-            f"{error.type}: {error.message}",
-            activity_id=activity_id,
-            activity_name=name,
-            attempt=error.attempt,
-            cause=cause,
-        )
-    if error.kind == "ActivityTimeoutError":
-        return ActivityTimeoutError(error.message, timeout_type=error.timeout_type or "start_to_close")
-    cls = REMOTE_ERRORS.get(error.kind, SessionqError)
-    return cls(error.message)
-
-
-class ActivityHandle:
-    """A started activity; `await handle.result()` for its value or its error."""
-
-    def __init__(
-        self,
-        *,
-        activity_id: str,
-        name: str,
-        future: asyncio.Future[Any],
-        inbox: Inbox,
-        schedule_to_close: float | None,
-        on_done: Callable[[str], None] | None = None,
-        cancel: Callable[[], Any] | None = None,
-    ) -> None:
-        self.activity_id = activity_id
-        self.name = name
-        self._future = future
-        self._inbox = inbox
-        self._deadline = None if schedule_to_close is None else time.monotonic() + schedule_to_close
-        self._on_done = on_done
-        self._cancel = cancel
-
-    def done(self) -> bool:
-        return self._future.done()
-
-    @public("waiting for an activity's result")
-    async def result(self) -> Any:
-        """The activity's return value; raises the sessionq error for any failure."""
-        try:
-            if self._deadline is None:
-                message = await self._future
-            else:
-                message = await self._wait_until_deadline()
-        finally:
-            if self._on_done is not None and self._future.done():
-                self._on_done(self.activity_id)
-        assert isinstance(message, Result)
-        if message.error is not None:
-            raise to_exception(message.error, self.name, self.activity_id)
-        return message.value
-
-    async def _wait_until_deadline(self) -> Any:
-        assert self._deadline is not None
-        try:
-            remaining = max(0.0, self._deadline - time.monotonic())
-            return await asyncio.wait_for(asyncio.shield(self._future), remaining)
-        except asyncio.TimeoutError:
-            self._inbox.fail(self.activity_id, ActivityTimeoutError("", timeout_type="schedule_to_close"))
-            raise ActivityTimeoutError(
-                f"activity {self.name!r} ({self.activity_id}) did not finish within its "
-                "schedule_to_close_timeout; raise the timeout or check the workers "
-                "(sessionq inspect workers)",
-                timeout_type="schedule_to_close",
-            ) from None
-
-    @public("cancelling an activity")
-    async def cancel(self) -> None:
-        """Ask the worker to cancel the activity; `result()` then raises ActivityCancelledError."""
-        if self._cancel is not None and not self._future.done():
-            await self._cancel()
-        self._inbox.fail(
-            self.activity_id, ActivityCancelledError(f"activity {self.name!r} was cancelled by its caller")
-        )
 
 
 class Client:
@@ -153,22 +65,38 @@ class Client:
         self.wire = Wire(self.redis)
         self.scripts = Scripts(self.wire)
         self._inboxes: dict[str, Inbox] = {}
-        self._closed = False
+        self._closing = False  # close() began: no new calls
+        self._closed = False  # its connections are gone
         self._background: set[asyncio.Task[Any]] = set()
-        from .session import LivenessMonitor
-
+        self._sessions: set[Session] = set()  # OPEN sessions this client holds
         self.monitor = LivenessMonitor(self)
+        self.leases = LeaseKeeper(self)
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
 
     @property
     def closed(self) -> bool:
         return self._closed
+
+    def hold(self, session: Session) -> None:
+        """A session opened: complete it on close, keep its owner lease alive meanwhile."""
+        self._sessions.add(session)
+        self.leases.own(session.info.task_queue, session.owner_ms)
+
+    def release(self, session: Session) -> None:
+        """A session ended (as its caller sees it)."""
+        if session in self._sessions:
+            self._sessions.discard(session)
+            self.leases.disown(session.info.task_queue, session.owner_ms)
 
     # -- plumbing shared with sessions --------------------------------------------------
     def keys(self, task_queue: str) -> QueueKeys:
         return QueueKeys(self.prefix, validate_name("task_queue", task_queue))
 
     def inbox(self, task_queue: str) -> Inbox:
-        if self._closed:
+        if self._closing:
             raise SessionqError("this Client was closed; create a new one")
         inbox = self._inboxes.get(task_queue)
         if inbox is None:
@@ -176,6 +104,12 @@ class Client:
             inbox = Inbox(self.wire, self.scripts, key, self.codec, self.unavailable_timeout)
             self._inboxes[task_queue] = inbox
         return inbox
+
+    def forget_wait(self, task_queue: str, message_id: str) -> None:
+        """Stop waiting for a message (works while the client closes, unlike inbox())."""
+        inbox = self._inboxes.get(task_queue)
+        if inbox is not None:
+            inbox.forget(message_id)
 
     @staticmethod
     def resolve_options(base: ActivityOptions | None, options: dict[str, Any]) -> ActivityOptions:
@@ -216,7 +150,10 @@ class Client:
 
     def settle_later(self, call: Callable[[], Any], what: str) -> None:
         """Finish `call` in the background once Redis answers again (cleanup a failed call
-        still owes: leaving a waiting line, giving a slot back). Retried for a minute."""
+        still owes: leaving a waiting line, giving a slot back). Retried for a minute, or
+        until close() gives up on it."""
+        if self._closed:
+            return
 
         async def settle() -> None:
             try:
@@ -248,7 +185,7 @@ class Client:
         inbox = self.inbox(queue)
         future = await inbox.expect(activity_id)
         try:
-            await self.retrying(
+            entry_id = await self.retrying(
                 lambda: self.wire.execute(keys.tasks, "XADD", keys.tasks, "*", "d", payload),
                 what="queueing an activity",
             )
@@ -261,7 +198,7 @@ class Client:
             future=future,
             inbox=inbox,
             schedule_to_close=opts.schedule_to_close_timeout,  # type: ignore[arg-type]
-            cancel=lambda: self._broadcast_cancel(keys, activity_id),
+            cancel=lambda: self._cancel_plain(keys, activity_id, entry_id),
         )
 
     @public("running an activity")
@@ -281,10 +218,13 @@ class Client:
             await asyncio.shield(handle.cancel())
             raise
 
-    async def _broadcast_cancel(self, keys: QueueKeys, activity_id: str) -> None:
-        """A plain activity may run on any worker: ask every registered one to cancel it."""
+    async def _cancel_plain(self, keys: QueueKeys, activity_id: str, entry_id: bytes) -> None:
+        """Stop a plain activity wherever it is: its entry is deleted from the task stream (so
+        it never starts if no worker read it yet), and every registered worker is told (the
+        one that read it cancels it, running or waiting for a slot)."""
 
         async def broadcast() -> None:
+            await self.wire.execute(keys.tasks, "XDEL", keys.tasks, entry_id)
             workers = await self.redis.smembers(keys.workers)
             async with self.redis.pipeline(transaction=False) as pipe:
                 for w in workers:
@@ -315,15 +255,30 @@ class Client:
     # -- lifecycle ----------------------------------------------------------------------
     @public("closing a Client")
     async def close(self) -> None:
-        """Stop reading results, delete this client's inboxes and close the Redis connections."""
-        if self._closed:
+        """Complete every session this client still holds, end the calls still waiting,
+        delete this client's keys and close its connections.
+
+        Bounded: a Redis that cannot be reached costs at most unavailable_timeout here (what
+        could not be completed then ends by its owner lease or its execution timeout)."""
+        if self._closing:
             return
+        self._closing = True
+        deadline = time.monotonic() + self.unavailable_timeout
+        for inbox in self._inboxes.values():
+            inbox.fail_waiting(SessionqError("the Client was closed while this call was waiting"))
+        await asyncio.sleep(0)  # the calls just failed leave their waiting lines (in the background)
+        completing = [asyncio.ensure_future(session.close_quietly()) for session in list(self._sessions)]
+        while True:  # cleanup owed to Redis: sessions to complete, lines to leave
+            pending = [task for task in (*completing, *self._background) if not task.done()]
+            remaining = deadline - time.monotonic()
+            if not pending or remaining <= 0:
+                for task in pending:
+                    task.cancel()
+                break
+            await asyncio.wait(pending, timeout=remaining)
         self._closed = True
-        if self._background:  # cleanup still owed to Redis: give it a moment
-            await asyncio.wait(self._background, timeout=5.0)
-            for task in self._background:
-                task.cancel()
         await self.monitor.close()
+        await self.leases.close()
         for inbox in self._inboxes.values():
             await inbox.close(SessionqError("the Client was closed while this call was waiting"))
         await self.wire.aclose()

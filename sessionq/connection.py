@@ -74,8 +74,17 @@ maintenance-notification handler makes it raise ("only supported with RESP versi
 
 
 def resolve_url(url: str | None = None) -> str:
-    """The Redis URL: the argument, else SESSIONQ_REDIS_URL, else REDIS_URL, else localhost."""
-    return url or os.environ.get("SESSIONQ_REDIS_URL") or os.environ.get("REDIS_URL") or DEFAULT_URL
+    """The Redis URL: the argument, else SESSIONQ_REDIS_URL, else REDIS_URL, else localhost.
+    An empty URL given on purpose is an error, not a silent fall back to the defaults."""
+    if url is not None:
+        if not url.strip():
+            raise ConfigurationError(
+                "redis",
+                "the Redis URL is empty; give one (redis://host:6379/0), or leave it out to use "
+                "SESSIONQ_REDIS_URL, REDIS_URL or redis://localhost:6379/0",
+            )
+        return url
+    return os.environ.get("SESSIONQ_REDIS_URL") or os.environ.get("REDIS_URL") or DEFAULT_URL
 
 
 def is_cluster_url(url: str) -> bool:

@@ -8,6 +8,10 @@ from .errors import ConfigurationError
 
 Duration = float | int | timedelta
 
+MAX_DURATION = 10 * 365 * 24 * 3600.0
+"""Ten years: every duration travels to Redis in milliseconds, and Lua prints numbers past
+1e14 in exponent form, which would break the scripts that read them back."""
+
 
 def seconds(field: str, value: Duration | None, *, optional: bool = True) -> float | None:
     """Return `value` in seconds, or raise ConfigurationError naming `field`."""
@@ -23,6 +27,8 @@ def seconds(field: str, value: Duration | None, *, optional: bool = True) -> flo
         result = float(value)
     if not result > 0 or result != result or result == float("inf"):
         raise ConfigurationError(field, f"must be a positive, finite duration, got {value!r}")
+    if result > MAX_DURATION:
+        raise ConfigurationError(field, f"must be at most {MAX_DURATION:,.0f} s (ten years), got {value!r}")
     return result
 
 

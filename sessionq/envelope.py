@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .codec import Codec
+from .codec import Codec, default_codec
+from .durations import seconds
 from .errors import SerializationError
 from .options import ActivityOptions, RetryPolicy
 
@@ -28,7 +29,6 @@ class Task:
     retry_policy: RetryPolicy | None = None
     enqueued_ms: int = 0
     """When the task was queued, on Redis' clock (from the stream entry id)."""
-    stream_id: bytes = b""
     delivery_count: int = field(default=1)
 
 
@@ -66,30 +66,47 @@ def encode_task(
 
 
 def decode_task(codec: Codec, data: bytes, stream_id: bytes) -> Task:
-    """Parse a task payload; raises ValueError/KeyError/TypeError on a malformed one."""
+    """Parse and check a task payload; raises ValueError (or KeyError/TypeError) on a
+    malformed one, so a bad entry is moved aside before anything of it runs."""
     body = codec.loads(data)
     if not isinstance(body, dict):
         raise ValueError("task payload is not a map")
-    stc, schtc, sts, hb, rp = body["o"]
+    options = body["o"]
+    if not isinstance(options, list) or len(options) != 5:
+        raise ValueError(f"task options have the wrong shape: {options!r}")
+    stc, schtc, sts, hb, rp = options
     args, kwargs = body["a"], body["k"]
     if not isinstance(args, list) or not isinstance(kwargs, dict):
         raise ValueError("task args/kwargs have the wrong shape")
+    attempt = body["t"]
+    if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
+        raise ValueError(f"task attempt must be an int >= 1, got {attempt!r}")
+    session_id = body["s"]
+    if session_id is not None and not isinstance(session_id, str):
+        raise ValueError(f"task session id must be a str, got {session_id!r}")
+    if rp is not None and not isinstance(rp, list):
+        raise ValueError(f"task retry policy has the wrong shape: {rp!r}")
     return Task(
-        activity_id=str(body["i"]),
-        name=str(body["n"]),
+        activity_id=_text(body["i"], "activity id"),
+        name=_text(body["n"], "activity name"),
         args=args,
         kwargs=kwargs,
-        attempt=int(body["t"]),
-        client_id=str(body["c"]),
-        session_id=body["s"],
-        start_to_close=stc,
-        schedule_to_close=schtc,
-        schedule_to_start=sts,
-        heartbeat_timeout=hb,
+        attempt=attempt,
+        client_id=_text(body["c"], "client id"),
+        session_id=session_id,
+        start_to_close=seconds("start_to_close_timeout", stc),
+        schedule_to_close=seconds("schedule_to_close_timeout", schtc),
+        schedule_to_start=seconds("schedule_to_start_timeout", sts),
+        heartbeat_timeout=seconds("heartbeat_timeout", hb),
         retry_policy=RetryPolicy.from_wire(rp) if rp else None,
         enqueued_ms=int(stream_id.split(b"-")[0]),
-        stream_id=stream_id,
     )
+
+
+def _text(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"task {what} must be a non-empty str, got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -103,6 +120,7 @@ class RemoteError:
     traceback: str = ""
     attempt: int = 1
     timeout_type: str = ""
+    non_retryable: bool = False
 
 
 def encode_result(codec: Codec, activity_id: str, value: Any, name: str) -> bytes:
@@ -115,11 +133,33 @@ def encode_result(codec: Codec, activity_id: str, value: Any, name: str) -> byte
         )
 
 
+MAX_ERROR_TEXT = 64 * 1024
+"""Longest error message, and traceback, sent to a caller (the rest is cut, and says so)."""
+
+
+def clean_text(text: str, limit: int = MAX_ERROR_TEXT) -> str:
+    """Text that always encodes: lone surrogates replaced, cut to `limit` characters."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8", "replace")
+    if len(text) > limit:
+        text = f"{text[:limit]}... [{len(text) - limit:,} more characters cut]"
+    return text
+
+
 def encode_error(codec: Codec, activity_id: str, error: RemoteError) -> bytes:
+    """An error message for an inbox. Never raises: whatever the activity's exception held,
+    its caller is answered (texts cleaned and cut; a codec that still fails gets a minimal
+    message naming the problem)."""
     e = error
-    return codec.dumps(
-        {"i": activity_id, "e": [e.kind, e.type, e.message, e.traceback, e.attempt, e.timeout_type]}
-    )
+    body = [
+        e.kind, clean_text(e.type, 1000), clean_text(e.message), clean_text(e.traceback), e.attempt,
+        e.timeout_type, e.non_retryable,
+    ]  # fmt: skip
+    try:
+        return codec.dumps({"i": activity_id, "e": body}, what="an error report")
+    except Exception as exc:  # a custom codec that cannot take even plain strings
+        text = f"the error could not be encoded: {exc!r}"
+        fallback = [e.kind, "SerializationError", clean_text(text), "", e.attempt, "", True]
+        return default_codec.dumps({"i": activity_id, "e": fallback})
 
 
 @dataclass(frozen=True)
@@ -135,10 +175,12 @@ class Grant:
 
 @dataclass(frozen=True)
 class Refusal:
-    """A waiting caller cannot get its slot (recreate target died)."""
+    """A waiting caller lost its place: its recreate target died, or (kind "lease") the
+    line dropped its ticket because its client had stopped renewing its lease."""
 
     session_id: str
     reason: str
+    kind: str = ""
 
 
 @dataclass(frozen=True)
@@ -152,6 +194,6 @@ def decode_result(codec: Codec, data: bytes) -> Result:
     """Parse one result message (as encode_result / encode_error made it)."""
     body = codec.loads(data)
     if "e" in body:
-        k, t, m, tb, att, tt = body["e"]
-        return Result(body["i"], error=RemoteError(k, t, m, tb, att, tt))
+        k, t, m, tb, att, tt, *rest = body["e"]
+        return Result(body["i"], error=RemoteError(k, t, m, tb, att, tt, bool(rest and rest[0])))
     return Result(body["i"], value=body["v"])

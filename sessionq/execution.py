@@ -14,12 +14,13 @@ import logging
 import time
 import traceback
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future
 from typing import Any
 
 from .activity import ActivityDefinition, ActivityInfo, _current, _RunningActivity
 from .codec import Codec
-from .envelope import RemoteError, Task, encode_error, encode_result
+from .envelope import RemoteError, Task, clean_text, encode_error, encode_result
+from .errors import ApplicationError
 from .options import DEFAULT_RETRY_POLICY
 
 log = logging.getLogger("sessionq")
@@ -44,6 +45,9 @@ class Execution:
         self.cancel_kind: str | None = None
         self.cancel_reason = ""
         self.asyncio_task: asyncio.Task[Any] | None = None
+        self.threads: list[Future[Any]] = []
+        """Calls of a plain-def activity in their threads; one that ignores its cancellation
+        runs on after the execution ended, and holds its activity slot until it returns."""
 
     def cancel(self, kind: str, reason: str) -> None:
         """Stop the execution; the caller is told `kind` (see CANCEL_ERRORS)."""
@@ -74,21 +78,38 @@ def cancelled_reply(codec: Codec, execution: Execution) -> bytes:
 
 
 def application_error(exc: BaseException, attempt: int) -> RemoteError:
-    kind = type(exc)
-    name = (
-        kind.__qualname__
-        if kind.__module__ in ("builtins", "__main__")
-        else f"{kind.__module__}.{kind.__qualname__}"
-    )
-    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    return RemoteError("ApplicationError", name, str(exc), text, attempt)
+    """The report of an exception an activity raised. An ApplicationError raised on purpose
+    keeps its own `type` and `non_retryable` (as in the Temporal SDKs); any other exception
+    is named by its class. Never raises, whatever `str()` of the exception does."""
+    if isinstance(exc, ApplicationError):
+        name, message, non_retryable = exc.type, exc.message, exc.non_retryable
+    else:
+        kind = type(exc)
+        name = (
+            kind.__qualname__
+            if kind.__module__ in ("builtins", "__main__")
+            else f"{kind.__module__}.{kind.__qualname__}"
+        )
+        message, non_retryable = _text_of(exc), False
+    try:
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    except Exception as broken:
+        text = f"(the traceback could not be formatted: {broken!r})"
+    return RemoteError("ApplicationError", name, message, text, attempt, non_retryable=non_retryable)
+
+
+def _text_of(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception as broken:
+        return f"<{type(exc).__qualname__} whose str() raised {type(broken).__qualname__}: {broken}>"
 
 
 async def execute(
     execution: Execution,
     definition: ActivityDefinition,
     codec: Codec,
-    pool: ThreadPoolExecutor,
+    pool: Executor,
     redis_now_ms: Callable[[], float],
 ) -> bytes:
     """Run all attempts of the execution and return the inbox message for its caller."""
@@ -106,7 +127,7 @@ async def execute(
                 f"activity {task.name!r} exceeded start_to_close_timeout={task.start_to_close:g}s",
             )
         try:
-            value = await _invoke(definition, task, running, pool)
+            value = await _invoke(definition, task, running, pool, execution)
             return encode_result(codec, task.activity_id, value, task.name)
         except asyncio.CancelledError:
             if execution.cancel_kind in (None, "shutdown"):
@@ -129,11 +150,12 @@ async def execute(
             log.info(
                 "activity %s (%s) attempt %d timed out; retrying", task.name, task.activity_id, task.attempt
             )
-        except Exception as exc:
+        except BaseException as exc:  # SystemExit, KeyboardInterrupt...: they fail it, never the worker
             if execution.cancel_kind is not None:  # a sync activity noticed cancellation and raised
                 return cancelled_reply(codec, execution)
             error = application_error(exc, task.attempt)
-            if not _may_retry(task, policy, error.type.rsplit(".", 1)[-1], give_up_at, redis_now_ms):
+            short_type = error.type.rsplit(".", 1)[-1]
+            if error.non_retryable or not _may_retry(task, policy, short_type, give_up_at, redis_now_ms):
                 return encode_error(codec, task.activity_id, error)
             log.info(
                 "activity %s (%s) attempt %d failed (%s: %s); retrying",
@@ -141,7 +163,7 @@ async def execute(
                 task.activity_id,
                 task.attempt,
                 error.type,
-                exc,
+                clean_text(error.message, 500),
             )
         finally:
             if timer is not None:
@@ -178,7 +200,11 @@ def _with_attempt(info: ActivityInfo, attempt: int) -> ActivityInfo:
 
 
 async def _invoke(
-    definition: ActivityDefinition, task: Task, running: _RunningActivity, pool: ThreadPoolExecutor
+    definition: ActivityDefinition,
+    task: Task,
+    running: _RunningActivity,
+    pool: Executor,
+    execution: Execution,
 ) -> Any:
     """Call the activity function once, with its info available to the code it runs."""
     token = _current.set(running)
@@ -188,7 +214,8 @@ async def _invoke(
             return await definition.fn(*task.args, **task.kwargs)
         running.task = None
         context = contextvars.copy_context()
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(pool, lambda: context.run(definition.fn, *task.args, **task.kwargs))
+        thread_call = pool.submit(context.run, definition.fn, *task.args, **task.kwargs)
+        execution.threads.append(thread_call)
+        return await asyncio.wrap_future(thread_call)
     finally:
         _current.reset(token)

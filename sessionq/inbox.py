@@ -81,6 +81,7 @@ class Inbox:
         if renewed is None or time.monotonic() - renewed > RENEW_EVERY:
             await retrying(self._open, within=self.unavailable_timeout, what="opening the client's inbox")
         future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        future.add_done_callback(_retrieved)  # a handle never awaited must not log its error
         self._futures[message_id] = future
         if self._reader is None or self._reader.done():
             self._reader = asyncio.create_task(self._read(), name=f"sessionq-inbox:{self.key}")
@@ -199,10 +200,14 @@ class Inbox:
             elif not future.done():
                 future.set_result(message)
 
-    async def close(self, error: BaseException) -> None:
-        """Stop reading, fail every waiting future with `error`, and delete the inbox."""
+    def fail_waiting(self, error: BaseException) -> None:
+        """Fail every waiting future (the client is closing); new ones are refused."""
         self._closed = True
         self._fail_all(lambda: error)
+
+    async def close(self, error: BaseException) -> None:
+        """Stop reading, fail every waiting future with `error`, and delete the inbox."""
+        self.fail_waiting(error)
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -216,7 +221,8 @@ class Inbox:
 def _messages(codec: Codec, flat: list[Any]) -> list[Message]:
     """The messages of one inbox entry. A worker's entry holds results (``r`` fields, one
     per result); a script's entry holds one grant (``g`` = session id, with ``w``, ``h``,
-    ``d``, ``b``) or one refusal (``x`` = session id, with ``m``, the reason)."""
+    ``d``, ``b``) or one refusal (``x`` = session id, with ``m``, the reason, and ``k``, its
+    kind)."""
     if not flat:
         return []
     kind = flat[0]
@@ -234,7 +240,8 @@ def _messages(codec: Codec, flat: list[Any]) -> list[Message]:
             )
         ]
     if kind == b"x":
-        return [Refusal(fields[b"x"].decode(), fields[b"m"].decode(errors="replace"))]
+        kind = fields.get(b"k", b"").decode()
+        return [Refusal(fields[b"x"].decode(), fields[b"m"].decode(errors="replace"), kind)]
     raise ValueError(f"unknown inbox entry kind {kind!r}")
 
 
@@ -242,3 +249,8 @@ def _next_id(entry_id: bytes) -> bytes:
     """The smallest stream id after `entry_id` (XTRIM MINID keeps ids >= its argument)."""
     ms, _, seq = entry_id.partition(b"-")
     return ms + b"-" + str(int(seq or b"0") + 1).encode()
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()

@@ -63,8 +63,20 @@ class QueueKeys:
 
     @property
     def waiters(self) -> str:
-        """List: tickets of callers waiting for a session slot, first come first served."""
+        """Sorted set: session ids of callers waiting for a slot, in order of arrival."""
         return self.base + "waiters"
+
+    @property
+    def tickets(self) -> str:
+        """Hash: the waiting tickets' attributes, one field each, named ``<sid>:<attribute>``
+        (c client, x exec_ms, d wait deadline, t target worker, o owner, l owner_ms)."""
+        return self.base + "tickets"
+
+    @property
+    def deadlines(self) -> str:
+        """Sorted set: what is due when, on Redis' clock: ``s:<sid>`` a session's execution
+        deadline, ``t:<sid>`` a ticket's wait deadline (the sweep script acts on them)."""
+        return self.base + "deadlines"
 
     # -- per-worker keys --------------------------------------------------------------
     def worker(self, worker_id: str) -> str:
@@ -83,14 +95,22 @@ class QueueKeys:
         """Set: ids of the open sessions the worker holds."""
         return self.base + "wsessions:" + worker_id
 
+    def worker_tickets(self, worker_id: str) -> str:
+        """Set: session ids of tickets waiting for this very worker (recreate_session)."""
+        return self.base + "wtickets:" + worker_id
+
     # -- per-session and per-caller keys ---------------------------------------------
     def session(self, session_id: str) -> str:
         """Hash: a session's record (worker, state, deadline, counters)."""
         return self.base + "session:" + session_id
 
     def inbox(self, client_id: str) -> str:
-        """List: results and session grants for one client, read by one blocking pop."""
+        """Stream: results and session grants for one client, read by id (inbox.py)."""
         return self.base + "inbox:" + client_id
+
+    def lease(self, client_id: str) -> str:
+        """String with a TTL: when the client last showed it was alive (ms, Redis' clock)."""
+        return self.base + "lease:" + client_id
 
 
 def queues_index(prefix: str) -> str:

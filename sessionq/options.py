@@ -70,6 +70,9 @@ class RetryPolicy:
 
     @classmethod
     def from_wire(cls, data: list[Any]) -> RetryPolicy:
+        """A policy read from a task; raises ConfigurationError (a ValueError) if malformed."""
+        if len(data) != 5 or not isinstance(data[4], list):
+            raise ConfigurationError("retry_policy", f"malformed on the wire: {data!r}")
         return cls(data[0], data[1], data[2], data[3], tuple(data[4]))
 
 
@@ -112,10 +115,6 @@ class ActivityOptions:
         changes = {k: v for k, v in overrides.items() if v is not None}
         return replace(self, **changes) if changes else self
 
-    @property
-    def effective_retry_policy(self) -> RetryPolicy:
-        return self.retry_policy or DEFAULT_RETRY_POLICY
-
 
 DEFAULT_RETRY_POLICY = RetryPolicy()
 
@@ -131,6 +130,11 @@ class SessionOptions:
     even if the caller's process has vanished."""
     activity_options: ActivityOptions = field(default_factory=ActivityOptions)
     """Defaults for activities run through the session (task_queue is the session's)."""
+    owner_timeout: Duration | None = 60.0
+    """The owner lease: while the session is open its client renews a lease (one per client,
+    not per session); if the client stays silent this long (it crashed, or was killed), the
+    session fails with "its owner went away" and its slot frees within owner_timeout plus
+    one heartbeat interval of its worker. None: no lease (the execution timeout still holds)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(
@@ -143,5 +147,6 @@ class SessionOptions:
             "execution_timeout",
             seconds("execution_timeout", self.execution_timeout, optional=False),
         )
+        object.__setattr__(self, "owner_timeout", seconds("owner_timeout", self.owner_timeout))
         if not isinstance(self.activity_options, ActivityOptions):
             raise ConfigurationError("activity_options", "must be a sessionq.ActivityOptions")

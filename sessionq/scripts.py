@@ -1,21 +1,26 @@
-"""Loads the Lua scripts (one file per atomic operation) and calls them by name.
+"""The Lua scripts (one file per atomic operation), and one typed Python call per script.
 
-A script file may pull in a shared fragment with a line ``-- @include NAME``
-(from ``lua/includes/NAME.lua``). Scripts run by SHA over the hot-path connections
-(wire.py); a server that does not know a script yet (NOSCRIPT: first use, a restart, another
-cluster node) gets it through one EVAL, which also caches it there.
+A script file may pull in a shared fragment with a line ``-- @include NAME`` (from
+``lua/includes/NAME.lua``). Scripts run by SHA over the hot-path connections (wire.py); a
+server that does not know a script yet (NOSCRIPT: first use, a restart, another cluster
+node) gets it through one EVAL, which also caches it there.
+
+The methods of `Scripts` below are the only place that knows each script's KEYS and ARGV
+order (their headers in ``lua/`` say what each one is); everything else calls them by name.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from typing import Any
 
 from redis.exceptions import NoScriptError, ResponseError
 
+from .keys import CONSUMER_GROUP, QueueKeys
 from .wire import Wire
 
 _INCLUDE = re.compile(r"^-- @include (\w+)\s*$", re.MULTILINE)
@@ -32,18 +37,45 @@ def source(name: str) -> str:
     return _INCLUDE.sub(lambda m: (folder / "includes" / f"{m.group(1)}.lua").read_text(), text)
 
 
+@dataclass(frozen=True)
+class Claim:
+    """What create_session answered: a session now, a place in the line, or neither."""
+
+    status: str
+    """"OK" (a slot was claimed), "WAIT" (queued), "FULL" (no slot, no wait) or "DEAD"
+    (the recreate target is gone)."""
+    worker_id: str = ""
+    hostname: str = ""
+    deadline_ms: int = 0
+    hb_ms: int = 0
+
+
+@dataclass(frozen=True)
+class Ended:
+    """What end_session answered."""
+
+    state: str
+    """"COMPLETED", "FAILED", "OPEN" (an expire or owner check that was not due) or "MISSING"."""
+    reason: str
+    ms_left: int
+    """For an early expire: how long until the deadline, on Redis' clock."""
+
+
 class Scripts:
-    """The scripts, run by name over one Client's or Worker's Wire."""
+    """The scripts, run over one Client's or Worker's Wire."""
 
     NAMES = (
         "create_session",
         "cancel_wait",
         "end_session",
+        "sweep",
         "register_worker",
         "heartbeat",
         "reap_worker",
         "claim_orphans",
         "open_inbox",
+        "renew_lease",
+        "publish_count",
     )
 
     def __init__(self, wire: Wire) -> None:
@@ -60,12 +92,137 @@ class Scripts:
                 keys[0], "EVALSHA", self._shas[name], len(keys), *keys, *args, timeout=timeout
             )
         except ResponseError as exc:
-            if not isinstance(exc, NoScriptError) and not str(exc).startswith("NOSCRIPT"):
+            if not _no_script(exc):
                 raise
         return await wire.execute(
             keys[0], "EVAL", self._sources[name], len(keys), *keys, *args, timeout=timeout
         )
 
+    # -- sessions -----------------------------------------------------------------------
+    async def create_session(
+        self,
+        k: QueueKeys,
+        session_id: str,
+        *,
+        client_id: str,
+        exec_ms: int,
+        wait_ms: int,
+        target: str,
+        owner: str,
+        owner_ms: int,
+        lease_ms: int,
+    ) -> Claim:
+        reply = await self.run(
+            "create_session",
+            [k.free, k.waiters, k.tickets, k.deadlines, k.session(session_id), k.lease(client_id)],
+            [k.base, session_id, client_id, exec_ms, wait_ms, target, owner, owner_ms, lease_ms],
+        )
+        status = reply[0].decode()
+        if status != "OK":
+            return Claim(status)
+        return Claim(status, reply[1].decode(), reply[2].decode(), int(reply[3]), int(reply[4] or 0))
+
+    async def cancel_wait(self, k: QueueKeys, session_id: str) -> str:
+        """Leave the line: "LEFT", "GRANTED" (the session exists) or "GONE"."""
+        reply = await self.run(
+            "cancel_wait", [k.waiters, k.tickets, k.deadlines, k.session(session_id)], [k.base, session_id]
+        )
+        return reply.decode()  # type: ignore[no-any-return]
+
+    async def end_session(
+        self, k: QueueKeys, session_id: str, mode: str, reason: str, retention_ms: int
+    ) -> Ended:
+        """mode: "complete", "fail", "expire" (if due) or "owner" (if the owner's lease lapsed)."""
+        state, text, ms_left = await self.run(
+            "end_session",
+            [k.session(session_id), k.free, k.waiters, k.tickets, k.deadlines],
+            [k.base, session_id, mode, reason, retention_ms],
+        )
+        return Ended(state.decode(), text.decode(errors="replace"), int(ms_left))
+
+    async def sweep(self, k: QueueKeys, retention_ms: int, limit: int = 100) -> int:
+        """Fail sessions past their deadline and drop expired tickets; returns sessions failed."""
+        return int(
+            await self.run(
+                "sweep", [k.deadlines, k.free, k.waiters, k.tickets], [k.base, retention_ms, limit]
+            )
+        )
+
+    async def publish_counts(self, k: QueueKeys, counts: dict[str, int]) -> None:
+        """Record each open session's activity count (a lost record is not re-created)."""
+        sha = self._shas["publish_count"]
+        commands = [("EVALSHA", sha, 1, k.session(sid), count) for sid, count in counts.items()]
+        replies = await self.wire.execute_many(commands[0][3], commands, return_exceptions=True)
+        if any(_no_script(r) for r in replies):
+            for sid, count in counts.items():
+                await self.run("publish_count", [k.session(sid)], [count])
+            return
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+
+    async def renew_lease(self, k: QueueKeys, client_id: str, ttl_ms: int) -> int:
+        return int(await self.run("renew_lease", [k.lease(client_id)], [ttl_ms]))
+
     async def open_inbox(self, inbox: str, ttl_ms: int) -> bool:
         """Make `inbox` if missing and renew its TTL; True when it was made now."""
         return bool(await self.run("open_inbox", [inbox], [ttl_ms]))
+
+    # -- workers ---------------------------------------------------------------------------
+    async def register_worker(
+        self, k: QueueKeys, worker_id: str, *, hb_ms: int, max_sessions: int, fields: list[Any]
+    ) -> str:
+        """Register (again); "FRESH" when anew (earlier sessions are gone), else "KNOWN"."""
+        reply = await self.run(
+            "register_worker",
+            [k.workers, k.worker(worker_id), k.alive(worker_id), k.stream(worker_id)],
+            [k.base, worker_id, hb_ms, max_sessions, *fields],
+        )
+        return reply.decode()  # type: ignore[no-any-return]
+
+    async def heartbeat(
+        self, k: QueueKeys, worker_id: str, *, hb_ms: int, running: int, done: int, timeout: float | None
+    ) -> bool:
+        """Renew the heartbeat; False when the worker is no longer registered."""
+        reply = await self.run(
+            "heartbeat",
+            [k.workers, k.worker(worker_id), k.alive(worker_id), k.waiters],
+            [worker_id, hb_ms, running, done, k.base],
+            timeout=timeout,
+        )
+        return bool(reply)
+
+    async def reap_worker(
+        self, k: QueueKeys, worker_id: str, reason: str, *, force: bool, retention_ms: int
+    ) -> int:
+        """Declare a worker dead; the number of its sessions failed + 1, or 0 if not reaped."""
+        return int(
+            await self.run(
+                "reap_worker",
+                [
+                    k.workers,
+                    k.worker(worker_id),
+                    k.alive(worker_id),
+                    k.stream(worker_id),
+                    k.worker_sessions(worker_id),
+                    k.worker_tickets(worker_id),
+                    k.tickets,
+                    k.deadlines,
+                ],
+                [k.base, worker_id, reason, "1" if force else "0", retention_ms],
+            )
+        )
+
+    async def claim_orphans(self, k: QueueKeys, consumer: str, me: str, count: int) -> list[Any]:
+        """Take over what a dead consumer had read; [[id, deliveries, [field, value...]], ...]."""
+        reply = await self.run(
+            "claim_orphans", [k.tasks, k.alive(consumer)], [CONSUMER_GROUP, consumer, me, count]
+        )
+        return reply or []  # type: ignore[no-any-return]
+
+
+def _no_script(reply: object) -> bool:
+    """A NOSCRIPT error reply (the server does not know the script yet)."""
+    return isinstance(reply, NoScriptError) or (
+        isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT")
+    )

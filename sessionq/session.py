@@ -1,10 +1,15 @@
 """Worker sessions, caller side: claim a slot, pin activities to it, complete or fail.
 
 The path of one session: `SessionOpener` runs the create_session script (claim a slot,
-or queue for one and wait for a grant in the inbox); `Session.start_activity` appends
+or queue for one and wait for its grant in the inbox); `Session.start_activity` appends
 to the worker's own stream; `Session.complete` runs end_session. While activities are
-outstanding a watchdog checks the worker's heartbeat key, so a dead worker surfaces
-as SessionFailedError within its heartbeat timeout plus a fraction, never a hang.
+outstanding the client's liveness monitor (liveness.py) checks the worker's heartbeat
+key, so a dead worker surfaces as SessionFailedError within its heartbeat timeout plus a
+fraction, never a hang. While a session with an owner_timeout is open, or a creator
+waits, the client renews its lease (lease.py), so a caller that vanishes leaks nothing.
+
+One place settles a session's state as its caller sees it (`Session._settle`), and one
+way leads out of the waiting line (`SessionOpener._leave_line`).
 """
 
 from __future__ import annotations
@@ -17,118 +22,33 @@ import uuid
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from .client import ActivityHandle, Client
 from .durations import to_ms
 from .envelope import Grant, Refusal, Result
 from .errors import (
     ActivityCancelledError,
+    ConfigurationError,
     RedisDataLostError,
     RedisUnavailableError,
     SessionAlreadyOpenError,
     SessionCompletedError,
     SessionCreationTimeoutError,
     SessionFailedError,
+    SessionqError,
 )
 from .faults import describe, is_transient, public
+from .handle import ActivityHandle
 from .keys import QueueKeys
+from .liveness import check_interval, reap
 from .options import SessionOptions
+from .scripts import Claim, Ended
 from .session_info import RecreateToken, SessionInfo, SessionState, current_session
 
 if TYPE_CHECKING:
     from collections.abc import Generator
 
+    from .client import Client
+
 log = logging.getLogger("sessionq")
-
-
-def check_interval(hb_ms: int) -> float:
-    """How often a waiting caller looks at its worker's heartbeat key."""
-    return min(1.0, max(0.05, hb_ms / 1000 / 5)) if hb_ms else 1.0
-
-
-async def reap(client: Client, keys: QueueKeys, worker_id: str, hb_ms: int) -> None:
-    """Declare a worker dead (the script does nothing if its heartbeat came back)."""
-    k = keys
-    await client.scripts.run(
-        "reap_worker",
-        [
-            k.workers,
-            k.worker(worker_id),
-            k.alive(worker_id),
-            k.stream(worker_id),
-            k.worker_sessions(worker_id),
-            k.waiters,
-        ],
-        [
-            k.base,
-            worker_id,
-            f"worker {worker_id} died (no heartbeat for {hb_ms / 1000:g}s)"
-            if hb_ms
-            else f"worker {worker_id} died (heartbeat expired)",
-            "0",
-            client.retention_ms,
-        ],
-    )
-
-
-class LivenessMonitor:
-    """One task per client that watches the workers of its busy sessions.
-
-    Every `check_interval` it asks Redis, in one round trip, whether each worker holding
-    a session with outstanding activities still has its heartbeat key. A dead one is
-    reaped (once, by whoever notices first) and its sessions' callers get
-    SessionFailedError; a session past its execution deadline is expired. Idle sessions
-    cost nothing.
-    """
-
-    def __init__(self, client: Client) -> None:
-        self.client = client
-        self.sessions: set[Session] = set()
-        self._task: asyncio.Task[None] | None = None
-
-    def watch(self, session: Session) -> None:
-        self.sessions.add(session)
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._run(), name="sessionq-liveness")
-
-    async def close(self) -> None:
-        """Stop watching (the client is closing): leave no task behind on the loop."""
-        self.sessions.clear()
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _run(self) -> None:
-        while True:
-            self.sessions = {s for s in self.sessions if s.busy}
-            if not self.sessions:
-                return
-            await asyncio.sleep(min(check_interval(s.hb_ms) for s in self.sessions))
-            try:
-                await self._check()
-            except Exception as exc:  # keep watching through Redis hiccups
-                log.warning("liveness check failed: %s", exc)
-
-    async def _check(self) -> None:
-        by_worker: dict[tuple[QueueKeys, str], list[Session]] = {}
-        for session in self.sessions:
-            if session.busy:
-                by_worker.setdefault((session.keys, session.info.worker_id), []).append(session)
-        if not by_worker:
-            return
-        async with self.client.redis.pipeline(transaction=False) as pipe:
-            for keys, worker_id in by_worker:
-                pipe.exists(keys.alive(worker_id))
-            alive = await pipe.execute()
-        for ((keys, worker_id), sessions), is_alive in zip(by_worker.items(), alive, strict=True):
-            if not is_alive:
-                await reap(self.client, keys, worker_id, sessions[0].hb_ms)
-                for session in sessions:
-                    await session._refresh_after_reap()
-                continue
-            for session in sessions:
-                if session.past_deadline:
-                    await session._refresh()
 
 
 class Session:
@@ -149,9 +69,11 @@ class Session:
         self.options = options
         self.deadline_ms = deadline_ms
         self.hb_ms = hb_ms
+        self.owner_ms = to_ms(options.owner_timeout)  # type: ignore[arg-type]
         self._expires_at = time.monotonic() + float(options.execution_timeout)  # type: ignore[arg-type]
         self._pending: set[str] = set()
         self._inbox = client.inbox(info.task_queue)
+        client.hold(self)
 
     @property
     def session_id(self) -> str:
@@ -204,11 +126,11 @@ class Session:
         if sent is None:  # the worker's stream is gone: it was declared dead or shut down
             self._forget(activity_id)
             self._inbox.forget(activity_id)
-            await self._refresh()
+            await self.refresh()
             self._raise_if_closed()
-            await self._fail(f"worker {self.info.worker_id} is gone")
+            await self._end("fail", f"worker {self.info.worker_id} is gone")
             self._raise_if_closed()
-        self._ensure_watchdog()
+        self.client.monitor.watch(self)
         return ActivityHandle(
             activity_id=activity_id,
             name=name,
@@ -235,12 +157,12 @@ class Session:
             await asyncio.shield(handle.cancel())
             raise
         except SessionFailedError as exc:
-            self._mark(SessionState.FAILED, str(exc))
+            self._settle(SessionState.FAILED, str(exc))
             raise
         except RedisDataLostError as exc:
             # Redis lost the result; if it lost the session too, that is what the caller must hear.
             with contextlib.suppress(Exception):
-                await self._refresh()
+                await self.refresh()
             self._raise_if_closed(cause=exc)
             raise
 
@@ -266,25 +188,25 @@ class Session:
         """Release the worker's slot and cancel the session's activities. Idempotent;
         safe on a failed session (use it in `finally`)."""
         if self.info.state is SessionState.OPEN:
-            state, reason = await self.client.retrying(
-                lambda: self.client.scripts.run(
-                    "end_session",
-                    [self.keys.session(self.session_id), self.keys.free, self.keys.waiters],
-                    [self.keys.base, self.session_id, "complete", "", self.client.retention_ms],
-                ),
-                what="completing a session",
-            )
-            if state == b"FAILED":
-                self._mark(SessionState.FAILED, reason.decode())
-            elif state == b"MISSING":
-                self._mark(SessionState.FAILED, "its record is gone from Redis (Redis lost its data?)")
-            else:
-                self._mark(SessionState.COMPLETED, None)
+            await self.client.retrying(lambda: self._end("complete", ""), what="completing a session")
         if current_session.get() is self.info:
             current_session.set(None)
 
-    def _mark(self, state: SessionState, reason: str | None) -> None:
-        """Record the end locally and settle every activity still waiting."""
+    async def _end(self, mode: str, reason: str) -> None:
+        """End the session in Redis (idempotent: the state it already has stands) and here."""
+        ended = await self.client.scripts.end_session(
+            self.keys, self.session_id, mode, reason, self.client.retention_ms
+        )
+        self._settle_from(ended)
+
+    def _settle_from(self, ended: Ended) -> None:
+        if ended.state == "MISSING":
+            self._settle(SessionState.FAILED, "its record is gone from Redis (Redis lost its data?)")
+        elif ended.state != "OPEN":
+            self._settle(SessionState(ended.state), ended.reason or None)
+
+    def _settle(self, state: SessionState, reason: str | None) -> None:
+        """Record the end here, once, and settle every activity still waiting."""
         if self.info.state is not SessionState.OPEN:
             return
         self.info.state = state
@@ -298,54 +220,33 @@ class Session:
                 error = SessionFailedError(f"session {self.session_id} failed: {reason}", self.session_id)
             self._inbox.fail(activity_id, error)
         self._pending.clear()
+        self.client.release(self)
 
-    async def _fail(self, reason: str) -> None:
-        """Fail the session in Redis (idempotent) and locally."""
-        state, stored = await self.client.scripts.run(
-            "end_session",
-            [self.keys.session(self.session_id), self.keys.free, self.keys.waiters],
-            [self.keys.base, self.session_id, "fail", reason, self.client.retention_ms],
-        )
-        if state == b"COMPLETED":
-            self._mark(SessionState.COMPLETED, None)
-        else:
-            self._mark(SessionState.FAILED, stored.decode() or reason)
-
-    async def _refresh(self) -> None:
+    async def refresh(self) -> None:
         """Look at Redis: is the session still open, its worker alive, its deadline ahead?"""
         k, w = self.keys, self.info.worker_id
         async with self.client.redis.pipeline(transaction=False) as pipe:
             pipe.hmget(k.session(self.session_id), "state", "reason")
             pipe.exists(k.alive(w))
             (state, reason), alive = await pipe.execute()
-        if state is None:
-            self._mark(SessionState.FAILED, "its record is gone from Redis (was Redis restarted?)")
-        elif state != b"OPEN":
-            text = (reason or b"").decode()
-            self._mark(SessionState(state.decode()), text or None)
-        elif not alive:
+        if state == b"OPEN" and not alive:
             await reap(self.client, k, w, self.hb_ms)
-            await self._refresh_after_reap()
-        elif time.monotonic() >= self._expires_at:
-            await self.client.scripts.run(
-                "end_session",
-                [k.session(self.session_id), k.free, k.waiters],
-                [k.base, self.session_id, "expire", "execution timeout passed", self.client.retention_ms],
-            )
             state, reason = await self.client.redis.hmget(k.session(self.session_id), "state", "reason")
-            if state and state != b"OPEN":
-                self._mark(SessionState(state.decode()), (reason or b"").decode() or None)
+            if state == b"OPEN":  # reaped by someone else meanwhile, or its heartbeat came back
+                return
+        if state is None:
+            self._settle(SessionState.FAILED, "its record is gone from Redis (Redis lost its data?)")
+        elif state != b"OPEN":
+            self._settle(SessionState(state.decode()), (reason or b"").decode() or None)
+        elif self.past_deadline:
+            await self._end("expire", "execution timeout passed")
 
-    async def _refresh_after_reap(self) -> None:
-        """The worker was reaped: take the session's final state from Redis."""
-        state, reason = await self.client.redis.hmget(self.keys.session(self.session_id), "state", "reason")
-        if state is None or state == b"OPEN":
-            self._mark(SessionState.FAILED, f"worker {self.info.worker_id} died")
-        else:
-            self._mark(SessionState(state.decode()), (reason or b"").decode() or None)
-
-    def _ensure_watchdog(self) -> None:
-        self.client.monitor.watch(self)
+    async def close_quietly(self) -> None:
+        """Complete the session as its client closes; a failure is logged, not raised."""
+        try:
+            await self.complete()
+        except SessionqError as exc:
+            log.warning("session %s: could not complete it on close (%s)", self.session_id, exc)
 
     # -- context manager ---------------------------------------------------------------
     async def __aenter__(self) -> Session:
@@ -374,8 +275,6 @@ class SessionOpener:
         self, client: Client, task_queue: str, options: SessionOptions, token: RecreateToken | None
     ) -> None:
         if not isinstance(options, SessionOptions):
-            from .errors import ConfigurationError
-
             raise ConfigurationError("options", "must be a sessionq.SessionOptions")
         self.client = client
         self.keys = client.keys(task_queue)
@@ -408,76 +307,77 @@ class SessionOpener:
             )
         deadline = time.monotonic() + float(self.options.creation_timeout)  # type: ignore[arg-type]
         sid = uuid.uuid4().hex
-        while True:
-            try:
-                return await self._claim(sid, deadline)
-            except RedisDataLostError:
-                if time.monotonic() >= deadline:
-                    raise
-                # Redis lost the waiting line with our ticket: queue again, same session id (the
-                # script hands back the session if it was made after all).
-                log.warning("session %s: Redis lost the waiting line; queueing again", sid)
+        leases = self.client.leases
+        leases.waiting(self.task_queue, +1)
+        try:
+            while True:
+                try:
+                    return await self._claim(sid, deadline)
+                except _Requeue as why:
+                    if time.monotonic() >= deadline:
+                        await self._raise_timeout()
+                    # Same session id: the script hands back the session if it was made after all.
+                    log.warning("session %s: %s; queueing again", sid, why)
+        finally:
+            leases.waiting(self.task_queue, -1)
 
     async def _claim(self, sid: str, deadline: float) -> Session:
         """Claim a slot now, or queue for one and wait for its grant until `deadline`."""
-        k, client, opts = self.keys, self.client, self.options
+        client, opts = self.client, self.options
         target = self.token.worker_id if self.token else ""
         inbox = client.inbox(self.task_queue)
         grant_future = await inbox.expect(sid)
-        wait_ms = max(1, int((deadline - time.monotonic()) * 1000))
+        owner_ms = to_ms(opts.owner_timeout)  # type: ignore[arg-type]
         claim = asyncio.ensure_future(
             client.retrying(
-                lambda: client.scripts.run(
-                    "create_session",
-                    [k.free, k.waiters],
-                    [
-                        k.base,
-                        sid,
-                        client.client_id,
-                        to_ms(opts.execution_timeout),  # type: ignore[arg-type]
-                        wait_ms,
-                        target,
-                        client.identity,
-                    ],
+                lambda: client.scripts.create_session(
+                    self.keys,
+                    sid,
+                    client_id=client.client_id,
+                    exec_ms=to_ms(opts.execution_timeout),  # type: ignore[arg-type]
+                    wait_ms=max(1, int((deadline - time.monotonic()) * 1000)),
+                    target=target,
+                    owner=client.identity,
+                    owner_ms=owner_ms,
+                    lease_ms=client.leases.ttl_ms(self.task_queue, owner_ms),
                 ),
                 what="creating a session",
             )
         )
         try:
-            reply = await asyncio.shield(claim)
+            reply: Claim = await asyncio.shield(claim)
         except asyncio.CancelledError:
             await asyncio.shield(self._undo_claim(claim, sid))
             raise
         except Exception as exc:
             if is_transient(exc) or isinstance(exc, RedisUnavailableError):
-                self._leave_line_later(b"", sid)  # it may have run: undo whatever it did
+                self._leave_line_later(sid)  # it may have run: undo whatever it did
             else:
                 inbox.forget(sid)
             raise
-        status = reply[0]
-        if status == b"OK":
+        if reply.status == "OK":
             inbox.forget(sid)
-            return self._session_from(
-                Grant(sid, reply[1].decode(), reply[2].decode(), int(reply[3]), int(reply[4]))
-            )
-        if status == b"DEAD":
+            grant = Grant(sid, reply.worker_id, reply.hostname, reply.deadline_ms, reply.hb_ms)
+            return self._session_from(grant)
+        if reply.status == "DEAD":
             inbox.forget(sid)
             raise SessionFailedError(
                 f"cannot recreate the session: worker {target} of task queue {self.task_queue!r} "
                 "is no longer alive; create a new session with create_session()"
             )
-        ticket = reply[1]
         try:
-            message = await self._wait_for_grant(grant_future, ticket, sid, target, deadline)
+            message = await self._wait_for_grant(grant_future, sid, target, deadline)
         except asyncio.CancelledError:
-            await asyncio.shield(self._leave_line(ticket, sid))
+            await asyncio.shield(self._leave_line(sid))
             raise
-        except RedisDataLostError:
-            raise
+        except (_Requeue, RedisDataLostError) as exc:
+            raise _Requeue(str(exc)) from exc
         except BaseException:
-            self._leave_line_later(ticket, sid)
+            self._leave_line_later(sid)
             raise
         if isinstance(message, Refusal):
+            if message.kind == "lease":
+                raise _Requeue(f"the line dropped it ({message.reason})")
             raise SessionFailedError(
                 f"cannot recreate the session on worker {target}: {message.reason}; "
                 "create a new session with create_session()"
@@ -488,7 +388,6 @@ class SessionOpener:
     async def _wait_for_grant(
         self,
         future: asyncio.Future[Result | Grant | Refusal],
-        ticket: bytes,
         sid: str,
         target: str,
         deadline: float,
@@ -505,22 +404,22 @@ class SessionOpener:
                 if target and await self._target_dead(target):
                     continue  # the reaper refuses our ticket; the refusal arrives next
         try:
-            outcome = await self._give_up(ticket, sid, complete_if_granted=False)
+            outcome = await self._give_up(sid, complete_if_granted=False)
         except Exception as exc:
             if not is_transient(exc):
                 raise
-            self._leave_line_later(ticket, sid)
+            self._leave_line_later(sid)
             raise SessionCreationTimeoutError(
-                f"no session slot within creation_timeout={float(self.options.creation_timeout):g}s "  # type: ignore[arg-type]
-                f"on task queue {self.task_queue!r}, and Redis could not be reached to leave the waiting "
-                f"line ({describe(exc)}); sessionq keeps trying to leave it in the background"
+                f"no session slot on task queue {self.task_queue!r} within creation_timeout="
+                f"{float(self.options.creation_timeout):g}s, and Redis could not be reached to leave "  # type: ignore[arg-type]
+                f"the waiting line ({describe(exc)}); sessionq keeps trying to leave it in the background"
             ) from exc
-        if outcome == b"GRANTED":  # granted at the last moment: the grant is in the inbox
+        if outcome == "GRANTED":  # granted at the last moment: the grant is in the inbox
             try:
                 return await asyncio.wait_for(asyncio.shield(future), self.client.unavailable_timeout)
             except asyncio.TimeoutError:  # the grant was lost on its way: give the slot back
-                self._leave_line_later(b"", sid)
-        await self._raise_timeout(target)
+                self._leave_line_later(sid)
+        await self._raise_timeout()
         raise AssertionError("unreachable")
 
     async def _target_dead(self, worker_id: str) -> bool:
@@ -534,57 +433,50 @@ class SessionOpener:
             return False  # cannot tell now; the inbox reader reports a lasting outage
         return True
 
-    async def _undo_claim(self, claim: asyncio.Future[Any], sid: str) -> None:
+    async def _undo_claim(self, claim: asyncio.Future[Claim], sid: str) -> None:
         """The caller was cancelled while the create_session script ran: wait for its answer
         and give back what it took, its place in the line or its slot (a session nobody holds
         would keep the slot until its execution timeout)."""
         try:
-            reply = await claim
+            await claim
         except Exception:
-            self.client.inbox(self.task_queue).forget(sid)
+            self.client.forget_wait(self.task_queue, sid)
             return
-        # Without a ticket, cancel_wait finds the session if one was opened, and we complete it.
-        await self._leave_line(reply[1] if reply[0] == b"WAIT" else b"", sid)
+        await self._leave_line(sid)
 
-    async def _leave_line(self, ticket: bytes, sid: str) -> None:
+    # -- the one way out of the line ------------------------------------------------------
+    async def _leave_line(self, sid: str) -> None:
         """Leave the waiting line for good; a slot granted meanwhile is given back. Done in
         the background if Redis cannot be reached now."""
         try:
-            await self._give_up(ticket, sid)
+            await self._give_up(sid)
         except Exception as exc:
             if not is_transient(exc):
                 raise
-            self._leave_line_later(ticket, sid)
+            self._leave_line_later(sid)
 
-    def _leave_line_later(self, ticket: bytes, sid: str) -> None:
+    def _leave_line_later(self, sid: str) -> None:
         if self.client.closed:
             return  # nothing can reach Redis any more; the ticket's deadline drops it
-        self.client.inbox(self.task_queue).forget(sid)
-        self.client.settle_later(
-            lambda: self._give_up(ticket, sid), what=f"leaving the waiting line (session {sid})"
-        )
+        self.client.forget_wait(self.task_queue, sid)
+        self.client.settle_later(lambda: self._give_up(sid), what=f"leaving the waiting line (session {sid})")
 
-    async def _give_up(self, ticket: bytes, sid: str, complete_if_granted: bool = True) -> bytes:
+    async def _give_up(self, sid: str, complete_if_granted: bool = True) -> str:
         """Leave the waiting line; a slot granted meanwhile is released if unwanted."""
-        k = self.keys
-        outcome: bytes = await self.client.scripts.run("cancel_wait", [k.waiters, k.session(sid)], [ticket])
-        if outcome == b"GRANTED" and complete_if_granted:
-            await self.client.scripts.run(
-                "end_session",
-                [k.session(sid), k.free, k.waiters],
-                [k.base, sid, "complete", "", self.client.retention_ms],
-            )
-        if outcome != b"GRANTED" or complete_if_granted:
-            self.client.inbox(self.task_queue).forget(sid)
+        outcome = await self.client.scripts.cancel_wait(self.keys, sid)
+        if outcome == "GRANTED" and complete_if_granted:
+            await self.client.scripts.end_session(self.keys, sid, "complete", "", self.client.retention_ms)
+        if outcome != "GRANTED" or complete_if_granted:
+            self.client.forget_wait(self.task_queue, sid)
         return outcome
 
-    async def _raise_timeout(self, target: str) -> None:
+    async def _raise_timeout(self) -> None:
         k = self.keys
         timeout = float(self.options.creation_timeout)  # type: ignore[arg-type]
-        if target:
+        if self.token is not None:
             raise SessionCreationTimeoutError(
-                f"worker {target} had no free session slot within creation_timeout={timeout:g}s; "
-                "complete sessions on it sooner, or raise creation_timeout"
+                f"worker {self.token.worker_id} had no free session slot within creation_timeout="
+                f"{timeout:g}s; complete sessions on it sooner, or raise creation_timeout"
             )
         try:
             members = await self.client.redis.smembers(k.workers)
@@ -619,3 +511,8 @@ class SessionOpener:
             prefix=self.client.prefix,
         )
         return Session(self.client, self.keys, info, self.options, grant.deadline_ms, grant.hb_ms)
+
+
+class _Requeue(Exception):
+    """The caller's place in line was lost (Redis lost it, or it was dropped while the
+    client was silent): queue again with the same session id."""

@@ -269,18 +269,18 @@ class BlockingConnection:
 class Wire:
     """The hot-path connections of one Client or Worker, to one server or a cluster."""
 
-    def __init__(self, redis: Any) -> None:
+    def __init__(self, redis: Any, timeout: float | None = None) -> None:
+        """`timeout` overrides the command timeout of the client's settings (the heartbeat's
+        own connections use its interval: a beat must not wait longer than that)."""
         self.redis = redis
         self.cluster = is_cluster(redis)
         self._muxes: dict[str, Multiplexer] = {}
         self._blocking: set[BlockingConnection] = set()
-        if not self.cluster:
-            pool = redis.connection_pool
-            self.timeout = pool.connection_kwargs.get("socket_timeout") or DEFAULT_COMMAND_TIMEOUT
-            self._single: Multiplexer | None = Multiplexer(pool.make_connection, self.timeout)
-        else:
-            self.timeout = redis.connection_kwargs.get("socket_timeout") or DEFAULT_COMMAND_TIMEOUT
-            self._single = None
+        settings = redis.connection_kwargs if self.cluster else redis.connection_pool.connection_kwargs
+        self.timeout: float = timeout or settings.get("socket_timeout") or DEFAULT_COMMAND_TIMEOUT
+        self._single: Multiplexer | None = (
+            None if self.cluster else Multiplexer(redis.connection_pool.make_connection, self.timeout)
+        )
 
     async def execute(self, key: Any, *args: Any, timeout: float | None = None) -> Any:
         """Run a command on the server that holds `key`; returns the raw reply. `timeout`

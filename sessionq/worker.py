@@ -1,15 +1,20 @@
-"""The worker: registers itself, heartbeats, runs activities, holds sessions, reaps the dead.
+"""The worker: registers itself, takes work, holds sessions, and stops cleanly.
 
-Loops, each one task, each readable top to bottom:
-- `_poll_shared`: XREADGROUP plain activities from the task queue's stream, only as
-  many as there are free activity slots, so busy workers leave work to idle ones.
-- `_poll_own`: XREAD the worker's own stream: session opened / ended, session
-  activities, cancel requests.
-- `_heartbeat`: refresh the heartbeat key (a TTL key) every third of heartbeat_timeout,
-  in a task of its own so that slow housekeeping never delays it.
-- `_maintain`: trim the own stream, enforce activity heartbeat timeouts, reap dead
-  workers and reclaim the plain activities they held.
-- `_flush`: write each batch of results (one RPUSH per caller inbox) and acks in one write.
+How it is put together (each part owns its state):
+
+- `Worker` (this module): options, start-up and registration, the loops that read work
+  (`_poll_shared`: plain activities from the task queue's stream, only as many as it has
+  free slots; `_poll_own`: its own stream: sessions opened and ended, session
+  activities, cancel requests), and the graceful stop.
+- `ActivityRunner` (runner.py): the activity slots (a hard limit over plain and session
+  activities) and the executions running in them.
+- `HeldSessions` (held.py): the sessions it holds, their execution timeouts and owners.
+- `Outbox` (outbox.py): results and acks, written in batches by the flush loop.
+- `Housekeeping` (housekeeping.py): the periodic pass (reap, take over, sweep, trim...).
+- `Heartbeat` (keepalive.py): the heartbeat, from a thread of its own.
+
+Every loop runs under `_loop`, which rides out Redis outages with jittered backoff and,
+when Redis lost the worker's state (NOGROUP, a lost registration), makes it again.
 """
 
 from __future__ import annotations
@@ -19,43 +24,31 @@ import logging
 import os
 import socket
 import time
-from collections import OrderedDict
-from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from redis.exceptions import ResponseError
 
-from .activity import ActivityDefinition, ActivityInfo, _RunningActivity, definition_of
+from .activity import ActivityDefinition, definition_of
 from .codec import Codec, default_codec
 from .connection import connect, resolve_url, server_time_ms
 from .durations import Duration, seconds
-from .envelope import RemoteError, Task, decode_task, encode_error
-from .errors import ConfigurationError
-from .execution import Execution, execute
+from .envelope import RemoteError, decode_task, encode_error
+from .errors import ConfigurationError, SessionqError
 from .faults import Kind, describe, is_transient, kind_of, retrying
+from .held import HeldSessions
+from .housekeeping import Housekeeping
+from .keepalive import Heartbeat
 from .keys import CONSUMER_GROUP, DEFAULT_PREFIX, QueueKeys, queues_index, validate_name
+from .outbox import Outbox
+from .runner import ActivityRunner
 from .scripts import Scripts
-from .session_info import SessionInfo, SessionState
 from .wire import BlockingRead, Wire, stream_entries
 
 log = logging.getLogger("sessionq")
 
 POLL_BLOCK_MS = 1000
 OWN_BATCH = 256
-ENDED_MEMORY = 10_000
-
-
-@dataclass
-class LocalSession:
-    """A session this worker holds: its info and the executions running for it."""
-
-    info: SessionInfo
-    executions: dict[str, Execution] = field(default_factory=dict)
-    timer: asyncio.TimerHandle | None = None
-    activities_run: int = 0
-    published_run: int = 0
 
 
 class Worker:
@@ -99,9 +92,9 @@ class Worker:
             raise ConfigurationError(
                 "max_concurrent_activities", f"must be an int >= 1; got {max_concurrent_activities!r}"
             )
-        self.heartbeat_timeout = seconds("heartbeat_timeout", heartbeat_timeout, optional=False)
-        self.shutdown_grace = seconds("shutdown_grace", shutdown_grace, optional=False)
-        retention_s = seconds("retention", retention, optional=False)
+        self.heartbeat_timeout: float = seconds("heartbeat_timeout", heartbeat_timeout, optional=False)  # type: ignore[assignment]
+        self.shutdown_grace: float = seconds("shutdown_grace", shutdown_grace, optional=False)  # type: ignore[assignment]
+        retention_s: float = seconds("retention", retention, optional=False)  # type: ignore[assignment]
         self.registry: dict[str, ActivityDefinition] = {}
         for fn in activities:
             definition = definition_of(fn)
@@ -119,63 +112,70 @@ class Worker:
         self.codec = codec or default_codec
         self.keys = QueueKeys(prefix, task_queue)
         self.prefix = prefix
-        self.retention_ms = int(retention_s * 1000)  # type: ignore[operator]
+        self.retention_ms = int(retention_s * 1000)
         self._redis_target = resolve_url(redis) if redis is None or isinstance(redis, str) else redis
+        # Made in run(), on its loop:
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.redis: Any = None
-        self.scripts: Scripts | None = None
-        self.wire: Wire | None = None
+        self.wire: Wire = None  # type: ignore[assignment]
+        self.scripts: Scripts = None  # type: ignore[assignment]
+        self.runner: ActivityRunner = None  # type: ignore[assignment]
+        self.sessions: HeldSessions = None  # type: ignore[assignment]
+        self.outbox: Outbox = None  # type: ignore[assignment]
+        self.heartbeat: Heartbeat | None = None
         self._shared_reader: BlockingRead | None = None
         self._own_reader: BlockingRead | None = None
-        # run state
-        self._stopping: asyncio.Event | None = None  # events are made in run(), on its loop
+        self._stopping: asyncio.Event | None = None
         self._stopped: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[Any]] = []
-        self._executions: dict[str, Execution] = {}
-        self._sessions: dict[str, LocalSession] = {}
-        self._ended: OrderedDict[str, tuple[str, str]] = OrderedDict()
-        self._in_use = 0
-        self._slot_freed: asyncio.Event | None = None
-        self._outbox: list[tuple[str, bytes]] = []
-        self._acks: list[bytes] = []
-        self._outbox_ready: asyncio.Event | None = None
-        self._last_own_id = b"0-0"
-        self._clock_offset_ms = 0.0
-        self._done_count = 0
-        self._pool = ThreadPoolExecutor(
-            max_workers=max_concurrent_activities, thread_name_prefix="sessionq-activity"
-        )
-        self._runner: asyncio.Task[None] | None = None
-        self._plain_running: set[bytes] = set()  # stream ids read and not yet acknowledged
+        self._background: set[asyncio.Task[Any]] = set()
+        self._runner_task: asyncio.Task[None] | None = None
+        # What the loops share:
+        self.last_own_id = b"0-0"  # how far the worker's own stream was read
+        self.clock_offset_ms = 0.0  # Redis' clock minus ours, re-learnt every housekeeping pass
+        self.burst = False
+        self._plain_held: set[bytes] = set()  # shared-stream ids read and not yet acknowledged
         self._recover_pending = True  # look at our own pending list first (see _poll_shared)
         self._pending_cursor: bytes = b"0"  # how far that look has come
         self._reestablishing: asyncio.Future[None] | None = None
-        self._background: set[asyncio.Task[Any]] = set()
-        self._burst = False
 
     # -- public lifecycle -----------------------------------------------------------------
     async def run(self, *, burst: bool = False) -> None:
-        """Run until stop() (or, with burst=True, until the queue is drained and no
-        session is open). Stops gracefully: running work finishes within shutdown_grace."""
-        self._burst = burst
+        """Run until stop() (or, with burst=True, until the queue is drained and no session
+        is open). Stops gracefully: see `_shutdown`."""
+        self.burst = burst
+        self.loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
         self._stopped = asyncio.Event()
-        self._slot_freed = asyncio.Event()
-        self._outbox_ready = asyncio.Event()
         self.redis = connect(self._redis_target)
         self.wire = Wire(self.redis)
         self.scripts = Scripts(self.wire)
+        self.runner = ActivityRunner(self, self.max_concurrent_activities)
+        self.sessions = HeldSessions(self, self._spawn)
+        self.outbox = Outbox(self.wire, self.keys, self.worker_id, self._plain_held.difference_update)
+        housekeeping = Housekeeping(self)
         self._shared_reader = self.wire.blocking(self.keys.tasks, POLL_BLOCK_MS / 1000)
         self._own_reader = self.wire.blocking(self.keys.stream(self.worker_id), POLL_BLOCK_MS / 1000)
         try:
             await retrying(self._startup, within=5.0, what=f"starting worker {self.worker_id}")
+            self.heartbeat = Heartbeat(
+                self._redis_target,
+                self.keys,
+                self.worker_id,
+                self.heartbeat_timeout,
+                self.loop,
+                counts=lambda: (self.runner.in_use, self.runner.done),
+                on_lost=lambda: self._spawn(self._registration_lost()),
+                blame=self.runner.blame,
+                stall_limit=max(60.0, 10 * self.heartbeat_timeout),
+            )
+            await self.heartbeat.start()
             self._tasks = [
                 asyncio.create_task(self._loop(self._poll_shared), name="sessionq-poll-shared"),
-                asyncio.create_task(self._loop(self._heartbeat), name="sessionq-heartbeat"),
-                asyncio.create_task(self._loop(self._maintain), name="sessionq-maintain"),
-                asyncio.create_task(self._loop(self._flush), name="sessionq-flush"),
+                asyncio.create_task(self._loop(self._poll_own), name="sessionq-poll-own"),
+                asyncio.create_task(self._loop(housekeeping.step), name="sessionq-housekeeping"),
+                asyncio.create_task(self._loop(self.outbox.flush), name="sessionq-flush"),
             ]
-            # Every worker reads its own stream: sessions, and cancel requests for plain work.
-            self._tasks.append(asyncio.create_task(self._loop(self._poll_own), name="sessionq-poll-own"))
             log.info(
                 "worker %s started on task queue %r (sessions %s, max sessions %s, concurrency %d)",
                 self.worker_id,
@@ -185,15 +185,17 @@ class Worker:
                 self.max_concurrent_activities,
             )
             await self._stopping.wait()
-            try:  # never hang on the way out, whatever Redis does
-                await asyncio.wait_for(self._shutdown(), self.shutdown_grace + 15)  # type: ignore[operator]
+            try:  # never hang on the way out, whatever Redis or the activities do
+                await asyncio.wait_for(self._shutdown(), self.shutdown_grace + 20)
             except asyncio.TimeoutError:
                 log.error("worker %s: graceful stop overran; exiting anyway", self.worker_id)
         finally:
+            if self.heartbeat is not None:
+                await asyncio.to_thread(self.heartbeat.stop)
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            self.runner.pool.shutdown(wait=False, cancel_futures=True)
             await self.wire.aclose()
             await self.redis.aclose()
             self._stopped.set()
@@ -202,6 +204,10 @@ class Worker:
         """Ask the worker to stop gracefully (safe to call from a signal handler)."""
         if self._stopping is not None:
             self._stopping.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping is not None and self._stopping.is_set()
 
     async def wait_stopped(self) -> None:
         while self._stopped is None:
@@ -212,25 +218,29 @@ class Worker:
         """Wait until the worker is registered and polling (for scripts and tests)."""
         deadline = time.monotonic() + timeout
         while not self._tasks:
-            if self._runner is not None and self._runner.done():
-                self._runner.result()  # re-raise the start-up error
+            if self._runner_task is not None and self._runner_task.done():
+                self._runner_task.result()  # re-raise the start-up error
             if time.monotonic() > deadline:
-                raise TimeoutError(f"worker {self.worker_id} did not start within {timeout}s")
+                raise SessionqError(f"worker {self.worker_id} did not start within {timeout}s")
             await asyncio.sleep(0.005)
 
     async def __aenter__(self) -> Worker:
-        self._runner = asyncio.create_task(self.run(), name=f"sessionq-worker:{self.worker_id}")
+        self._runner_task = asyncio.create_task(self.run(), name=f"sessionq-worker:{self.worker_id}")
         await self.wait_started()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         self.stop()
-        if self._runner is not None:
-            await self._runner
+        if self._runner_task is not None:
+            await self._runner_task
 
     @property
     def open_sessions(self) -> int:
-        return len(self._sessions)
+        return len(self.sessions) if self.sessions is not None else 0
+
+    def redis_now_ms(self) -> float:
+        """Redis' clock, as this worker last learnt it (time on the server holding its keys)."""
+        return time.time() * 1000 + self.clock_offset_ms
 
     # -- start-up and registration ------------------------------------------------------
     async def _startup(self) -> None:
@@ -244,7 +254,7 @@ class Worker:
                 f"worker {self.worker_id} cannot reach Redis ({exc}); check that Redis runs and "
                 "the URL is right (--redis-url / SESSIONQ_REDIS_URL)"
             ) from exc
-        self._clock_offset_ms = now_ms - time.time() * 1000
+        self.clock_offset_ms = now_ms - time.time() * 1000
         if await self.redis.exists(k.alive(self.worker_id)):
             pid = await self.redis.hget(k.worker(self.worker_id), "pid")
             if pid is not None and int(pid) != os.getpid():
@@ -263,12 +273,8 @@ class Worker:
 
     async def _deregister(self, reason: str) -> None:
         """Remove this worker's registration and stream; any session still open fails."""
-        k, w = self.keys, self.worker_id
-        assert self.scripts is not None
-        await self.scripts.run(
-            "reap_worker",
-            [k.workers, k.worker(w), k.alive(w), k.stream(w), k.worker_sessions(w), k.waiters],
-            [k.base, w, reason, "1", self.retention_ms],
+        await self.scripts.reap_worker(
+            self.keys, self.worker_id, reason, force=True, retention_ms=self.retention_ms
         )
 
     async def _ensure_group(self) -> None:
@@ -277,6 +283,48 @@ class Worker:
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+
+    async def _register(self) -> None:
+        cap = (self.max_concurrent_sessions or 0) if self.enable_sessions else -1
+        if self.stopping:
+            cap = -1  # no new sessions for a worker on its way out
+        fields = [
+            "host", self.hostname, "pid", os.getpid(), "identity", self.worker_id,
+            "concurrency", self.max_concurrent_activities, "activities", ",".join(sorted(self.registry)),
+            "running", self.runner.in_use, "done", self.runner.done,
+        ]  # fmt: skip
+        held = list(self.sessions.open)  # sessions granted while the script runs are new: keep them
+        outcome = await self.scripts.register_worker(
+            self.keys,
+            self.worker_id,
+            hb_ms=int(self.heartbeat_timeout * 1000),
+            max_sessions=cap,
+            fields=fields,
+        )
+        if outcome == "FRESH":
+            self.last_own_id = b"0-0"
+            lost = [sid for sid in held if sid in self.sessions.open]
+            if lost:
+                log.warning(
+                    "worker %s was declared dead while cut off from Redis; its %d session(s) failed",
+                    self.worker_id,
+                    len(lost),
+                )
+                for sid in lost:
+                    self.sessions.end(sid, "failed", "the worker was declared dead (heartbeat expired)")
+
+    async def _registration_lost(self) -> None:
+        """The heartbeat found the registration gone (declared dead, or Redis lost its data)."""
+        if self.stopping:
+            return
+        log.warning(
+            "worker %s: registration lost (declared dead or Redis restarted); registering again",
+            self.worker_id,
+        )
+        try:
+            await self._reestablish()
+        except Exception as exc:  # the next heartbeat tries again
+            log.warning("worker %s: could not register again yet (%s)", self.worker_id, describe(exc))
 
     async def _reestablish(self) -> None:
         """Redis lost our state (a restart without its data, a failover, keys deleted by
@@ -288,54 +336,15 @@ class Worker:
 
     async def _reestablish_once(self) -> None:
         log.warning(
-            "worker %s: its state in Redis is gone (Redis restarted without its data?); "
-            "re-creating the consumer group and registering again",
+            "worker %s: its state in Redis is gone; making its consumer group and registration again",
             self.worker_id,
         )
         await self._ensure_group()
         await self._register()
         self._recover_pending = True
 
-    async def _register(self) -> None:
-        k = self.keys
-        cap = (self.max_concurrent_sessions or 0) if self.enable_sessions else -1
-        fields = [
-            "host",
-            self.hostname,
-            "pid",
-            os.getpid(),
-            "identity",
-            self.worker_id,
-            "concurrency",
-            self.max_concurrent_activities,
-            "activities",
-            ",".join(sorted(self.registry)),
-            "running",
-            self._in_use,
-            "done",
-            self._done_count,
-        ]
-        assert self.scripts is not None
-        held = list(self._sessions)  # sessions granted while the script runs are new: keep them
-        outcome = await self.scripts.run(
-            "register_worker",
-            [k.workers, k.worker(self.worker_id), k.alive(self.worker_id), k.stream(self.worker_id)],
-            [k.base, self.worker_id, int(self.heartbeat_timeout * 1000), cap, *fields],  # type: ignore[operator]
-        )
-        if outcome == b"FRESH":
-            self._last_own_id = b"0-0"
-            lost = [sid for sid in held if sid in self._sessions]
-            if lost:
-                log.warning(
-                    "worker %s was declared dead while cut off from Redis; its %d session(s) failed",
-                    self.worker_id,
-                    len(lost),
-                )
-                for sid in lost:
-                    self._end_local(sid, "failed", "the worker was declared dead (heartbeat expired)")
-
     # -- the loops ----------------------------------------------------------------------
-    async def _loop(self, step: Any) -> None:
+    async def _loop(self, step: Callable[[], Awaitable[None]]) -> None:
         """Run `step` until stopped, riding out Redis outages with jittered backoff."""
         backoff = 0.05
         task = asyncio.current_task()
@@ -367,27 +376,28 @@ class Worker:
                     continue
                 log.warning(
                     "worker %s: Redis unavailable (%s); retrying in %.2fs",
-                    self.worker_id, describe(exc), backoff,
-                )  # fmt: skip
+                    self.worker_id,
+                    describe(exc),
+                    backoff,
+                )
                 await asyncio.sleep(backoff * (0.5 + os.urandom(1)[0] / 255))
                 backoff = min(backoff * 2, 5.0)
 
     async def _poll_shared(self) -> None:
-        assert self._slot_freed is not None
-        free = self.max_concurrent_activities - self._in_use
-        if free <= 0:
-            self._slot_freed.clear()
-            await self._slot_freed.wait()
+        """Read plain activities from the task queue's stream, as many as there are free slots."""
+        runner = self.runner
+        if runner.free <= 0:
+            await runner.wait_for_free_slot()
             return
         if self._recover_pending:
-            await self._recover_own_pending(free)
+            await self._recover_own_pending(runner.free)
             return
         started = time.monotonic()
         assert self._shared_reader is not None
         try:
             reply = await self._shared_reader.execute(
                 "XREADGROUP", "GROUP", CONSUMER_GROUP, self.worker_id,
-                "COUNT", free, "BLOCK", POLL_BLOCK_MS, "STREAMS", self.keys.tasks, ">",
+                "COUNT", runner.free, "BLOCK", POLL_BLOCK_MS, "STREAMS", self.keys.tasks, ">",
             )  # fmt: skip
         except BaseException:
             # The reply may have been lost after Redis delivered entries to us: they now sit
@@ -400,7 +410,7 @@ class Worker:
                 await asyncio.sleep(0.005)  # fakeredis returns from XREADGROUP BLOCK at once
             return
         for entry_id, fields in entries:
-            self._start_plain(entry_id, fields)
+            self.start_plain(entry_id, fields)
 
     async def _recover_own_pending(self, free: int) -> None:
         """Start entries delivered to this consumer that it is not running (at-least-once).
@@ -417,17 +427,17 @@ class Worker:
             return
         self._pending_cursor = entries[-1][0]
         for entry_id, fields in entries:
-            if entry_id in self._plain_running:
+            if entry_id in self._plain_held:
                 continue
-            if not fields:  # deleted meanwhile: nothing to run
-                await self.redis.xack(self.keys.tasks, CONSUMER_GROUP, entry_id)
+            if not fields:  # deleted meanwhile (its caller cancelled it): nothing to run
+                self.outbox.ack(entry_id)
                 continue
             log.warning(
                 "worker %s: resuming activity %s whose delivery was interrupted",
                 self.worker_id,
                 entry_id.decode(),
             )
-            self._start_plain(entry_id, fields)
+            self.start_plain(entry_id, fields)
 
     def _spawn(self, coro: Any) -> None:
         """Start a background task and keep a reference until it ends."""
@@ -435,7 +445,13 @@ class Worker:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def _start_plain(self, entry_id: bytes, fields: dict[bytes, bytes], delivery_count: int = 1) -> None:
+    def start_plain(self, entry_id: bytes, fields: dict[bytes, bytes], delivery_count: int = 1) -> None:
+        """Start a plain activity read from the shared stream (it waits here for a free slot)."""
+        if entry_id in self._plain_held:
+            return
+        if not fields:  # deleted after it was delivered (its caller cancelled it)
+            self.outbox.ack(entry_id)
+            return
         try:
             task = decode_task(self.codec, fields[b"d"], entry_id)
         except Exception as exc:
@@ -444,20 +460,26 @@ class Worker:
         task.delivery_count = delivery_count
         if delivery_count > task.attempt:
             task.attempt = delivery_count  # an earlier holder died mid-attempt: that attempt counts
-        self._in_use += 1
-        self._plain_running.add(entry_id)
-        self._spawn(self._run(task, None, ack=entry_id))
+        self._plain_held.add(entry_id)
+        self._spawn(self._run_plain(task, entry_id))
+
+    async def _run_plain(self, task: Any, entry_id: bytes) -> None:
+        try:
+            await self.runner.run(task, None, ack=entry_id)
+        finally:
+            if self.stopping:
+                self._plain_held.discard(entry_id)
 
     async def _poll_own(self) -> None:
         stream = self.keys.stream(self.worker_id)
         assert self._own_reader is not None
         reply = await self._own_reader.execute(
-            "XREAD", "COUNT", OWN_BATCH, "BLOCK", POLL_BLOCK_MS, "STREAMS", stream, self._last_own_id
+            "XREAD", "COUNT", OWN_BATCH, "BLOCK", POLL_BLOCK_MS, "STREAMS", stream, self.last_own_id
         )
         entries = stream_entries(reply)
         if not entries:
             return
-        self._last_own_id = entries[-1][0]
+        self.last_own_id = entries[-1][0]
         ending = {f.get(b"s") for _, f in entries if f.get(b"t") == b"c"}
         for entry_id, fields in entries:
             try:
@@ -473,19 +495,12 @@ class Worker:
         if kind == b"a":
             self._start_session_activity(entry_id, fields, ending)
         elif kind == b"o":
-            self._open_local(fields[b"s"].decode(), int(fields[b"x"]), entry_id)
+            self.sessions.opened(fields[b"s"].decode(), fields, entry_id)
         elif kind == b"c":
-            reason = fields.get(b"r", b"complete").decode()
-            sid = fields[b"s"].decode()
-            if reason == "complete":
-                self._end_local(sid, "completed", "session was completed")
-            else:
-                why = "execution timeout passed" if reason == "expire" else "session failed"
-                self._end_local(sid, "failed", why)
+            self.sessions.ended_remotely(fields[b"s"].decode(), fields.get(b"r", b"complete").decode())
         elif kind == b"x":
-            execution = self._executions.get(fields.get(b"i", b"").decode())
-            if execution is not None:
-                execution.cancel("cancelled", "the caller cancelled the activity")
+            activity_id = fields.get(b"i", b"").decode()
+            self.runner.cancel(activity_id, "cancelled", "the caller cancelled the activity")
         elif kind != b"h":
             await self._move_aside(stream, entry_id, fields, ValueError(f"unknown entry type {kind!r}"))
 
@@ -496,385 +511,21 @@ class Worker:
             self._spawn(self._move_aside(self.keys.stream(self.worker_id), entry_id, fields, exc))
             return
         sid = task.session_id or ""
-        local = self._sessions.get(sid)
-        if local is None or sid.encode() in ending:
-            kind, reason = self._ended.get(
-                sid, ("failed", f"session {sid} is not open on worker {self.worker_id}")
-            )
-            if sid.encode() in ending and local is not None:
+        held = self.sessions.open.get(sid)
+        if held is None or sid.encode() in ending:
+            kind, reason = self.sessions.why_not_open(sid)
+            if sid.encode() in ending and held is not None:
                 kind, reason = "completed", "session was completed"
             error = "ActivityCancelledError" if kind == "completed" else "SessionFailedError"
-            self._reply(
-                task,
-                encode_error(
-                    self.codec,
-                    task.activity_id,
-                    RemoteError(error, "", f"activity {task.name!r} was not started: {reason}"),
-                ),
-            )
-            return
-        local.activities_run += 1
-        self._spawn(self._run(task, local, ack=None))
-
-    # -- sessions held locally ------------------------------------------------------------
-    def _open_local(self, sid: str, exec_ms: int, entry_id: bytes) -> None:
-        if sid in self._sessions or sid in self._ended:
-            return
-        info = SessionInfo(
-            session_id=sid,
-            hostname=self.hostname,
-            worker_id=self.worker_id,
-            task_queue=self.task_queue,
-            prefix=self.prefix,
-        )
-        local = LocalSession(info)
-        created_ms = int(entry_id.split(b"-")[0])
-        remaining = (created_ms + exec_ms - self._redis_now_ms()) / 1000
-        local.timer = asyncio.get_running_loop().call_later(
-            max(0.0, remaining), lambda: self._spawn(self._expire(sid))
-        )
-        self._sessions[sid] = local
-        log.debug("worker %s: session %s opened", self.worker_id, sid)
-
-    async def _expire(self, sid: str) -> None:
-        """The session's execution timeout passed: fail it in Redis (frees its slot)."""
-        k = self.keys
-        assert self.scripts is not None
-        for _ in range(100):
-            state, _reason = await self.scripts.run(
-                "end_session",
-                [k.session(sid), k.free, k.waiters],
-                [k.base, sid, "expire", "execution timeout passed", self.retention_ms],
-            )
-            if state != b"OPEN":
-                break
-            await asyncio.sleep(0.02)  # Redis' clock is a hair behind ours
-        self._end_local(sid, "failed", "execution timeout passed")
-
-    def _end_local(self, sid: str, kind: str, reason: str) -> None:
-        """Forget a session; cancel what runs for it (its callers are told why)."""
-        local = self._sessions.pop(sid, None)
-        self._ended[sid] = (kind, reason)
-        while len(self._ended) > ENDED_MEMORY:
-            self._ended.popitem(last=False)
-        if local is None:
-            return
-        if local.timer is not None:
-            local.timer.cancel()
-        local.info.state = SessionState.COMPLETED if kind == "completed" else SessionState.FAILED
-        for execution in list(local.executions.values()):
-            execution.cancel(
-                "session_completed" if kind == "completed" else "session_failed",
-                f"session {sid} {'was completed' if kind == 'completed' else 'failed: ' + reason}",
-            )
-        log.debug("worker %s: session %s ended (%s: %s)", self.worker_id, sid, kind, reason)
-
-    # -- running activities -------------------------------------------------------------
-    async def _acquire_slot(self) -> None:
-        assert self._slot_freed is not None
-        while self._in_use >= self.max_concurrent_activities:
-            self._slot_freed.clear()
-            await self._slot_freed.wait()
-        self._in_use += 1
-
-    def _release_slot(self) -> None:
-        assert self._slot_freed is not None
-        self._in_use -= 1
-        self._done_count += 1
-        self._slot_freed.set()
-
-    async def _run(self, task: Task, local: LocalSession | None, ack: bytes | None) -> None:
-        """Execute one task and queue its reply (and ack)."""
-        if local is not None:
-            await self._acquire_slot()
-            if local.info.session_id not in self._sessions:  # ended while waiting for a slot
-                self._release_slot()
-                kind, reason = self._ended.get(local.info.session_id, ("failed", "session ended"))
-                self._reply(
-                    task,
-                    encode_error(
-                        self.codec,
-                        task.activity_id,
-                        RemoteError(
-                            "ActivityCancelledError" if kind == "completed" else "SessionFailedError",
-                            "",
-                            f"activity {task.name!r} was not started: {reason}",
-                        ),
-                    ),
-                )
-                return
-        try:
-            message = await self._execute(task, local)
-        except asyncio.CancelledError:
-            if local is None:
-                self._plain_running.discard(ack or b"")
-                return  # shutting down: left pending, a live worker takes it over (at-least-once)
             message = encode_error(
                 self.codec,
                 task.activity_id,
-                RemoteError(
-                    "SessionFailedError",
-                    "",
-                    f"worker {self.worker_id} shut down while activity {task.name!r} ran",
-                ),
+                RemoteError(error, "", f"activity {task.name!r} was not started: {reason}"),
             )
-        finally:
-            self._release_slot()
-        self._reply(task, message, ack)
-
-    async def _execute(self, task: Task, local: LocalSession | None) -> bytes:
-        definition = self.registry.get(task.name)
-        if definition is None:
-            return encode_error(
-                self.codec,
-                task.activity_id,
-                RemoteError(
-                    "ActivityNotRegisteredError",
-                    "",
-                    f"activity {task.name!r} is not registered on worker "
-                    f"{self.worker_id} of task queue {self.task_queue!r} "
-                    f"(it has: {', '.join(sorted(self.registry))}); "
-                    "register it in Worker(activities=[...]) on every worker of the queue",
-                ),
-            )
-        if (
-            task.schedule_to_start is not None
-            and self._redis_now_ms() - task.enqueued_ms > task.schedule_to_start * 1000
-        ):
-            return encode_error(
-                self.codec,
-                task.activity_id,
-                RemoteError(
-                    "ActivityTimeoutError",
-                    "",
-                    f"activity {task.name!r} waited in the queue longer than "
-                    f"schedule_to_start_timeout={task.schedule_to_start:g}s; "
-                    "add workers or raise the timeout",
-                    timeout_type="schedule_to_start",
-                ),
-            )
-        info = ActivityInfo(
-            task.activity_id,
-            task.name,
-            task.attempt,
-            self.task_queue,
-            self.worker_id,
-            local.info if local else None,
-            task.heartbeat_timeout,
-        )
-        execution = Execution(task, _RunningActivity(info))
-        execution.asyncio_task = asyncio.current_task()
-        self._executions[task.activity_id] = execution
-        if local is not None:
-            local.executions[task.activity_id] = execution
-        try:
-            return await execute(execution, definition, self.codec, self._pool, self._redis_now_ms)
-        finally:
-            self._executions.pop(task.activity_id, None)
-            if local is not None:
-                local.executions.pop(task.activity_id, None)
-
-    def _reply(self, task: Task, message: bytes, ack: bytes | None = None) -> None:
-        assert self._outbox_ready is not None
-        self._outbox.append((self.keys.inbox(task.client_id), message))
-        if ack is not None:
-            self._acks.append(ack)
-        self._outbox_ready.set()
-
-    async def _flush(self) -> None:
-        """Write queued replies and acks in one round trip: one XADD per caller inbox.
-
-        Whatever Redis could not take for a transient reason (a lost connection, READONLY,
-        LOADING, OOM...) is kept and written again; only what it refused for good (say
-        WRONGTYPE on an inbox) is reported and dropped. An inbox that no longer exists (its
-        client is gone) takes nothing: NOMKSTREAM drops the result."""
-        assert self._outbox_ready is not None and self.wire is not None
-        await self._outbox_ready.wait()
-        self._outbox_ready.clear()
-        outbox, acks = self._outbox, self._acks
-        if not outbox and not acks:
+            self.outbox.reply(task.client_id, message)
             return
-        self._outbox, self._acks = [], []
-        by_inbox: dict[str, list[bytes]] = {}
-        for inbox, message in outbox:
-            by_inbox.setdefault(inbox, []).append(message)
-        commands: list[tuple[Any, ...]] = []
-        for inbox, messages in by_inbox.items():
-            fields: list[bytes] = []
-            for message in messages:
-                fields += (b"r", message)
-            commands.append(("XADD", inbox, "NOMKSTREAM", "*", *fields))
-        if acks:
-            commands.append(("XACK", self.keys.tasks, CONSUMER_GROUP, *acks))
-            commands.append(("XDEL", self.keys.tasks, *acks))
-        try:
-            replies = await self.wire.execute_many(self.keys.tasks, commands, return_exceptions=True)
-        except BaseException:
-            self._outbox[:0] = outbox  # nothing is known to have been written: keep it all
-            self._acks[:0] = acks
-            self._outbox_ready.set()
-            raise
-        retry: BaseException | None = None
-        lost: BaseException | None = None
-        acked = True
-        for (inbox, messages), reply in zip(by_inbox.items(), replies, strict=False):
-            if isinstance(reply, BaseException):
-                if is_transient(reply):
-                    self._outbox[:0] = [(inbox, m) for m in messages]
-                    retry = reply
-                else:
-                    log.error(
-                        "worker %s: Redis refused %d result(s) for inbox %s (%s); they are dropped",
-                        self.worker_id, len(messages), inbox, describe(reply),
-                    )  # fmt: skip
-        for reply in replies[len(by_inbox) :]:
-            if isinstance(reply, BaseException):
-                acked = False
-                kind = kind_of(reply)
-                if kind is Kind.TRANSIENT:
-                    retry = reply
-                elif kind is Kind.LOST:
-                    lost = reply  # the task stream vanished, and the entries with it
-                else:
-                    log.error("worker %s: Redis refused an ack (%s)", self.worker_id, describe(reply))
-        if acks and not acked and retry is not None:
-            self._acks[:0] = acks  # XACK and XDEL are idempotent: send both again
-        else:
-            self._plain_running.difference_update(acks)
-        if retry is not None:
-            self._outbox_ready.set()
-            raise retry  # _loop backs off, then this runs again
-        if lost is not None:
-            raise lost  # _loop re-creates the group
-
-    # -- maintenance ----------------------------------------------------------------------
-    async def _heartbeat(self) -> None:
-        assert self.scripts is not None
-        k = self.keys
-        interval = self.heartbeat_timeout / 3  # type: ignore[operator]
-        # A reply later than one interval means a dead connection: drop it and beat on a new
-        # one, well before the heartbeat key (heartbeat_timeout) expires.
-        alive = await self.scripts.run(
-            "heartbeat",
-            [k.workers, k.worker(self.worker_id), k.alive(self.worker_id)],
-            [self.worker_id, int(self.heartbeat_timeout * 1000), self._in_use, self._done_count],  # type: ignore[operator]
-            timeout=interval,
-        )
-        if not alive:
-            log.warning(
-                "worker %s: registration lost (declared dead or Redis restarted); re-registering",
-                self.worker_id,
-            )
-            await self._reestablish()
-        await asyncio.sleep(interval)
-
-    async def _maintain(self) -> None:
-        interval = self.heartbeat_timeout / 3  # type: ignore[operator]
-        k = self.keys
-        if self._last_own_id != b"0-0":
-            # Trim what was read, the last entry included, so what remains is queued (inspect counts it).
-            ms, _, seq = self._last_own_id.partition(b"-")
-            read_up_to = ms + b"-" + str(int(seq) + 1).encode()
-            await self.redis.xtrim(k.stream(self.worker_id), minid=read_up_to, approximate=False)
-        await self._publish_session_counts()
-        await self._reap_dead_workers()
-        await self._claim_orphans()
-        if self._burst and await self._drained():
-            log.info("worker %s: burst mode and nothing left to do; stopping", self.worker_id)
-            self.stop()
-        self._check_heartbeat_timeouts()
-        await asyncio.sleep(min(interval, 0.25) if self._has_heartbeat_timeouts() else interval)
-
-    async def _publish_session_counts(self) -> None:
-        """Record how many activities each open session ran, for `sessionq inspect`."""
-        changed = [local for local in self._sessions.values() if local.activities_run != local.published_run]
-        if not changed:
-            return
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for local in changed:
-                pipe.hset(self.keys.session(local.info.session_id), "activities", local.activities_run)
-            await pipe.execute()
-        for local in changed:
-            local.published_run = local.activities_run
-
-    def _has_heartbeat_timeouts(self) -> bool:
-        return any(e.task.heartbeat_timeout for e in self._executions.values())
-
-    def _check_heartbeat_timeouts(self) -> None:
-        now = time.monotonic()
-        for execution in list(self._executions.values()):
-            limit = execution.task.heartbeat_timeout
-            if limit and now - execution.running.last_heartbeat > limit:
-                execution.cancel(
-                    "heartbeat", f"activity {execution.task.name!r} sent no heartbeat for {limit:g}s"
-                )
-
-    async def _drained(self) -> bool:
-        if self._in_use or self._sessions or self._outbox:
-            return False
-        groups = await self.redis.xinfo_groups(self.keys.tasks)
-        for group in groups:
-            if group["name"] == CONSUMER_GROUP.encode():
-                return not group.get("lag") and not group.get("pending")
-        return True
-
-    async def _reap_dead_workers(self) -> None:
-        """Declare dead every registered worker whose heartbeat key is gone."""
-        k = self.keys
-        assert self.scripts is not None
-        members = [m.decode() for m in await self.redis.smembers(k.workers) if m.decode() != self.worker_id]
-        if not members:
-            return
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for w in members:
-                pipe.exists(k.alive(w))
-            alive = await pipe.execute()
-        for w, is_alive in zip(members, alive, strict=True):
-            if not is_alive:
-                reaped = await self.scripts.run(
-                    "reap_worker",
-                    [k.workers, k.worker(w), k.alive(w), k.stream(w), k.worker_sessions(w), k.waiters],
-                    [
-                        k.base,
-                        w,
-                        f"worker {w} died (no heartbeat for {self.heartbeat_timeout:g}s)",
-                        "0",
-                        self.retention_ms,
-                    ],
-                )
-                if reaped:
-                    log.warning(
-                        "worker %s: reaped dead worker %s (%d session(s) failed)",
-                        self.worker_id,
-                        w,
-                        int(reaped) - 1,
-                    )
-
-    async def _claim_orphans(self) -> None:
-        """Take over plain activities that dead workers had read but not finished."""
-        k = self.keys
-        assert self.scripts is not None
-        consumers = await self.redis.xinfo_consumers(k.tasks, CONSUMER_GROUP)  # NOGROUP: _loop re-creates it
-        for consumer in consumers:
-            name = consumer["name"].decode()
-            if name == self.worker_id or not consumer.get("pending"):
-                continue
-            free = self.max_concurrent_activities - self._in_use
-            if free <= 0:
-                return
-            claimed = await self.scripts.run(
-                "claim_orphans", [k.tasks, k.alive(name)], [CONSUMER_GROUP, name, self.worker_id, free]
-            )
-            if claimed:
-                log.warning(
-                    "worker %s: took over %d activity(ies) of dead worker %s",
-                    self.worker_id,
-                    len(claimed),
-                    name,
-                )
-            for entry_id, deliveries, flat in claimed:
-                fields = dict(zip(flat[::2], flat[1::2], strict=True))
-                self._start_plain(entry_id, fields, delivery_count=int(deliveries) + 1)
+        held.activities_run += 1
+        self._spawn(self.runner.run(task, held, ack=None))
 
     async def _move_aside(
         self,
@@ -884,7 +535,8 @@ class Worker:
         error: BaseException,
         ack: bool = False,
     ) -> None:
-        """D04: keep a malformed entry for inspection and drop it from the queue."""
+        """D04: keep a malformed entry for inspection, drop it from the queue, and tell its
+        caller when the entry says who that is."""
         log.error(
             "worker %s: malformed entry %s in %s moved to %s: %r",
             self.worker_id,
@@ -901,51 +553,100 @@ class Worker:
                 pipe.xack(stream, CONSUMER_GROUP, entry_id)
             pipe.xdel(stream, entry_id)
             await pipe.execute()
+        caller = _caller_of(self.codec, fields.get(b"d"))
+        if caller is not None:
+            client_id, activity_id = caller
+            message = encode_error(
+                self.codec,
+                activity_id,
+                RemoteError(
+                    "SerializationError",
+                    "SerializationError",
+                    f"worker {self.worker_id} could not read this activity's task ({error}); it was moved "
+                    f"to {self.keys.dead} for an operator to look at",
+                ),
+            )
+            self.outbox.reply(client_id, message)
 
     # -- shutdown -------------------------------------------------------------------------
     async def _shutdown(self) -> None:
-        """Stop taking work, fail our sessions now, let running work finish, deregister."""
-        k = self.keys
-        assert self.scripts is not None
+        """The graceful stop. Nothing new is taken from now on (no plain activity read, no
+        session placed here, no session activity started, no dead worker's work taken
+        over); what runs, session activities included, gets up to shutdown_grace to finish;
+        then what still runs is cancelled, the sessions still held fail, and the worker
+        deregisters. A plain activity cancelled this way is left to another worker."""
+        running = len(self.runner.executions)
+        log.info(
+            "worker %s stopping: %d running activit%s get up to shutdown_grace=%gs to finish; "
+            "no new work is taken",
+            self.worker_id, running, "y" if running == 1 else "ies", self.shutdown_grace,
+        )  # fmt: skip
         for task in self._tasks:
-            if task.get_name() in ("sessionq-poll-shared", "sessionq-poll-own"):
+            if task.get_name() == "sessionq-poll-shared":
                 task.cancel()
+        k = self.keys
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.hset(k.worker(self.worker_id), "max_sessions", -1)  # no new sessions
                 pipe.zrem(k.free, self.worker_id)
-                pipe.delete(k.stream(self.worker_id))  # callers' next send fails at once
                 await pipe.execute()
-            for sid in list(self._sessions):
-                await self.scripts.run(
-                    "end_session",
-                    [k.session(sid), k.free, k.waiters],
-                    [k.base, sid, "fail", f"worker {self.worker_id} shut down", self.retention_ms],
-                )
-                self._end_local(sid, "failed", f"worker {self.worker_id} shut down")
         except Exception as exc:
-            log.warning("worker %s: could not fail sessions on shutdown (%s)", self.worker_id, describe(exc))
-        deadline = time.monotonic() + self.shutdown_grace  # type: ignore[operator]
-        while self._executions and time.monotonic() < deadline:
+            log.warning("worker %s: could not withdraw from placement (%s)", self.worker_id, describe(exc))
+        deadline = time.monotonic() + self.shutdown_grace
+        while self.runner.executions and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        for execution in list(self._executions.values()):
-            execution.cancel("shutdown", f"worker {self.worker_id} shut down before the activity finished")
-        while self._executions and time.monotonic() < deadline + 2:
+        self.runner.cancel_all("shutdown", f"worker {self.worker_id} shut down before the activity finished")
+        while self.runner.executions and time.monotonic() < deadline + 2:
             await asyncio.sleep(0.01)
-        while (self._outbox or self._acks) and time.monotonic() < deadline + 5:
+        try:
+            await self.sessions.fail_all(f"worker {self.worker_id} shut down")
+        except Exception as exc:
+            log.warning("worker %s: could not fail its sessions (%s)", self.worker_id, describe(exc))
+        while not self.outbox.empty and time.monotonic() < deadline + 5:
             await asyncio.sleep(0.01)
-        for task in self._tasks:  # no heartbeat may re-register us after this
+        if self.heartbeat is not None:  # no heartbeat may register us again after this
+            await asyncio.to_thread(self.heartbeat.stop)
+        for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         try:
             await self._deregister(f"worker {self.worker_id} shut down")
+            await self._drop_consumer()
         except Exception as exc:
             log.warning(
                 "worker %s: could not deregister (%s); its heartbeat will expire",
                 self.worker_id,
                 describe(exc),
             )
-        log.info("worker %s stopped", self.worker_id)
+        left = self.runner.pool.busy
+        log.info(
+            "worker %s stopped%s",
+            self.worker_id,
+            f"; {left} def activit{'y' if left == 1 else 'ies'} ignored cancellation and still run in "
+            "their thread(s)"
+            if left
+            else "",
+        )
 
-    def _redis_now_ms(self) -> float:
-        return time.time() * 1000 + self._clock_offset_ms
+    async def _drop_consumer(self) -> None:
+        """Leave the consumer group, unless entries of ours are pending (another worker takes
+        them over, and drops the consumer after)."""
+        pending = await self.redis.xpending_range(
+            self.keys.tasks, CONSUMER_GROUP, "-", "+", 1, self.worker_id
+        )
+        if not pending:
+            await self.redis.xgroup_delconsumer(self.keys.tasks, CONSUMER_GROUP, self.worker_id)
+
+
+def _caller_of(codec: Codec, data: bytes | None) -> tuple[str, str] | None:
+    """(client id, activity id) of a task payload that names them, else None."""
+    if not data:
+        return None
+    try:
+        body = codec.loads(data)
+        client_id, activity_id = body["c"], body["i"]
+    except Exception:
+        return None
+    if isinstance(client_id, str) and isinstance(activity_id, str) and client_id and activity_id:
+        return client_id, activity_id
+    return None

@@ -126,7 +126,90 @@ async def describe() -> dict[str, Any]:
     }
 
 
+@sessionq.activity
+async def span(path: str, seconds: float) -> str:
+    """Append "start <t>" and "end <t>" (monotonic) to ``path`` around a sleep: overlapping
+    spans in one file show activities that ran at the same time."""
+    with open(path, "a") as f:
+        f.write(f"start {time.monotonic()}\n")
+    await asyncio.sleep(seconds)
+    with open(path, "a") as f:
+        f.write(f"end {time.monotonic()}\n")
+    return _worker_id()
+
+
+@sessionq.activity
+async def exit_with(how: str) -> None:
+    """What a careless activity might do to its process: sys.exit(), SystemExit, Ctrl-C."""
+    import sys
+
+    if how == "sys.exit":
+        sys.exit(3)
+    raise {"SystemExit": SystemExit(4), "KeyboardInterrupt": KeyboardInterrupt()}[how]
+
+
+@sessionq.activity
+def exit_with_sync(how: str) -> None:
+    """exit_with, from a thread-pool (def) activity."""
+    import sys
+
+    if how == "sys.exit":
+        sys.exit(3)
+    raise {"SystemExit": SystemExit(4), "KeyboardInterrupt": KeyboardInterrupt()}[how]
+
+
+class _StrRaises(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no text for you")
+
+
+@sessionq.activity
+async def raise_unencodable(kind: str) -> None:
+    """Raise an exception whose report is hard to encode: huge, not valid UTF-8, or
+    whose str() raises."""
+    if kind == "huge":
+        raise ValueError("x" * (2 * 1024 * 1024))
+    if kind == "surrogate":
+        raise ValueError("bad \udce9 text")
+    raise _StrRaises()
+
+
+@sessionq.activity
+async def block_loop(seconds: float, marker: str) -> str:
+    """A badly written async activity: blocks the worker's event loop (time.sleep). Appends
+    this worker's id to ``marker`` each time it runs."""
+    with open(marker, "a") as f:
+        f.write(_worker_id() + "\n")
+    time.sleep(seconds)
+    return _worker_id()
+
+
+@sessionq.activity
+async def refuse(path: str, error_type: str) -> None:
+    """Append a line to ``path`` (counts attempts), then raise an ApplicationError of
+    `error_type` marked non-retryable, as the Temporal SDK's users do."""
+    with open(path, "a") as f:
+        f.write("attempt\n")
+    raise sessionq.ApplicationError("the input is wrong", type=error_type, non_retryable=True)
+
+
+@sessionq.activity
+def ignore_cancel(seconds: float, marker: str) -> str:
+    """A def activity that never looks at is_cancelled(): it runs its full time whatever happens."""
+    _touch(marker, "started", _worker_id())
+    time.sleep(seconds)
+    _touch(marker, "finished", _worker_id())
+    return _worker_id()
+
+
 ALL = [
+    span,
+    exit_with,
+    exit_with_sync,
+    raise_unencodable,
+    block_loop,
+    refuse,
+    ignore_cancel,
     whoami,
     whoami_sync,
     echo,

@@ -661,7 +661,7 @@ async def test_a_result_batch_redis_refuses_is_reported_once_not_resent(
     worker = await start_worker("w-refused")
     refusal = "Redis refused 1 result(s) for inbox"
     await wait_for(lambda: refusal in caplog.text, message="the refusal was not reported")
-    assert not worker._outbox and not worker._acks, "the refused batch was queued to be sent again"
+    assert worker.outbox.empty, "the refused batch was queued to be sent again"
     assert await redis_client.xlen(keys.tasks) == 0, "the task was not acknowledged and deleted"
     still = await client.execute_activity(shared.echo, "still serving", task_queue=task_queue)
     assert still == "still serving"

@@ -347,7 +347,7 @@ async def test_s05_cli_worker_serves_session_and_inspect_json_shows_it(
     assert await worker.wait() == 0
 
 
-async def test_cli_sigterm_fails_sessions_at_once_lets_plain_work_finish_and_exits_0(
+async def test_cli_sigterm_lets_running_work_finish_then_fails_sessions_and_exits_0(
     redis_url: str,
     key_prefix: str,
     task_queue: str,
@@ -355,32 +355,41 @@ async def test_cli_sigterm_fails_sessions_at_once_lets_plain_work_finish_and_exi
     tmp_path: Path,
     redis_client: redis.asyncio.Redis,
 ) -> None:
+    """The graceful stop as the README and the log line say: running activities (session ones
+    too) get the grace to finish; nothing new is taken; what still runs at the end of the
+    grace is cancelled and the sessions fail then, well before any heartbeat expires."""
+    grace = 2.0
     # A long heartbeat timeout: if callers learned only from the heartbeat, they would wait 20 s.
-    worker = await cli_worker("tests.activities:ALL", "--heartbeat-timeout", "20", "--shutdown-grace", "20")
+    worker = await cli_worker(
+        "tests.activities:ALL", "--heartbeat-timeout", "20", "--shutdown-grace", str(grace)
+    )
     options = sessionq.SessionOptions(creation_timeout=10, execution_timeout=60)
     async with sessionq.Client(redis_url, prefix=key_prefix) as client:
-        busy = await client.create_session(task_queue, options)
-        idle = await client.create_session(task_queue, options)
-        marker = str(tmp_path / "in-session")
-        in_session = await busy.start_activity("sleep_for", 60, marker)
-        plain = await client.start_activity("sleep_for", 1.5, str(tmp_path / "plain"), task_queue=task_queue)
-        for name in ("in-session", "plain"):
-            path = tmp_path / f"{name}.started"
-            await wait_for(path.exists, message=f"{name} activity never started")
+        finishing, stuck, idle = [await client.create_session(task_queue, options) for _ in range(3)]
+        quick = await finishing.start_activity("sleep_for", 1.0, str(tmp_path / "quick"))
+        endless = await stuck.start_activity("sleep_for", 60, str(tmp_path / "endless"))
+        plain = await client.start_activity("sleep_for", 1.0, str(tmp_path / "plain"), task_queue=task_queue)
+        for name in ("quick", "endless", "plain"):
+            await wait_for((tmp_path / f"{name}.started").exists, message=f"{name} activity never started")
 
         worker.signal(signal.SIGTERM)
         sent = time.monotonic()
+        await wait_for(lambda: "stopping" in worker.output(), message="SIGTERM not handled")
+        with pytest.raises(sessionq.SessionFailedError, match="shutting down"):
+            await idle.execute_activity("whoami")  # nothing new is started during the grace
+        assert await quick.result() == "cli-w1"  # running session work finished within the grace
+        assert await plain.result() == "cli-w1"  # and so did plain work
         with pytest.raises(sessionq.SessionFailedError):
-            await in_session.result()
-        assert time.monotonic() - sent < 5, "the caller should learn at once, not after the heartbeat (20 s)"
-        assert await plain.result() == "cli-w1"  # running plain work finished within the grace
+            await endless.result()
+        assert grace - 0.5 <= time.monotonic() - sent < grace + 5, "cancelled at the end of the grace"
+        assert (tmp_path / "endless.cancelled").exists()
         assert await worker.wait() == 0
-        with pytest.raises(sessionq.SessionFailedError):
-            await idle.execute_activity("whoami")
-        assert time.monotonic() - sent < 10
+        assert time.monotonic() - sent < grace + 8, "callers learn as the grace ends, not the heartbeat"
     keys = QueueKeys(key_prefix, task_queue)
     assert not await redis_client.sismember(keys.workers, "cli-w1"), "the worker must deregister"
-    assert "stopping worker cli-w1 gracefully" in worker.output()
+    output = worker.output()
+    assert "get up to shutdown_grace=2s to finish; no new work is taken" in output
+    assert "worker cli-w1 stopped" in output
 
 
 async def test_cli_second_sigint_exits_at_once(
@@ -496,13 +505,14 @@ async def test_inspect_is_read_only_and_shows_a_dead_worker_and_its_stuck_sessio
     """SIGKILL a worker holding a session; until someone reaps it, inspect shows it DEAD and
     its session OPEN on a dead worker, and running every view changes nothing in Redis."""
     worker = await cli_worker("tests.activities:ALL", "--heartbeat-timeout", "1")
-    options = sessionq.SessionOptions(creation_timeout=10, execution_timeout=60)
-    async with sessionq.Client(redis_url, prefix=key_prefix) as client:
-        session = await client.create_session(task_queue, options)
-        assert await session.execute_activity("whoami") == "cli-w1"
-        worker.signal(signal.SIGKILL)
-        await worker.process.wait()
-        await client.start_activity("echo", "nobody runs me", task_queue=task_queue)
+    # No owner lease: its renewals would write to Redis while inspect is checked for writing none.
+    options = sessionq.SessionOptions(creation_timeout=10, execution_timeout=60, owner_timeout=None)
+    client = sessionq.Client(redis_url, prefix=key_prefix)  # kept open: closing completes its sessions
+    session = await client.create_session(task_queue, options)
+    assert await session.execute_activity("whoami") == "cli-w1"
+    worker.signal(signal.SIGKILL)
+    await worker.process.wait()
+    await client.start_activity("echo", "nobody runs me", task_queue=task_queue)
     alive_key = QueueKeys(key_prefix, task_queue).alive("cli-w1")
     await wait_for(lambda: _gone(redis_client, alive_key), timeout=5, message="heartbeat key never expired")
 
@@ -535,6 +545,7 @@ async def test_inspect_is_read_only_and_shows_a_dead_worker_and_its_stuck_sessio
         "inspect", "session", "nosuchsession", "--redis-url", redis_url, "--prefix", key_prefix
     )
     assert_one_line_error(missing, 1, "no session 'nosuchsession'")
+    await client.close()
 
 
 async def _gone(client: redis.asyncio.Redis, key: str) -> bool:

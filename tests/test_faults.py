@@ -255,7 +255,7 @@ async def test_s16_recreate_on_dead_worker_raises_session_failed(
     holder, victim, free = await full_worker_and_free_one(spawn_worker, client, task_queue)
     token = holder.info.recreate_token
     waiting = asyncio.ensure_future(client.recreate_session(token, options(creation=30)).open())
-    await wait_for(lambda: redis_client.llen(keys.waiters), message="recreate never queued")
+    await wait_for(lambda: redis_client.zcard(keys.waiters), message="recreate never queued")
 
     # Waiting for a slot when the worker dies: refused once it is declared dead.
     await victim.kill()
@@ -267,7 +267,7 @@ async def test_s16_recreate_on_dead_worker_raises_session_failed(
     )
     # Never a session on the free worker instead.
     assert await hfield(redis_client, keys.worker(free.worker_id), "open") == "0"
-    assert await redis_client.llen(keys.waiters) == 0
+    assert await redis_client.zcard(keys.waiters) == 0
 
 
 async def test_s16_recreate_on_full_worker_times_out_or_gets_the_freed_slot(
@@ -287,11 +287,11 @@ async def test_s16_recreate_on_full_worker_times_out_or_gets_the_freed_slot(
     assert elapsed >= 0.9
     assert await hfield(redis_client, keys.worker(free.worker_id), "open") == "0"
     assert await session_state(redis_client, keys, holder.session_id) == "OPEN"
-    assert await redis_client.llen(keys.waiters) == 0
+    assert await redis_client.zcard(keys.waiters) == 0
 
     # Waiting when the slot frees: the recreate gets it, on the same worker.
     waiting = asyncio.ensure_future(recreator.recreate_session(token, options(creation=30)).open())
-    await wait_for(lambda: redis_client.llen(keys.waiters), message="recreate never queued")
+    await wait_for(lambda: redis_client.zcard(keys.waiters), message="recreate never queued")
     assert not waiting.done()
     await holder.complete()
     again = await asyncio.wait_for(waiting, 5.0)
@@ -319,7 +319,7 @@ async def test_s17_execution_timeout_fails_session_frees_slot_cancels_activities
     running = await session.start_activity(sleep_for, LONG, str(tmp_path / "m"))
     await wait_for(started_by(tmp_path / "m"), message="activity never started")
     creator = asyncio.ensure_future(make_client().create_session(task_queue, options(creation=30)).open())
-    await wait_for(lambda: redis_client.llen(keys.waiters), message="second creator never queued")
+    await wait_for(lambda: redis_client.zcard(keys.waiters), message="second creator never queued")
 
     _, elapsed = await raises_within(running.result(), sessionq.SessionFailedError, timeout + MARGIN)
     assert elapsed >= timeout - 0.5, "failed well before its execution timeout"
@@ -568,7 +568,7 @@ async def test_s09_complete_racing_worker_death_never_raises(
 # --- graceful stop -------------------------------------------------------------------------
 
 
-async def test_s11_graceful_stop_sigterm_fails_open_session_promptly_and_cleans_up(
+async def test_s11_graceful_stop_sigterm_fails_open_session_after_the_grace_and_cleans_up(
     spawn_worker: SpawnWorker,
     client: sessionq.Client,
     redis_client: Redis,
@@ -576,19 +576,26 @@ async def test_s11_graceful_stop_sigterm_fails_open_session_promptly_and_cleans_
     task_queue: str,
     tmp_path: Path,
 ) -> None:
-    worker = await spawn_worker(identity="w1", heartbeat_timeout=5.0, max_sessions=1)
+    grace = 1.0
+    worker = await spawn_worker(
+        identity="w1", heartbeat_timeout=5.0, max_sessions=1, extra_args=["--shutdown-grace", str(grace)]
+    )
     session = await client.create_session(task_queue, options())
     running = await session.start_activity(sleep_for, LONG, str(tmp_path / "m"))
     await wait_for(started_by(tmp_path / "m"), message="activity never started")
 
     worker.terminate()
-    await raises_within(running.result(), sessionq.SessionFailedError, 1.5)
+    # The running activity gets the grace, then is cancelled and the session fails: the
+    # caller learns then, not when the heartbeat (5 s) would expire.
+    await raises_within(running.result(), sessionq.SessionFailedError, grace + 1.5)
     await raises_within(session.execute_activity(whoami), sessionq.SessionFailedError, QUICK)
     assert await worker.wait(20.0) == 0
     wid = worker.worker_id
     assert await redis_client.exists(keys.alive(wid), keys.worker(wid), keys.stream(wid)) == 0
     assert not await registered(redis_client, keys, wid)
     assert await session_state(redis_client, keys, session.session_id) == "FAILED"
+    consumers = await redis_client.xinfo_consumers(keys.tasks, "workers")
+    assert wid.encode() not in [c["name"] for c in consumers], "a stopped worker stays in the consumer group"
 
 
 async def test_d01_entry_delivered_but_reply_lost_is_still_run(
@@ -620,8 +627,9 @@ async def test_d01_entry_delivered_but_reply_lost_is_still_run(
 
 
 async def test_s11_heartbeat_goes_on_while_housekeeping_is_stuck(
-    redis_url: str, key_prefix: str, task_queue: str, redis_client: Redis, keys: QueueKeys
-) -> None:
+    redis_url: str, key_prefix: str, task_queue: str, redis_client: Redis, keys: QueueKeys,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
     """Heartbeats have a task of their own: a housekeeping pass that hangs (a slow reap or
     orphan claim on a loaded Redis) must not let a live worker's heartbeat key expire, or
     its callers would see a death that did not happen."""
@@ -631,11 +639,11 @@ async def test_s11_heartbeat_goes_on_while_housekeeping_is_stuck(
     )  # fmt: skip
     stuck = asyncio.Event()
 
-    async def housekeeping_hangs() -> None:
+    async def housekeeping_hangs(self: Any) -> None:
         stuck.set()
         await asyncio.Event().wait()
 
-    worker._maintain = housekeeping_hangs  # type: ignore[method-assign]
+    monkeypatch.setattr("sessionq.housekeeping.Housekeeping.step", housekeeping_hangs)
     refreshed: list[int] = []
 
     async def refreshed_three_times() -> bool:

@@ -179,8 +179,8 @@ async def test_d11_a_late_result_for_a_closed_client_leaves_no_key_without_ttl(
     await client.close()
     with contextlib.suppress(sessionq.SessionqError):
         await handle.result()
-    await wait_for(lambda: worker._done_count >= 2, message="the late activity never finished")
-    await wait_for(lambda: not worker._outbox, message="the late result was never written")
+    await wait_for(lambda: worker.runner.done >= 2, message="the late activity never finished")
+    await wait_for(lambda: worker.outbox.empty, message="the late result was never written")
     assert await redis_client.pttl(inbox) != -1, "the closed client's inbox lives forever"
     assert not [k for k in await keys_without_ttl(redis_client, key_prefix) if ":inbox:" in k]
 

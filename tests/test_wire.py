@@ -162,12 +162,15 @@ async def test_client_and_worker_on_an_in_process_fakeredis() -> None:
 async def test_a_session_used_after_its_client_closed_says_so_at_once(
     redis_url: str, key_prefix: str
 ) -> None:
-    """No retrying against a Redis that is fine: the client is closed, and the error says so."""
-    from sessionq import Client, SessionqError
+    """No retrying against a Redis that is fine: closing the client completed its session,
+    and the client itself refuses new calls at once, saying it was closed."""
+    from sessionq import Client, SessionCompletedError, SessionqError
 
     async with make_worker(redis_url, key_prefix, "q", "w1"):
         client = Client(redis_url, prefix=key_prefix)
         session = await client.create_session("q")
         await client.close()
-        with pytest.raises(SessionqError, match="closed"):
+        with pytest.raises(SessionCompletedError):
             await asyncio.wait_for(session.execute_activity(acts.echo, 1), 2)
+        with pytest.raises(SessionqError, match="closed"):
+            await asyncio.wait_for(client.execute_activity(acts.echo, 1, task_queue="q"), 2)

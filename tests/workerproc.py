@@ -43,6 +43,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--heartbeat-timeout", type=float, default=2.0)
     parser.add_argument("--concurrency", type=int, default=10)
     parser.add_argument("--max-sessions", type=int, default=None)
+    parser.add_argument("--shutdown-grace", type=float, default=None)
     parser.add_argument("--no-sessions", action="store_true", help="enable_sessions=False")
     parser.add_argument(
         "--log-level",
@@ -84,6 +85,8 @@ async def run(args: argparse.Namespace, parent_pid: int) -> int:
     options: dict[str, Any] = {}
     if args.max_sessions is not None:  # otherwise the library's default (unlimited)
         options["max_concurrent_sessions"] = args.max_sessions
+    if args.shutdown_grace is not None:
+        options["shutdown_grace"] = args.shutdown_grace
     worker = sessionq.Worker(
         args.redis_url,
         task_queue=args.task_queue,

@@ -29,6 +29,6 @@ redis.call('SET', KEYS[3], '1', 'PX', hb_ms)
 redis.call('XADD', KEYS[4], '*', 't', 'h')
 if cap >= 0 then
   redis.call('ZADD', base .. 'free', 0, w)
-  if redis.call('LLEN', base .. 'waiters') > 0 then grant_waiters(base, now) end
+  if redis.call('ZCARD', base .. 'waiters') > 0 then grant_waiters(base, now) end
 end
 return 'FRESH'

@@ -1,25 +1,22 @@
 -- Shared by every script that opens, ends or hands over session slots.
--- Per-worker and per-session keys are built from `base`, the task queue's key prefix,
--- which carries the queue's hash tag ({queue}); so they share the slot of the KEYS.
+-- Per-worker, per-session and per-client keys are built from `base`, the task queue's key
+-- prefix, which carries the queue's hash tag ({queue}); so they share the slot of the KEYS.
 -- Layout mirrors sessionq/keys.py.
+--
+-- The waiting line: `waiters` is a sorted set of session ids in order of arrival (the
+-- score only grows), `tickets` a hash with one field per ticket attribute, named
+-- "<sid>:<attribute>" (no separator inside a value can ever be misread), and `deadlines`
+-- a sorted set of what must happen at a time: "s:<sid>" a session's execution deadline,
+-- "t:<sid>" a ticket's wait deadline. `lease:<client>` holds the time a client last
+-- showed it was alive; a ticket whose client has been silent for WAITER_WINDOW_MS is
+-- never granted (the caller crashed: its session would have nobody to complete it).
+
+local WAITER_WINDOW_MS = 5000
+local TICKET_FIELDS = {'c', 'x', 'd', 't', 'o', 'l'}  -- client, exec_ms, wait deadline, target, owner, owner_ms
 
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-
--- Split s on a one-character plain separator, keeping empty pieces.
-local function split(s, sep)
-  local out, start = {}, 1
-  while true do
-    local i = string.find(s, sep, start, true)
-    if not i then
-      out[#out + 1] = string.sub(s, start)
-      return out
-    end
-    out[#out + 1] = string.sub(s, start, i - 1)
-    start = i + 1
-  end
 end
 
 -- The load of worker w if it is alive and has a free slot, else nil.
@@ -30,18 +27,58 @@ local function free_load(base, w)
   return tonumber(load)
 end
 
--- The least loaded live worker with a free slot, else nil.
+-- The least loaded live worker with a free slot, else nil. Workers whose heartbeat is gone
+-- but who are not reaped yet are skipped, however many there are.
 local function pick_worker(base)
-  local candidates = redis.call('ZRANGE', base .. 'free', 0, 63)
-  for _, w in ipairs(candidates) do
-    if redis.call('EXISTS', base .. 'alive:' .. w) == 1 then return w end
+  local offset = 0
+  while true do
+    local candidates = redis.call('ZRANGE', base .. 'free', offset, offset + 63)
+    if #candidates == 0 then return nil end
+    for _, w in ipairs(candidates) do
+      if redis.call('EXISTS', base .. 'alive:' .. w) == 1 then return w end
+    end
+    offset = offset + 64
   end
-  return nil
+end
+
+-- Whether client has renewed its lease within `window` ms.
+local function lease_fresh(base, client, now, window)
+  local renewed = tonumber(redis.call('GET', base .. 'lease:' .. client))
+  return renewed ~= nil and now - renewed <= window
+end
+
+-- A ticket's attributes: {client, exec_ms, wait_deadline, target, owner, owner_ms}.
+local function read_ticket(base, sid)
+  local names = {}
+  for i, f in ipairs(TICKET_FIELDS) do names[i] = sid .. ':' .. f end
+  return redis.call('HMGET', base .. 'tickets', (unpack or table.unpack)(names))
+end
+
+local function drop_ticket(base, sid, target)
+  redis.call('ZREM', base .. 'waiters', sid)
+  local names = {}
+  for i, f in ipairs(TICKET_FIELDS) do names[i] = sid .. ':' .. f end
+  redis.call('HDEL', base .. 'tickets', (unpack or table.unpack)(names))
+  redis.call('ZREM', base .. 'deadlines', 't:' .. sid)
+  if target and target ~= '' then redis.call('SREM', base .. 'wtickets:' .. target, sid) end
+end
+
+-- Queue a ticket at the end of the line.
+local function queue_ticket(base, sid, client, exec_ms, deadline, target, owner, owner_ms, now)
+  local waiters = base .. 'waiters'
+  local score = now * 1000
+  local last = redis.call('ZRANGE', waiters, -1, -1, 'WITHSCORES')
+  if last[2] and tonumber(last[2]) >= score then score = tonumber(last[2]) + 1 end
+  redis.call('ZADD', waiters, score, sid)
+  redis.call('HSET', base .. 'tickets', sid .. ':c', client, sid .. ':x', exec_ms, sid .. ':d', deadline,
+    sid .. ':t', target, sid .. ':o', owner, sid .. ':l', owner_ms)
+  redis.call('ZADD', base .. 'deadlines', deadline, 't:' .. sid)
+  if target ~= '' then redis.call('SADD', base .. 'wtickets:' .. target, sid) end
 end
 
 -- Open session sid on worker w: count the slot, write the record, tell the worker.
 -- Returns {host, deadline, hb_ms}.
-local function open_session(base, w, sid, exec_ms, now, owner)
+local function open_session(base, w, sid, exec_ms, now, owner, client, owner_ms)
   local wk = base .. 'worker:' .. w
   local info = redis.call('HMGET', wk, 'max_sessions', 'host', 'hb_ms')
   local cap = tonumber(info[1]) or 0
@@ -53,10 +90,13 @@ local function open_session(base, w, sid, exec_ms, now, owner)
   end
   local deadline = now + exec_ms
   redis.call('HSET', base .. 'session:' .. sid,
-    'worker', w, 'host', info[2], 'state', 'OPEN', 'created', now,
-    'deadline', deadline, 'exec_ms', exec_ms, 'hb_ms', info[3], 'owner', owner)
+    'worker', w, 'host', info[2] or '', 'state', 'OPEN', 'created', now,
+    'deadline', deadline, 'exec_ms', exec_ms, 'hb_ms', info[3] or 0, 'owner', owner,
+    'client', client, 'owner_ms', owner_ms)
   redis.call('SADD', base .. 'wsessions:' .. w, sid)
-  redis.call('XADD', base .. 'w:' .. w, 'NOMKSTREAM', '*', 't', 'o', 's', sid, 'x', exec_ms)
+  redis.call('ZADD', base .. 'deadlines', deadline, 's:' .. sid)
+  redis.call('XADD', base .. 'w:' .. w, 'NOMKSTREAM', '*', 't', 'o', 's', sid, 'x', exec_ms,
+    'd', deadline, 'c', client, 'l', owner_ms)
   return {info[2] or '', deadline, info[3] or 0}
 end
 
@@ -74,6 +114,17 @@ local function release_slot(base, w)
   end
 end
 
+-- End an OPEN session: record the outcome, give its slot back, tell its worker.
+local function close_session(base, sid, w, new_state, reason, now, retention_ms, mode)
+  local skey = base .. 'session:' .. sid
+  redis.call('HSET', skey, 'state', new_state, 'reason', reason, 'ended', now)
+  redis.call('PEXPIRE', skey, retention_ms)
+  redis.call('SREM', base .. 'wsessions:' .. w, sid)
+  redis.call('ZREM', base .. 'deadlines', 's:' .. sid)
+  release_slot(base, w)
+  redis.call('XADD', base .. 'w:' .. w, 'NOMKSTREAM', '*', 't', 'c', 's', sid, 'r', mode)
+end
+
 -- Tell a waiting caller, through its inbox stream, that it got a session or why it
 -- cannot: fields is {'g', sid, 'w', worker, ...} or {'x', sid, 'm', reason}. NOMKSTREAM:
 -- the inbox belongs to its client (which made it, with a TTL); a client gone takes nothing.
@@ -81,31 +132,39 @@ local function notify(base, client, fields)
   redis.call('XADD', base .. 'inbox:' .. client, 'NOMKSTREAM', '*', (unpack or table.unpack)(fields))
 end
 
--- Hand free slots to waiting callers, first come first served.
--- Ticket: sid|client|exec_ms|wait_deadline_ms|target_worker|owner (target '' = any worker).
+-- Hand free slots to waiting callers, first come first served, over the whole line.
+-- Stops as soon as no live worker has a free slot (then no ticket can be served).
 local function grant_waiters(base, now)
-  local waiters = base .. 'waiters'
-  local tickets = redis.call('LRANGE', waiters, 0, 255)
-  local any_blocked = false
-  for _, ticket in ipairs(tickets) do
-    local f = split(ticket, '|')
-    local sid, client, exec_ms, deadline, target = f[1], f[2], tonumber(f[3]), tonumber(f[4]), f[5]
-    if deadline < now then
-      redis.call('LREM', waiters, 1, ticket)
-    else
-      local w = nil
-      if target == '' then
-        if not any_blocked then
+  local offset = 0
+  while true do
+    local sids = redis.call('ZRANGE', base .. 'waiters', offset, offset + 99)
+    if #sids == 0 then return end
+    for _, sid in ipairs(sids) do
+      local t = read_ticket(base, sid)
+      local client, exec_ms, deadline, target = t[1], tonumber(t[2]), tonumber(t[3]), t[4]
+      if not client or not deadline or deadline < now then
+        drop_ticket(base, sid, target)  -- expired (its caller gives up by itself) or broken
+      elseif not lease_fresh(base, client, now, WAITER_WINDOW_MS) then
+        drop_ticket(base, sid, target)  -- its caller went silent: crashed, or stalled
+        notify(base, client, {'x', sid, 'm', 'its client stopped renewing its lease while it waited',
+          'k', 'lease'})
+      else
+        local w = nil
+        if target == '' then
           w = pick_worker(base)
-          if not w then any_blocked = true end
+          if not w then return end  -- no free slot anywhere: nobody further back can be served
+        elseif free_load(base, target) then
+          w = target
+        elseif not pick_worker(base) then
+          return
         end
-      elseif free_load(base, target) then
-        w = target
-      end
-      if w then
-        local opened = open_session(base, w, sid, exec_ms, now, f[6] or '')
-        redis.call('LREM', waiters, 1, ticket)
-        notify(base, client, {'g', sid, 'w', w, 'h', opened[1], 'd', opened[2], 'b', opened[3]})
+        if w then
+          local opened = open_session(base, w, sid, exec_ms, now, t[5] or '', client, tonumber(t[6]) or 0)
+          drop_ticket(base, sid, target)
+          notify(base, client, {'g', sid, 'w', w, 'h', opened[1], 'd', opened[2], 'b', opened[3]})
+        else
+          offset = offset + 1  -- waits for its own worker; later tickets may still be served
+        end
       end
     end
   end

@@ -2,12 +2,14 @@
 -- fail its open sessions, refuse callers waiting to recreate a session on it, and remove
 -- its registration and stream. Exactly one caller reaps a worker; the others get 0.
 -- Plain activities it held are reclaimed separately (claim_orphans), by live workers.
--- KEYS[1] workers   set of registered worker ids
--- KEYS[2] worker    the worker's hash
--- KEYS[3] alive     the worker's heartbeat key
--- KEYS[4] stream    the worker's own stream
--- KEYS[5] sessions  set of the worker's open session ids
--- KEYS[6] waiters   list of waiting tickets
+-- KEYS[1] workers    set of registered worker ids
+-- KEYS[2] worker     the worker's hash
+-- KEYS[3] alive      the worker's heartbeat key
+-- KEYS[4] stream     the worker's own stream
+-- KEYS[5] sessions   set of the worker's open session ids
+-- KEYS[6] wtickets   set of the session ids of tickets waiting for this very worker
+-- KEYS[7] tickets    hash of the waiting tickets' attributes
+-- KEYS[8] deadlines  sorted set of session and ticket deadlines
 -- ARGV[1] base          the task queue's key prefix
 -- ARGV[2] worker_id
 -- ARGV[3] reason        stored on each failed session
@@ -28,15 +30,14 @@ for _, sid in ipairs(redis.call('SMEMBERS', KEYS[5])) do
     redis.call('PEXPIRE', skey, tonumber(ARGV[5]))
     failed = failed + 1
   end
+  redis.call('ZREM', KEYS[8], 's:' .. sid)
 end
-redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
-redis.call('ZREM', base .. 'free', w)
 -- Callers waiting for a slot on this very worker (recreate_session) will never get one.
-for _, ticket in ipairs(redis.call('LRANGE', KEYS[6], 0, -1)) do
-  local f = split(ticket, '|')
-  if f[5] == w then
-    redis.call('LREM', KEYS[6], 1, ticket)
-    notify(base, f[2], {'x', f[1], 'm', reason})
-  end
+for _, sid in ipairs(redis.call('SMEMBERS', KEYS[6])) do
+  local client = redis.call('HGET', KEYS[7], sid .. ':c')
+  drop_ticket(base, sid, w)
+  if client then notify(base, client, {'x', sid, 'm', reason}) end
 end
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
+redis.call('ZREM', base .. 'free', w)
 return failed + 1

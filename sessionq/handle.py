@@ -1,0 +1,111 @@
+"""A started activity, as its caller holds it: wait for its result, or cancel it.
+
+Shared by plain activities (client.py) and session activities (session.py); a failure the
+worker reports becomes the sessionq error the caller sees here (`to_exception`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from .envelope import RemoteError, Result
+from .errors import (
+    REMOTE_ERRORS,
+    ActivityCancelledError,
+    ActivityError,
+    ActivityTimeoutError,
+    ApplicationError,
+    SessionqError,
+)
+from .faults import public
+
+if TYPE_CHECKING:
+    from .inbox import Inbox
+
+
+def to_exception(error: RemoteError, name: str, activity_id: str) -> SessionqError:
+    """The exception a caller sees for a failure the worker reported."""
+    if error.kind == "ApplicationError":
+        cause = ApplicationError(
+            error.message, type=error.type, traceback=error.traceback, non_retryable=error.non_retryable
+        )
+        return ActivityError(
+            f"activity {name!r} ({activity_id}) failed after {error.attempt} attempt(s): "
+            f"{error.type}: {error.message}",
+            activity_id=activity_id,
+            activity_name=name,
+            attempt=error.attempt,
+            cause=cause,
+        )
+    if error.kind == "ActivityTimeoutError":
+        return ActivityTimeoutError(error.message, timeout_type=error.timeout_type or "start_to_close")
+    cls = REMOTE_ERRORS.get(error.kind, SessionqError)
+    return cls(error.message)
+
+
+class ActivityHandle:
+    """A started activity; `await handle.result()` for its value or its error."""
+
+    def __init__(
+        self,
+        *,
+        activity_id: str,
+        name: str,
+        future: asyncio.Future[Any],
+        inbox: Inbox,
+        schedule_to_close: float | None,
+        on_done: Callable[[str], None] | None = None,
+        cancel: Callable[[], Any] | None = None,
+    ) -> None:
+        self.activity_id = activity_id
+        self.name = name
+        self._future = future
+        self._inbox = inbox
+        self._deadline = None if schedule_to_close is None else time.monotonic() + schedule_to_close
+        self._on_done = on_done
+        self._cancel = cancel
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    @public("waiting for an activity's result")
+    async def result(self) -> Any:
+        """The activity's return value; raises the sessionq error for any failure."""
+        try:
+            if self._deadline is None:
+                message = await self._future
+            else:
+                message = await self._wait_until_deadline()
+        finally:
+            if self._on_done is not None and self._future.done():
+                self._on_done(self.activity_id)
+        assert isinstance(message, Result)
+        if message.error is not None:
+            raise to_exception(message.error, self.name, self.activity_id)
+        return message.value
+
+    async def _wait_until_deadline(self) -> Any:
+        assert self._deadline is not None
+        try:
+            remaining = max(0.0, self._deadline - time.monotonic())
+            return await asyncio.wait_for(asyncio.shield(self._future), remaining)
+        except asyncio.TimeoutError:
+            self._inbox.fail(self.activity_id, ActivityTimeoutError("", timeout_type="schedule_to_close"))
+            raise ActivityTimeoutError(
+                f"activity {self.name!r} ({self.activity_id}) did not finish within its "
+                "schedule_to_close_timeout; raise the timeout or check the workers "
+                "(sessionq inspect workers)",
+                timeout_type="schedule_to_close",
+            ) from None
+
+    @public("cancelling an activity")
+    async def cancel(self) -> None:
+        """Ask the worker to cancel the activity; `result()` then raises ActivityCancelledError."""
+        if self._cancel is not None and not self._future.done():
+            await self._cancel()
+        self._inbox.fail(
+            self.activity_id, ActivityCancelledError(f"activity {self.name!r} was cancelled by its caller")
+        )

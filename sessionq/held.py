@@ -1,0 +1,182 @@
+"""The sessions a worker holds: opened by a grant, ended by their caller, their execution
+timeout (on Redis' clock), their owner's silence, or the worker's own end.
+
+Redis is the authority on a session's state (session.py and the Lua scripts); this is the
+worker's copy, which decides whether a session activity may start and cancels what runs
+for a session that ended. A session ends here only once Redis says it ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .execution import Execution
+from .faults import describe
+from .session_info import SessionInfo, SessionState
+
+if TYPE_CHECKING:
+    from .worker import Worker
+
+log = logging.getLogger("sessionq")
+
+ENDED_MEMORY = 10_000
+"""How many ended sessions a worker remembers (to answer their late activities rightly)."""
+
+
+@dataclass
+class HeldSession:
+    """A session this worker holds: its info and the executions running for it."""
+
+    info: SessionInfo
+    deadline_ms: int
+    owner_client: str = ""
+    owner_ms: int = 0
+    executions: dict[str, Execution] = field(default_factory=dict)
+    timer: asyncio.TimerHandle | None = None
+    activities_run: int = 0
+    published_run: int = 0
+
+
+class HeldSessions:
+    """The worker's sessions, by id, and the ones it saw end."""
+
+    def __init__(self, worker: Worker, spawn: Callable[..., None]) -> None:
+        self.worker = worker
+        self.spawn = spawn
+        self.open: dict[str, HeldSession] = {}
+        self.ended: OrderedDict[str, tuple[str, str]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.open)
+
+    # -- opening ------------------------------------------------------------------------
+    def opened(self, sid: str, fields: dict[bytes, bytes], entry_id: bytes) -> None:
+        """A grant opened session `sid` here (an 'o' entry of the worker's own stream)."""
+        if sid in self.open or sid in self.ended:
+            return
+        w = self.worker
+        info = SessionInfo(sid, w.hostname, w.worker_id, w.task_queue, prefix=w.prefix)
+        deadline = fields.get(b"d")  # absent in an older version's message: created + execution timeout
+        created_ms = int(entry_id.split(b"-")[0])
+        deadline_ms = int(deadline) if deadline is not None else created_ms + int(fields[b"x"])
+        held = HeldSession(
+            info,
+            deadline_ms,
+            owner_client=fields.get(b"c", b"").decode(),
+            owner_ms=int(fields.get(b"l") or 0),
+        )
+        self.open[sid] = held
+        self._arm(held, (deadline_ms - w.redis_now_ms()) / 1000)
+        log.debug("worker %s: session %s opened", w.worker_id, sid)
+
+    def _arm(self, held: HeldSession, seconds: float) -> None:
+        sid = held.info.session_id
+        held.timer = asyncio.get_running_loop().call_later(
+            max(0.0, seconds), lambda: self.spawn(self._expire(sid))
+        )
+
+    async def _expire(self, sid: str) -> None:
+        """The session's execution timeout is due by our clock. Redis' clock decides: if it
+        says not yet (our clock runs ahead, or stepped), wait what it says is left."""
+        w = self.worker
+        try:
+            ended = await w.scripts.end_session(
+                w.keys, sid, "expire", "execution timeout passed", w.retention_ms
+            )
+        except Exception as exc:  # the sweep (housekeeping) expires it on Redis' clock anyway
+            log.warning("worker %s: could not expire session %s now (%s)", w.worker_id, sid, describe(exc))
+            held = self.open.get(sid)
+            if held is not None:
+                self._arm(held, 1.0)
+            return
+        held = self.open.get(sid)
+        if ended.state == "OPEN" and held is not None:
+            self._arm(held, ended.ms_left / 1000 + 0.005)
+        elif ended.state != "OPEN":
+            self.end(sid, "failed", ended.reason or "execution timeout passed")
+
+    # -- ending -----------------------------------------------------------------------------
+    def end(self, sid: str, kind: str, reason: str) -> None:
+        """Forget a session; cancel what runs for it (its callers are told why)."""
+        held = self.open.pop(sid, None)
+        self.ended[sid] = (kind, reason)
+        while len(self.ended) > ENDED_MEMORY:
+            self.ended.popitem(last=False)
+        if held is None:
+            return
+        if held.timer is not None:
+            held.timer.cancel()
+        held.info.state = SessionState.COMPLETED if kind == "completed" else SessionState.FAILED
+        for execution in list(held.executions.values()):
+            execution.cancel(
+                "session_completed" if kind == "completed" else "session_failed",
+                f"session {sid} {'was completed' if kind == 'completed' else 'failed: ' + reason}",
+            )
+        log.debug("worker %s: session %s ended (%s: %s)", self.worker.worker_id, sid, kind, reason)
+
+    def ended_remotely(self, sid: str, mode: str) -> None:
+        """A 'c' entry: the session ended in Redis (its caller completed it, or it failed)."""
+        if mode == "complete":
+            self.end(sid, "completed", "session was completed")
+        elif mode == "expire":
+            self.end(sid, "failed", "execution timeout passed")
+        elif mode == "owner":
+            self.end(sid, "failed", "its owner went away")
+        else:
+            self.end(sid, "failed", "session failed")
+
+    def why_not_open(self, sid: str) -> tuple[str, str]:
+        """For an activity of a session not held here: ("completed"|"failed", reason)."""
+        return self.ended.get(sid, ("failed", f"session {sid} is not open on worker {self.worker.worker_id}"))
+
+    async def fail_all(self, reason: str) -> None:
+        """Fail every session still held, in Redis and here (the worker is stopping)."""
+        w = self.worker
+        for sid in list(self.open):
+            await w.scripts.end_session(w.keys, sid, "fail", reason, w.retention_ms)
+            self.end(sid, "failed", reason)
+
+    # -- owners -------------------------------------------------------------------------
+    async def check_owners(self) -> None:
+        """End the sessions whose owner's lease lapsed (the caller crashed or was killed).
+        One round trip reads every owner's lease; end_session checks again, atomically."""
+        owned = [h for h in self.open.values() if h.owner_ms > 0 and h.owner_client]
+        if not owned:
+            return
+        w = self.worker
+        clients = sorted({h.owner_client for h in owned})
+        leases = [w.keys.lease(client) for client in clients]
+        replies = await w.wire.execute_many(leases[0], [("TIME",), *(("GET", key) for key in leases)])
+        seconds, micros = replies[0]
+        now_ms = int(seconds) * 1000 + int(micros) // 1000
+        renewed = dict(zip(clients, replies[1:], strict=True))
+        for held in owned:
+            last = renewed.get(held.owner_client)
+            if last is not None and now_ms - int(last) <= held.owner_ms:
+                continue
+            sid = held.info.session_id
+            ended = await w.scripts.end_session(w.keys, sid, "owner", "its owner went away", w.retention_ms)
+            if ended.state == "MISSING":
+                self.end(sid, "failed", "its record is gone from Redis (Redis lost its data?)")
+            elif ended.state != "OPEN":
+                if ended.reason == "its owner went away":
+                    log.warning(
+                        "worker %s: session %s ended: its owner (client %s) went silent for over %g s",
+                        w.worker_id, sid, held.owner_client, held.owner_ms / 1000,
+                    )  # fmt: skip
+                self.end(sid, "failed" if ended.state == "FAILED" else "completed", ended.reason or "ended")
+
+    async def publish_counts(self) -> None:
+        """Record how many activities each open session ran, for `sessionq inspect`."""
+        changed = [h for h in self.open.values() if h.activities_run != h.published_run]
+        if not changed:
+            return
+        w = self.worker
+        await w.scripts.publish_counts(w.keys, {h.info.session_id: h.activities_run for h in changed})
+        for held in changed:
+            held.published_run = held.activities_run

@@ -1,0 +1,19 @@
+-- A waiting caller gives up (creation timeout or cancellation): leave the line, unless
+-- a slot was already granted, in which case the caller takes the session after all.
+-- KEYS[1] waiters    sorted set of waiting session ids
+-- KEYS[2] tickets    hash of the waiting tickets' attributes
+-- KEYS[3] deadlines  sorted set of session and ticket deadlines
+-- KEYS[4] session    the hash of the session the ticket asked for
+-- ARGV[1] base        the task queue's key prefix
+-- ARGV[2] session_id  the ticket's session id
+-- Returns 'LEFT' (no session was made), 'GRANTED' (session exists: the grant is in the
+-- inbox) or 'GONE' (the ticket was dropped: expired, or its recreate target died).
+-- @include slots
+
+local base, sid = ARGV[1], ARGV[2]
+if redis.call('ZSCORE', KEYS[1], sid) then
+  drop_ticket(base, sid, redis.call('HGET', KEYS[2], sid .. ':t'))
+  return 'LEFT'
+end
+if redis.call('EXISTS', KEYS[4]) == 1 then return 'GRANTED' end
+return 'GONE'

@@ -1,0 +1,313 @@
+"""No runaway or duplicate run (D09, D10, D03, D04): activities run as often, as many at
+once, and as long as promised, whatever an activity or a caller does.
+
+The concurrency limit is hard; an activity cannot stop its worker (sys.exit(), Ctrl-C,
+an exception that cannot be encoded, a blocked event loop); a cancelled activity never
+starts later; ApplicationError's type and non_retryable are honoured; a graceful stop
+takes nothing new and leaves no thread holding the process; stopped workers leave the
+consumer group; malformed input is refused with an answer. Workers that could crash run
+as real processes, so a crash would show as a dead process, not a dead test run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import pytest_asyncio
+import redis.asyncio
+
+import sessionq
+from sessionq import ActivityError, Client, ConfigurationError, RetryPolicy, SessionOptions, Worker
+from sessionq.keys import QueueKeys
+from tests import activities as acts
+from tests.helpers import SpawnWorker, wait_for
+
+HB = 2.0
+ONCE = RetryPolicy(maximum_attempts=1)
+
+
+@pytest_asyncio.fixture
+async def client(redis_url: str, key_prefix: str) -> AsyncIterator[Client]:
+    async with Client(redis_url, prefix=key_prefix) as c:
+        yield c
+
+
+@pytest_asyncio.fixture
+async def workers(redis_url: str, key_prefix: str, task_queue: str) -> AsyncIterator[Any]:
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def start(identity: str = "w1", **options: Any) -> Worker:
+            settings: dict[str, Any] = {
+                "task_queue": task_queue, "activities": acts.ALL, "identity": identity,
+                "heartbeat_timeout": HB, "shutdown_grace": 1.0, "prefix": key_prefix, "enable_sessions": True,
+            }  # fmt: skip
+            settings.update(options)
+            return await stack.enter_async_context(Worker(redis_url, **settings))
+
+        yield start
+
+
+@pytest.fixture
+def keys(key_prefix: str, task_queue: str) -> QueueKeys:
+    return QueueKeys(key_prefix, task_queue)
+
+
+def runs(path: Path) -> list[str]:
+    return path.read_text().split() if path.exists() else []
+
+
+# --- 10. the concurrency limit is hard ---------------------------------------------------------
+
+
+async def test_d09_a_session_activity_and_a_plain_one_never_exceed_the_limit(
+    workers: Any, client: Client, task_queue: str, tmp_path: Path
+) -> None:
+    """Concurrency 1: the shared-stream read waits (blocked) for a plain activity while a
+    session activity takes the only slot; the plain one must wait for it, not run beside it."""
+    await workers(max_concurrent_activities=1)
+    spans = tmp_path / "spans"
+    session = await client.create_session(task_queue)
+    await asyncio.sleep(0.2)  # the worker's shared read is now blocked waiting for work: the set-up
+    both = await asyncio.gather(
+        session.execute_activity(acts.span, str(spans), 0.5),
+        client.execute_activity(acts.span, str(spans), 0.5, task_queue=task_queue),
+    )
+    assert both == ["w1", "w1"]
+    running, most = 0, 0
+    for line in spans.read_text().splitlines():
+        running += 1 if line.startswith("start") else -1
+        most = max(most, running)
+    assert most == 1, f"{most} activities ran at once on a worker with concurrency 1"
+    await session.complete()
+
+
+# --- 11. an activity cannot end its worker ------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["sys.exit", "SystemExit", "KeyboardInterrupt"])
+async def test_d10_an_activity_that_exits_fails_only_itself(
+    how: str, spawn_worker: SpawnWorker, client: Client, task_queue: str
+) -> None:
+    worker = await spawn_worker(identity="w1", heartbeat_timeout=HB)
+    for activity in (acts.exit_with, acts.exit_with_sync):
+        with pytest.raises(ActivityError) as caught:
+            await asyncio.wait_for(
+                client.execute_activity(activity, how, task_queue=task_queue, retry_policy=ONCE), 10
+            )
+        assert caught.value.cause.type == ("SystemExit" if how != "KeyboardInterrupt" else how)
+    assert worker.returncode is None, "the worker died"
+    assert await client.execute_activity(acts.whoami, task_queue=task_queue) == "w1"
+
+
+@pytest.mark.parametrize("kind", ["huge", "surrogate", "str-raises"])
+async def test_d10_an_exception_that_cannot_be_encoded_still_answers_its_caller(
+    kind: str, workers: Any, client: Client, task_queue: str
+) -> None:
+    await workers()
+    with pytest.raises(ActivityError) as caught:
+        await asyncio.wait_for(
+            client.execute_activity(acts.raise_unencodable, kind, task_queue=task_queue, retry_policy=ONCE),
+            10,
+        )
+    cause = caught.value.cause
+    if kind == "huge":
+        assert "more characters cut" in cause.message and len(cause.message) < 100_000
+    elif kind == "surrogate":
+        assert cause.message.startswith("bad ")
+    else:
+        assert "str() raised" in cause.message
+    assert await client.execute_activity(acts.whoami, task_queue=task_queue) == "w1"
+
+
+async def test_d10_an_activity_that_blocks_the_event_loop_runs_once_and_its_worker_lives(
+    spawn_worker: SpawnWorker, client: Client, task_queue: str, tmp_path: Path,
+    redis_client: redis.asyncio.Redis, keys: QueueKeys,
+) -> None:  # fmt: skip
+    """time.sleep(3) in an async activity, heartbeat_timeout 1 s, another worker watching:
+    the blocked worker is not declared dead (its heartbeat has a thread of its own), so the
+    activity is not handed to the next worker, and the stall is reported once, by name."""
+    blocker, _ = await asyncio.gather(
+        spawn_worker(identity="w1", heartbeat_timeout=1.0),
+        spawn_worker(identity="w2", heartbeat_timeout=1.0, enable_sessions=False),
+    )
+    session = await client.create_session(task_queue)
+    assert session.info.worker_id == "w1"
+    registered = await redis_client.hget(keys.worker("w1"), "registered")
+    marker = tmp_path / "runs"
+    assert await asyncio.wait_for(session.execute_activity(acts.block_loop, 3.0, str(marker)), 15) == "w1"
+    assert runs(marker) == ["w1"]
+    assert await redis_client.hget(keys.worker("w1"), "registered") == registered, "w1 was declared dead"
+    assert session.state is sessionq.SessionState.OPEN
+    await wait_for(
+        lambda: "blocked the event loop" in blocker.output_tail(), message="the stall was not logged"
+    )
+    assert "block_loop" in blocker.output_tail()
+    await session.complete()
+
+
+# --- 14. a cancelled activity never starts later -----------------------------------------------
+
+
+async def test_d09_cancelling_a_queued_plain_activity_means_it_never_runs(
+    redis_url: str, key_prefix: str, task_queue: str, workers: Any, client: Client, tmp_path: Path
+) -> None:
+    """Cancelled while it waits in the queue (no worker free), it must not run afterwards."""
+    charges = tmp_path / "charges"
+    handle = await client.start_activity(acts.mark, str(charges), task_queue=task_queue)
+    await handle.cancel()
+    with pytest.raises(sessionq.ActivityCancelledError):
+        await handle.result()
+    await workers()
+    # A later activity has run: the cancelled one, queued before it, had its chance.
+    assert await client.execute_activity(acts.echo, "after", task_queue=task_queue) == "after"
+    assert runs(charges) == [], "the cancelled activity ran anyway"
+
+
+async def test_d09_cancelling_a_plain_activity_waiting_for_a_slot_means_it_never_runs(
+    workers: Any, client: Client, task_queue: str, tmp_path: Path
+) -> None:
+    """Read by a worker whose only slot is busy, the cancelled activity never starts there."""
+    await workers(max_concurrent_activities=1)
+    busy = await client.start_activity(acts.sleep_for, 1.0, str(tmp_path / "busy"), task_queue=task_queue)
+    await wait_for((tmp_path / "busy.started").exists, message="never started")
+    charges = tmp_path / "charges"
+    handle = await client.start_activity(acts.mark, str(charges), task_queue=task_queue)
+    await asyncio.sleep(0.3)  # let the worker read it and hold it for the slot: the set-up
+    await handle.cancel()
+    await busy.result()
+    assert await client.execute_activity(acts.echo, "after", task_queue=task_queue) == "after"
+    assert runs(charges) == [], "the cancelled activity ran anyway"
+
+
+# --- 15. ApplicationError's type and non_retryable ----------------------------------------------
+
+
+async def test_d03_an_application_error_keeps_its_type_and_is_not_retried_when_non_retryable(
+    workers: Any, client: Client, task_queue: str, tmp_path: Path
+) -> None:
+    await workers()
+    attempts = tmp_path / "attempts"
+    with pytest.raises(ActivityError) as caught:
+        await client.execute_activity(
+            acts.refuse, str(attempts), "BadInput", task_queue=task_queue,
+            retry_policy=RetryPolicy(maximum_attempts=3, initial_interval=0.01),
+        )  # fmt: skip
+    assert caught.value.cause.type == "BadInput"
+    assert caught.value.cause.non_retryable is True
+    assert len(runs(attempts)) == 1, "a non-retryable error was retried"
+
+
+# --- 16. graceful stop -------------------------------------------------------------------------
+
+
+async def test_d10_a_stopping_worker_takes_over_nothing_and_leaves_no_thread_behind(
+    redis_url: str, key_prefix: str, task_queue: str, client: Client, tmp_path: Path,
+    redis_client: redis.asyncio.Redis, keys: QueueKeys,
+) -> None:  # fmt: skip
+    """During its grace a stopping worker claims no dead worker's work; a def activity that
+    ignores its cancellation does not keep the worker (or its process) from stopping."""
+    worker = Worker(
+        redis_url, task_queue=task_queue, activities=acts.ALL, identity="w1", heartbeat_timeout=1.0,
+        shutdown_grace=1.5, prefix=key_prefix,
+    )  # fmt: skip
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(worker)
+        stubborn = await client.start_activity(
+            acts.ignore_cancel, 4.0, str(tmp_path / "stubborn"), task_queue=task_queue
+        )
+        await wait_for((tmp_path / "stubborn.started").exists, message="never started")
+        worker.stop()
+        started = time.monotonic()
+        await wait_for(lambda: _no_shared_poll(worker), message="the worker kept reading the task stream")
+        # During the grace, a dead worker's delivered-but-unfinished entry appears (its
+        # consumer has no heartbeat): housekeeping passes run, and must leave it alone.
+        orphan = await client.start_activity(acts.mark, str(tmp_path / "orphan"), task_queue=task_queue)
+        [(entry_id, _)] = await redis_client.xrevrange(keys.tasks, count=1)
+        await redis_client.xreadgroup("workers", "ghost", {keys.tasks: ">"}, count=1)
+        # (fakeredis may hand it to the stopping worker's abandoned blocking read first: move it)
+        await redis_client.xclaim(keys.tasks, "workers", "ghost", 0, [entry_id])
+        await worker.wait_stopped()
+        assert time.monotonic() - started < 1.5 + 5, "the stop waited for the stubborn thread"
+    assert not (tmp_path / "stubborn.finished").exists(), "the test proved nothing: the thread had ended"
+    assert runs(tmp_path / "orphan") == [], "a stopping worker took over a dead worker's activity"
+    owners = {p["consumer"] for p in await redis_client.xpending_range(keys.tasks, "workers", "-", "+", 10)}
+    assert b"ghost" in owners, "the dead worker's entry changed hands during the grace"
+    del stubborn, orphan  # left to another worker: the stubborn one was cut by the stop
+
+
+def _no_shared_poll(worker: Worker) -> bool:
+    return all(t.done() for t in worker._tasks if t.get_name() == "sessionq-poll-shared")
+
+
+# --- 17. consumers of stopped workers ------------------------------------------------------------
+
+
+async def test_d11_stopped_and_dead_workers_leave_the_consumer_group(
+    redis_url: str, key_prefix: str, task_queue: str, workers: Any, client: Client,
+    redis_client: redis.asyncio.Redis, keys: QueueKeys,
+) -> None:  # fmt: skip
+    for round_ in range(3):
+        async with Worker(
+            redis_url, task_queue=task_queue, activities=acts.ALL, identity=f"gone-{round_}",
+            heartbeat_timeout=HB, prefix=key_prefix,
+        ):  # fmt: skip
+            assert await client.execute_activity(acts.whoami, task_queue=task_queue) == f"gone-{round_}"
+    consumers = await redis_client.xinfo_consumers(keys.tasks, "workers")
+    assert consumers == [], f"stopped workers stayed in the group: {[c['name'] for c in consumers]}"
+    # A killed worker's consumer (nothing pending): a live worker drops it once it is long silent.
+    await redis_client.xreadgroup("workers", "killed", {keys.tasks: ">"}, count=1)
+    await workers("live", heartbeat_timeout=0.5)
+
+    async def only_live() -> bool:
+        names = [c["name"] for c in await redis_client.xinfo_consumers(keys.tasks, "workers")]
+        return b"killed" not in names
+
+    await wait_for(only_live, timeout=10, message="the dead consumer stayed in the group")
+
+
+# --- 18. malformed entries -----------------------------------------------------------------
+
+
+async def test_d04_an_entry_with_wrongly_typed_options_is_moved_aside_and_its_caller_answered(
+    workers: Any, client: Client, task_queue: str, redis_client: redis.asyncio.Redis, keys: QueueKeys
+) -> None:
+    await workers()
+    inbox = client.inbox(task_queue)
+    for bad_options in (["abc", None, None, None, None], [None, None, None, "x", None]):
+        future = await inbox.expect("a-bad")
+        payload = msgpack.packb(
+            {"i": "a-bad", "n": "echo", "a": [1], "k": {}, "t": 1, "c": client.client_id, "s": None,
+             "o": bad_options},
+            use_bin_type=True,
+        )  # fmt: skip
+        await redis_client.xadd(keys.tasks, {"d": payload})
+        message = await asyncio.wait_for(future, 10)
+        assert message.error is not None and message.error.kind == "SerializationError"
+        assert "dead" in message.error.message
+    assert await redis_client.xlen(keys.dead) == 2
+    # The worker is whole: an activity with a heartbeat timeout still gets its checks.
+    with pytest.raises(sessionq.ActivityTimeoutError):
+        await client.execute_activity(acts.sleep_for, 5, task_queue=task_queue, heartbeat_timeout=0.3)
+
+
+# --- 20. an empty Redis URL -----------------------------------------------------------------------
+
+
+def test_s19_an_empty_redis_url_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match="redis"):
+        Client("")
+    with pytest.raises(ConfigurationError, match="redis"):
+        Worker("", task_queue="q", activities=acts.ALL)
+
+
+def test_s19_the_session_options_refuse_a_bad_owner_timeout() -> None:
+    with pytest.raises(ConfigurationError, match="owner_timeout"):
+        SessionOptions(owner_timeout=0)
+    assert SessionOptions(owner_timeout=None).owner_timeout is None

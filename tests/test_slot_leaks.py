@@ -1,0 +1,439 @@
+"""No leaked slot (D06, D08): a session slot ends up free whatever happened on the way.
+
+Each test reproduces one way a slot used to leak: a create_session resent after a lost
+reply, a re-registration racing grants, a heartbeat that comes back, a crashed waiter, a
+caller that leaves with sessions open or is SIGKILLed, a clock step, a worker identity
+with a '|' in it, a duration too large for Lua, and waiting lines longer than a script
+used to look. Faults are real: the relay drops replies and cuts connections, callers are
+killed with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import pytest_asyncio
+import redis.asyncio
+
+import sessionq
+from sessionq import Client, ConfigurationError, SessionOptions, Worker
+from sessionq.keys import QueueKeys
+from tests import activities as acts
+from tests.faultkit import Relay
+from tests.helpers import wait_for
+
+HB = 2.0
+LONG = SessionOptions(creation_timeout=30)
+
+
+@pytest_asyncio.fixture
+async def clients(key_prefix: str) -> AsyncIterator[list[Client]]:
+    made: list[Client] = []
+    yield made
+    for client in made:
+        with contextlib.suppress(Exception):
+            await client.close()
+
+
+def client_on(clients: list[Client], url: str, key_prefix: str, **options: Any) -> Client:
+    clients.append(Client(url, prefix=key_prefix, **options))
+    return clients[-1]
+
+
+@pytest_asyncio.fixture
+async def workers(key_prefix: str, task_queue: str) -> AsyncIterator[Any]:
+    """Factory for in-process workers on the test's queue; all stopped after the test."""
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def start(url: str, identity: str = "w1", **options: Any) -> Worker:
+            settings: dict[str, Any] = {
+                "task_queue": task_queue, "activities": acts.ALL, "identity": identity,
+                "heartbeat_timeout": HB, "shutdown_grace": 1.0, "prefix": key_prefix, "enable_sessions": True,
+            }  # fmt: skip
+            settings.update(options)
+            return await stack.enter_async_context(Worker(url, **settings))
+
+        yield start
+
+
+@pytest_asyncio.fixture
+async def relay(redis_url: str) -> AsyncIterator[Relay]:
+    async with Relay(redis_url) as relay:
+        yield relay
+
+
+@pytest.fixture
+def keys(key_prefix: str, task_queue: str) -> QueueKeys:
+    return QueueKeys(key_prefix, task_queue)
+
+
+async def open_count(r: redis.asyncio.Redis, keys: QueueKeys, worker_id: str) -> int:
+    return int(await r.hget(keys.worker(worker_id), "open") or 0)
+
+
+async def waiting(r: redis.asyncio.Redis, keys: QueueKeys) -> int:
+    return int(await r.zcard(keys.waiters))
+
+
+def spawn_creator(client: Client, task_queue: str, options: SessionOptions = LONG) -> asyncio.Task[Any]:
+    return asyncio.create_task(client.create_session(task_queue, options).open())
+
+
+# --- 1. a resent create_session -----------------------------------------------------------
+
+
+async def test_d08_a_create_session_resent_after_a_lost_reply_queues_one_ticket(
+    relay: Relay, redis_url: str, key_prefix: str, task_queue: str, workers: Any, clients: list[Client],
+    redis_client: redis.asyncio.Redis, keys: QueueKeys,
+) -> None:  # fmt: skip
+    """The create_session script ran, its reply was lost, the client sent it again: one
+    ticket, one session, and once that is completed the worker's only slot is free."""
+    await workers(redis_url, max_concurrent_sessions=1)
+    holder = await client_on(clients, redis_url, key_prefix).create_session(task_queue)
+    creator = client_on(clients, relay.url, key_prefix)
+    assert await creator.execute_activity(acts.echo, 1, task_queue=task_queue) == 1  # its inbox is open
+    dropped = relay.drop_reply({"EVALSHA", "EVAL"}, nonempty=True)
+    waiter = spawn_creator(creator, task_queue)
+    await wait_for(dropped.fired.is_set, message="the create_session reply was never dropped")
+    await wait_for(lambda: waiting(redis_client, keys), message="the creator never queued")
+    assert await waiting(redis_client, keys) == 1, "the resent call queued a second ticket"
+    await holder.complete()
+    session = await asyncio.wait_for(waiter, 10)
+    assert await waiting(redis_client, keys) == 0
+    await session.complete()
+    assert await open_count(redis_client, keys, "w1") == 0
+    again = await client_on(clients, redis_url, key_prefix).create_session(
+        task_queue, SessionOptions(creation_timeout=2)
+    )
+    assert again.info.worker_id == "w1"
+    await again.complete()
+
+
+# --- 2. sessions granted while the worker registers again ----------------------------------
+
+
+async def test_d08_sessions_granted_while_a_worker_registers_again_stay_open(
+    relay: Relay, redis_url: str, key_prefix: str, task_queue: str, workers: Any, clients: list[Client],
+    redis_client: redis.asyncio.Redis, keys: QueueKeys,
+) -> None:  # fmt: skip
+    """Cut off past its heartbeat timeout, the worker is reaped; callers queue meanwhile;
+    back, it registers afresh and the registration grants them at once. Those sessions are
+    new: they must work, and their slots free on complete."""
+    await workers(relay.url, max_concurrent_sessions=3)
+    await workers(redis_url, identity="reaper", enable_sessions=False)
+    client = client_on(clients, redis_url, key_prefix)
+    relay.cut()
+    await wait_for(
+        lambda: _not(redis_client.sismember(keys.workers, "w1")), timeout=HB + 8, message="never reaped"
+    )
+    creators = [spawn_creator(client, task_queue) for _ in range(3)]
+    await wait_for(lambda: _at_least(waiting(redis_client, keys), 3), message="the creators never queued")
+    relay.heal()
+    sessions = [await asyncio.wait_for(c, 15) for c in creators]
+    for session in sessions:
+        assert await asyncio.wait_for(session.execute_activity(acts.whoami), 10) == "w1"
+        await session.complete()
+    assert await open_count(redis_client, keys, "w1") == 0
+
+
+async def _not(value: Any) -> bool:
+    return not await value
+
+
+async def _at_least(value: Any, n: int) -> bool:
+    return int(await value) >= n
+
+
+# --- 3. a heartbeat that comes back --------------------------------------------------------
+
+
+async def test_d08_waiters_are_served_when_a_workers_heartbeat_comes_back(
+    relay: Relay, redis_url: str, key_prefix: str, task_queue: str, workers: Any, clients: list[Client],
+    redis_client: redis.asyncio.Redis, keys: QueueKeys,
+) -> None:  # fmt: skip
+    """A partition longer than the heartbeat timeout, with nobody around to reap: the worker
+    keeps its registration, its heartbeat key lapses, callers queue. When the heartbeat comes
+    back, its free slots are handed out at once, not at the next complete()."""
+    await workers(relay.url, max_concurrent_sessions=2)
+    client = client_on(clients, redis_url, key_prefix)
+    relay.partition()
+    await wait_for(lambda: _not(redis_client.exists(keys.alive("w1"))), timeout=HB + 8, message="no lapse")
+    creators = [spawn_creator(client, task_queue) for _ in range(2)]
+    await wait_for(lambda: _at_least(waiting(redis_client, keys), 2), message="the creators never queued")
+    relay.heal()
+    healed = time.monotonic()
+    sessions = [await asyncio.wait_for(c, 10) for c in creators]
+    assert time.monotonic() - healed < HB + 2, "the waiters were not served when the heartbeat came back"
+    for session in sessions:
+        await session.complete()
+
+
+# --- 4. a crashed waiter --------------------------------------------------------------------
+
+CRASHING_WAITERS = """
+import asyncio, sys
+import sessionq
+
+async def main(url, prefix, queue, n):
+    client = sessionq.Client(url, prefix=prefix)
+    opts = sessionq.SessionOptions(creation_timeout=60)
+    waiters = [asyncio.ensure_future(client.create_session(queue, opts).open()) for _ in range(int(n))]
+    print("WAITING", flush=True)
+    await asyncio.gather(*waiters)
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+async def test_d08_a_crashed_callers_tickets_are_never_granted(
+    redis_url: str, key_prefix: str, task_queue: str, workers: Any, clients: list[Client],
+    redis_client: redis.asyncio.Redis, keys: QueueKeys,
+) -> None:  # fmt: skip
+    """A process with many waiting callers is SIGKILLed; a live caller queues behind them.
+    The freed slot goes to the live caller, never to a dead ticket (whose session nobody
+    would ever complete)."""
+    await workers(redis_url, max_concurrent_sessions=1)
+    holder = await client_on(clients, redis_url, key_prefix).create_session(task_queue)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CRASHING_WAITERS, redis_url, key_prefix, task_queue, "20",
+        stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        assert (await asyncio.wait_for(process.stdout.readline(), 20)).startswith(b"WAITING")
+        await wait_for(
+            lambda: _at_least(waiting(redis_client, keys), 20), message="the dead caller never queued"
+        )
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await process.wait()
+    live = spawn_creator(
+        client_on(clients, redis_url, key_prefix), task_queue, SessionOptions(creation_timeout=30)
+    )
+    await wait_for(lambda: _at_least(waiting(redis_client, keys), 21), message="the live caller never queued")
+    await wait_for(
+        lambda: dead_leases_lapsed(redis_client, keys), timeout=15, message="the lease never lapsed"
+    )
+    await holder.complete()
+    session = await asyncio.wait_for(live, 5)
+    assert session.info.worker_id == "w1"
+    assert await waiting(redis_client, keys) == 0, "the dead tickets stayed in line"
+    await session.complete()
+    assert await open_count(redis_client, keys, "w1") == 0
+
+
+async def dead_leases_lapsed(r: redis.asyncio.Redis, keys: QueueKeys, window_ms: int = 5000) -> bool:
+    """Whether every waiting ticket's client but the newest has been silent for `window_ms`."""
+    seconds, micros = await r.time()
+    now = int(seconds) * 1000 + int(micros) // 1000
+    tickets = await r.hgetall(keys.tickets)
+    clients = {v.decode() for f, v in tickets.items() if f.endswith(b":c")}
+    renewals = [await r.get(keys.lease(c)) for c in clients]
+    silent = [v is None or now - int(v) > window_ms for v in renewals]
+    return sum(silent) == len(clients) - 1  # the live caller keeps renewing
+
+
+# --- 5. a caller that leaves with sessions open ----------------------------------------------
+
+
+async def test_d06_leaving_async_with_client_completes_the_sessions_it_holds(
+    redis_url: str, key_prefix: str, task_queue: str, workers: Any, redis_client: redis.asyncio.Redis,
+    keys: QueueKeys, caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    """The ordinary pattern: an exception escapes asyncio.gather inside `async with Client`
+    while other tasks hold sessions. Leaving the block completes them: their slots free now."""
+    await workers(redis_url, max_concurrent_sessions=2)
+
+    async def hold(client: Client) -> None:
+        session = await client.create_session(task_queue)
+        await session.execute_activity(acts.sleep_for, 30)
+
+    async def explode(client: Client) -> None:
+        await asyncio.sleep(0.5)
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        async with Client(redis_url, prefix=key_prefix) as client:
+            await asyncio.gather(hold(client), hold(client), explode(client))
+    assert await open_count(redis_client, keys, "w1") == 0, "the sessions kept their slots"
+    async with Client(redis_url, prefix=key_prefix) as again:
+        two = [await again.create_session(task_queue, SessionOptions(creation_timeout=2)) for _ in range(2)]
+        for session in two:
+            await session.complete()
+    assert "never retrieved" not in caplog.text
+
+
+OWNER_THAT_DIES = """
+import asyncio, sys
+import sessionq
+
+async def main(url, prefix, queue, owner_timeout):
+    client = sessionq.Client(url, prefix=prefix)
+    opts = sessionq.SessionOptions(creation_timeout=10, owner_timeout=float(owner_timeout))
+    session = await client.create_session(queue, opts)
+    print("OPEN", session.session_id, flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+async def test_d06_a_killed_callers_session_ends_after_its_owner_timeout(
+    redis_url: str, key_prefix: str, task_queue: str, workers: Any, clients: list[Client],
+    redis_client: redis.asyncio.Redis, keys: QueueKeys,
+) -> None:  # fmt: skip
+    """SIGKILL a caller holding a session with owner_timeout=2: the session fails ("its
+    owner went away") and its slot frees within owner_timeout plus one heartbeat pass."""
+    owner_timeout = 2.0
+    await workers(redis_url, max_concurrent_sessions=1)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", OWNER_THAT_DIES, redis_url, key_prefix, task_queue, str(owner_timeout),
+        stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        line = await asyncio.wait_for(process.stdout.readline(), 20)
+        assert line.startswith(b"OPEN"), line
+        sid = line.split()[1].decode()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await process.wait()
+    killed = time.monotonic()
+    session = await client_on(clients, redis_url, key_prefix).create_session(
+        task_queue, SessionOptions(creation_timeout=owner_timeout + HB + 5)
+    )
+    assert time.monotonic() - killed < owner_timeout + HB / 3 + 2.0
+    record = await redis_client.hgetall(keys.session(sid))
+    assert (record[b"state"], record[b"reason"]) == (b"FAILED", b"its owner went away")
+    await session.complete()
+
+
+# --- 6. a clock step on the worker ----------------------------------------------------------
+
+
+async def test_d08_a_clock_step_on_the_worker_does_not_end_sessions_early(
+    redis_url: str, key_prefix: str, task_queue: str, workers: Any, clients: list[Client],
+    redis_client: redis.asyncio.Redis, keys: QueueKeys, monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """The worker's clock jumps a minute ahead: its timer for a session's execution
+    timeout fires at once. Redis' clock decides: the session stays open and usable until
+    its real deadline, then fails and frees its slot."""
+    worker = await workers(redis_url, max_concurrent_sessions=1)
+    true_now = worker.redis_now_ms
+    monkeypatch.setattr(worker, "redis_now_ms", lambda: true_now() + 60_000)
+    client = client_on(clients, redis_url, key_prefix)
+    session = await client.create_session(task_queue, SessionOptions(execution_timeout=3, owner_timeout=None))
+    # Past the 2 s after which the early timer used to give up and end the session here
+    # while Redis still had it OPEN (its slot leaked): the length of the fault, not a wait.
+    await asyncio.sleep(2.5)
+    assert await session.execute_activity(acts.whoami) == "w1"
+    assert await redis_client.hget(keys.session(session.session_id), "state") == b"OPEN"
+    again = await client.create_session(task_queue, SessionOptions(creation_timeout=10))
+    assert (
+        await redis_client.hget(keys.session(session.session_id), "reason")
+    ) == b"execution timeout passed"
+    deadline = int(await redis_client.hget(keys.session(session.session_id), "deadline") or 0)
+    assert int(await redis_client.hget(keys.session(again.session_id), "created") or 0) >= deadline
+    await again.complete()
+
+
+# --- 7. a '|' in a worker identity -----------------------------------------------------------
+
+
+async def test_d08_a_worker_identity_with_a_bar_still_gets_its_waiters_granted(
+    redis_url: str, key_prefix: str, task_queue: str, workers: Any, clients: list[Client],
+    redis_client: redis.asyncio.Redis, keys: QueueKeys,
+) -> None:  # fmt: skip
+    await workers(redis_url, identity="gpu|box:1".replace(":", "-"), max_concurrent_sessions=1)
+    client = client_on(clients, redis_url, key_prefix)
+    holder = await client.create_session(task_queue)
+    waiter = spawn_creator(client, task_queue)
+    await wait_for(lambda: waiting(redis_client, keys), message="the creator never queued")
+    await holder.complete()
+    session = await asyncio.wait_for(waiter, 5)
+    assert session.info.worker_id == "gpu|box-1"
+    assert await session.execute_activity(acts.whoami) == "gpu|box-1"
+    with pytest.raises(sessionq.SessionCreationTimeoutError):  # full: the right error, not a garbled grant
+        await client.recreate_session(session.info.recreate_token, SessionOptions(creation_timeout=1))
+    await session.complete()
+    assert await open_count(redis_client, keys, "gpu|box-1") == 0
+
+
+# --- 8. durations too large for Lua ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("field", ["execution_timeout", "creation_timeout", "owner_timeout"])
+def test_s19_a_duration_beyond_ten_years_is_refused_naming_its_field(field: str) -> None:
+    with pytest.raises(ConfigurationError, match=field):
+        SessionOptions(**{field: 1e15})
+    with pytest.raises(ConfigurationError, match="start_to_close_timeout"):
+        sessionq.ActivityOptions(start_to_close_timeout=1e12)
+
+
+async def test_d08_a_session_of_nine_years_works_and_frees_its_slot(
+    redis_url: str, key_prefix: str, task_queue: str, workers: Any, clients: list[Client],
+    redis_client: redis.asyncio.Redis, keys: QueueKeys,
+) -> None:  # fmt: skip
+    await workers(redis_url, max_concurrent_sessions=1)
+    nine_years = 9 * 365 * 24 * 3600.0
+    session = await client_on(clients, redis_url, key_prefix).create_session(
+        task_queue, SessionOptions(execution_timeout=nine_years)
+    )
+    assert await session.execute_activity(acts.whoami) == "w1"
+    await session.complete()
+    assert await open_count(redis_client, keys, "w1") == 0
+
+
+# --- 9. long lines, many candidates ----------------------------------------------------------
+
+
+async def test_d08_the_waiting_line_is_served_past_its_first_256_tickets(
+    redis_url: str, key_prefix: str, task_queue: str, workers: Any, clients: list[Client],
+    redis_client: redis.asyncio.Redis, keys: QueueKeys,
+) -> None:  # fmt: skip
+    """260 callers wait to recreate a session on a full worker A; one more waits for any
+    worker. When B frees a slot, that caller gets it, however far back it stands."""
+    await workers(redis_url, identity="a", max_concurrent_sessions=1)
+    client = client_on(clients, redis_url, key_prefix)
+    on_a = await client.create_session(task_queue)
+    await workers(redis_url, identity="b", max_concurrent_sessions=1)
+    on_b = await client.create_session(task_queue)
+    assert (on_a.info.worker_id, on_b.info.worker_id) == ("a", "b")
+    token = on_a.info.recreate_token
+    recreators = [asyncio.create_task(client.recreate_session(token, LONG).open()) for _ in range(260)]
+    await wait_for(lambda: _at_least(waiting(redis_client, keys), 260), message="the recreators never queued")
+    anyone = spawn_creator(client, task_queue)
+    await wait_for(
+        lambda: _at_least(waiting(redis_client, keys), 261), message="the last caller never queued"
+    )
+    await on_b.complete()
+    last = await asyncio.wait_for(anyone, 5)
+    assert last.info.worker_id == "b"
+    for task in recreators:
+        task.cancel()
+    await asyncio.gather(*recreators, return_exceptions=True)
+    await last.complete()
+    await on_a.complete()
+
+
+async def test_d08_a_live_worker_is_found_behind_many_dead_candidates(
+    redis_url: str, key_prefix: str, task_queue: str, workers: Any, clients: list[Client],
+    redis_client: redis.asyncio.Redis, keys: QueueKeys,
+) -> None:  # fmt: skip
+    """70 dead workers (no heartbeat, not reaped yet) sort before the live one among the
+    workers with a free slot: placement must look past them."""
+    await workers(redis_url, identity="z-live")
+    await redis_client.zadd(keys.free, {f"a-dead-{i:02d}": 0 for i in range(70)})
+    session = await client_on(clients, redis_url, key_prefix).create_session(
+        task_queue, SessionOptions(creation_timeout=2)
+    )
+    assert session.info.worker_id == "z-live"
+    await session.complete()
