@@ -1077,7 +1077,7 @@ def read_activity_logs(logdir: Path, t0: float) -> list[dict[str, Any]]:
                 record = json.loads(raw)
             except ValueError:
                 continue
-            record["t"] = round(record["t"] - t0, 4)
+            record["t"] = record["t"] - t0  # full precision: a rounded start and end can coincide
             lines.append(record)
     lines.sort(key=lambda r: r["t"])
     return lines
@@ -1117,6 +1117,9 @@ def analyse_activity_logs(lines: list[dict[str, Any]], incarnations: list[Incarn
     max_overlap: dict[str, int] = {}
     for pid, spans in intervals.items():
         # At the same instant an end goes before a start: back-to-back activities do not overlap.
+        # An activity that took no measurable time cannot overlap anything: it is left out (its
+        # end would sort before its own start).
+        spans = [span for span in spans if span[1] > span[0]]
         starts = [(s, 1, i) for i, (s, _, _, _) in enumerate(spans)]
         points = sorted(starts + [(e, -1, i) for i, (_, e, _, _) in enumerate(spans)])
         running: set[int] = set()

@@ -74,12 +74,10 @@ async def test_d09_a_session_activity_and_a_plain_one_never_exceed_the_limit(
     await workers(max_concurrent_activities=1)
     spans = tmp_path / "spans"
     session = await client.create_session(task_queue)
-    await asyncio.sleep(0.2)  # the worker's shared read is now blocked waiting for work: the set-up
-    both = await asyncio.gather(
-        session.execute_activity(acts.span, str(spans), 0.5),
-        client.execute_activity(acts.span, str(spans), 0.5, task_queue=task_queue),
-    )
-    assert both == ["w1", "w1"]
+    pinned = await session.start_activity(acts.span, str(spans), 0.5)
+    await wait_for(spans.exists, message="the session activity never started")
+    plain = await client.execute_activity(acts.span, str(spans), 0.5, task_queue=task_queue)
+    assert (await pinned.result(), plain) == ("w1", "w1")
     running, most = 0, 0
     for line in spans.read_text().splitlines():
         running += 1 if line.startswith("start") else -1

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-IDS = [f"S{n:02d}" for n in range(1, 20)] + [f"D{n:02d}" for n in (1, 2, 3, 4, 5, 6, 7, 11)]
+IDS = [f"S{n:02d}" for n in range(1, 20)] + [f"D{n:02d}" for n in range(1, 12)]
 TESTS = Path(__file__).parent
 
 
