@@ -35,7 +35,8 @@ def number(value: Any) -> int | None:
 
 
 def age_s(now_ms: int, then_ms: int | None) -> float | None:
-    return None if then_ms is None else round((now_ms - then_ms) / 1000, 3)
+    """Seconds since `then_ms`; never negative (a heartbeat may land after the snapshot's clock read)."""
+    return None if then_ms is None else max(0.0, round((now_ms - then_ms) / 1000, 3))
 
 
 def strings(raw: dict[bytes, bytes]) -> dict[str, str]:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from .activity import name_of
@@ -68,6 +69,7 @@ class Client:
         self._closing = False  # close() began: no new calls
         self._closed = False  # its connections are gone
         self._background: set[asyncio.Task[Any]] = set()
+        self._opening: set[asyncio.Task[Any]] = set()  # create/recreate_session calls under way
         self._sessions: set[Session] = set()  # OPEN sessions this client holds
         self.monitor = LivenessMonitor(self)
         self.leases = LeaseKeeper(self)
@@ -79,6 +81,17 @@ class Client:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @contextlib.contextmanager
+    def in_flight(self) -> Iterator[None]:
+        """Mark the current task as opening a session, so close() waits for it."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._opening.add(task)
+        try:
+            yield
+        finally:
+            self._opening.discard(task)  # type: ignore[arg-type]
 
     def hold(self, session: Session) -> None:
         """A session opened: complete it on close, keep its owner lease alive meanwhile."""
@@ -215,7 +228,8 @@ class Client:
         try:
             return await handle.result()
         except asyncio.CancelledError:
-            await asyncio.shield(handle.cancel())
+            with contextlib.suppress(Exception):  # the cancellation stands, whatever Redis says
+                await asyncio.shield(handle.cancel())
             raise
 
     async def _cancel_plain(self, keys: QueueKeys, activity_id: str, entry_id: bytes) -> None:
@@ -268,12 +282,15 @@ class Client:
             inbox.fail_waiting(SessionqError("the Client was closed while this call was waiting"))
         await asyncio.sleep(0)  # the calls just failed leave their waiting lines (in the background)
         completing = [asyncio.ensure_future(session.close_quietly()) for session in list(self._sessions)]
-        while True:  # cleanup owed to Redis: sessions to complete, lines to leave
-            pending = [task for task in (*completing, *self._background) if not task.done()]
+        me = asyncio.current_task()
+        while True:  # cleanup owed to Redis: sessions to complete, lines to leave, claims under way
+            candidates = (*completing, *self._background, *self._opening)
+            pending = [task for task in candidates if not task.done() and task is not me]
             remaining = deadline - time.monotonic()
             if not pending or remaining <= 0:
                 for task in pending:
-                    task.cancel()
+                    if task not in self._opening:  # a caller's own task is not ours to cancel
+                        task.cancel()
                 break
             await asyncio.wait(pending, timeout=remaining)
         self._closed = True

@@ -123,18 +123,30 @@ def connect(target: Any) -> Any:
                 f"{target!r} is not a Redis URL; use e.g. redis://localhost:6379/0, or "
                 "redis+cluster://host:port[,host:port...] for Redis Cluster",
             )
-        pool = WaitingPool.from_url(
-            target,
-            protocol=2,
-            decode_responses=False,
-            retry=Retry(NoBackoff(), 0),
-            socket_keepalive=True,
-            health_check_interval=15,
-            **_TIMEOUTS,  # the URL's own values win
-        )
+        try:
+            pool = _pool_from_url(target)
+        except ValueError as exc:
+            raise ConfigurationError("redis", f"{target!r} is not a valid Redis URL: {exc}") from exc
         return aredis.Redis(connection_pool=pool)
     if isinstance(target, RedisCluster):
         return cluster_from_client(target)
+    return _from_client(target)
+
+
+def _pool_from_url(target: str) -> WaitingPool:
+    return WaitingPool.from_url(  # type: ignore[no-any-return]
+        target,
+        protocol=2,
+        decode_responses=False,
+        retry=Retry(NoBackoff(), 0),
+        socket_keepalive=True,
+        health_check_interval=15,
+        **_TIMEOUTS,  # the URL's own values win
+    )
+
+
+def _from_client(target: Any) -> Any:
+    """A client on the settings of the user's redis.asyncio.Redis (never the object itself)."""
     if isinstance(target, aredis.Redis):
         given = target.connection_pool
         kwargs = dict(given.connection_kwargs)

@@ -124,13 +124,29 @@ class RemoteError:
 
 
 def encode_result(codec: Codec, activity_id: str, value: Any, name: str) -> bytes:
-    """A success message for an inbox; an unencodable result becomes an error message."""
+    """A success message for an inbox; a result that cannot be encoded, or would not decode
+    again (a dict with tuple keys comes back with list keys, which Python cannot hash),
+    becomes an error message."""
+    what = f"the result of activity {name!r}"
     try:
-        return codec.dumps({"i": activity_id, "v": value}, what=f"the result of activity {name!r}")
+        data = codec.dumps({"i": activity_id, "v": value}, what=what)
+        codec.loads(data)
     except SerializationError as exc:
         return encode_error(
             codec, activity_id, RemoteError("SerializationError", "SerializationError", str(exc))
         )
+    except Exception as exc:
+        return encode_error(
+            codec,
+            activity_id,
+            RemoteError(
+                "SerializationError",
+                "SerializationError",
+                f"{what} encodes but does not decode back ({exc!r}); return plain lists and dicts with "
+                "str/int keys, or teach the Codec the type",
+            ),
+        )
+    return data
 
 
 MAX_ERROR_TEXT = 64 * 1024

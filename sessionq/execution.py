@@ -127,7 +127,12 @@ async def execute(
                 f"activity {task.name!r} exceeded start_to_close_timeout={task.start_to_close:g}s",
             )
         try:
-            value = await _invoke(definition, task, running, pool, execution)
+            try:
+                value = await _invoke(definition, task, running, pool, execution)
+            except asyncio.CancelledError as cancelled:
+                if execution.cancel_kind is None and not _cancelled_from_outside():
+                    raise _RaisedByActivity(cancelled) from cancelled  # the activity's own doing
+                raise
             return encode_result(codec, task.activity_id, value, task.name)
         except asyncio.CancelledError:
             if execution.cancel_kind in (None, "shutdown"):
@@ -144,13 +149,17 @@ async def execute(
             ):
                 return encode_error(codec, task.activity_id, error)
             execution.cancel_kind = None
-            # A fresh state for the retry: a plain-def attempt that timed out may still run in its
-            # thread, and must keep seeing is_cancelled() (clearing a shared flag revived it).
+            # The attempt that timed out may still run in its thread (a def activity that never
+            # looks at is_cancelled()): the retry waits for it, so the two never run at once.
+            await _threads_done(execution, task)
+            # A fresh state for the retry: the old attempt's thread must keep seeing
+            # is_cancelled() (clearing a shared flag revived it).
             execution.running = running = _RunningActivity(running.info)
             log.info(
                 "activity %s (%s) attempt %d timed out; retrying", task.name, task.activity_id, task.attempt
             )
-        except BaseException as exc:  # SystemExit, KeyboardInterrupt...: they fail it, never the worker
+        except BaseException as raised:  # SystemExit, KeyboardInterrupt...: they fail it, never the worker
+            exc = raised.cancelled if isinstance(raised, _RaisedByActivity) else raised
             if execution.cancel_kind is not None:  # a sync activity noticed cancellation and raised
                 return cancelled_reply(codec, execution)
             error = application_error(exc, task.attempt)
@@ -177,6 +186,32 @@ async def execute(
         task.attempt += 1
         running.info = _with_attempt(running.info, task.attempt)
         running.last_heartbeat = time.monotonic()
+
+
+class _RaisedByActivity(Exception):
+    """A CancelledError the activity raised itself (nobody cancelled it): it fails the
+    activity like any other exception, instead of passing for the worker going away."""
+
+    def __init__(self, cancelled: asyncio.CancelledError) -> None:
+        super().__init__("the activity raised CancelledError itself")
+        self.cancelled = cancelled
+
+
+def _cancelled_from_outside() -> bool:
+    """Whether the running task itself is being cancelled (Python 3.11+ can tell)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return bool(cancelling()) if cancelling is not None else False
+
+
+async def _threads_done(execution: Execution, task: Task) -> None:
+    lingering = [call for call in execution.threads if not call.done()]
+    if lingering:
+        log.warning(
+            "activity %s (%s): attempt %d timed out but its thread runs on; the retry waits for it",
+            task.name, task.activity_id, task.attempt,
+        )  # fmt: skip
+        await asyncio.wait([asyncio.wrap_future(call) for call in lingering])
 
 
 def _may_retry(

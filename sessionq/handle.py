@@ -103,8 +103,9 @@ class ActivityHandle:
 
     @public("cancelling an activity")
     async def cancel(self) -> None:
-        """Ask the worker to cancel the activity; `result()` then raises ActivityCancelledError."""
-        if self._cancel is not None and not self._future.done():
+        """Ask the worker to cancel the activity; `result()` then raises ActivityCancelledError.
+        (A future cancelled with the task that awaited it was not answered: the worker is told.)"""
+        if self._cancel is not None and (not self._future.done() or self._future.cancelled()):
             await self._cancel()
         self._inbox.fail(
             self.activity_id, ActivityCancelledError(f"activity {self.name!r} was cancelled by its caller")

@@ -171,6 +171,31 @@ class HeldSessions:
                     )  # fmt: skip
                 self.end(sid, "failed" if ended.state == "FAILED" else "completed", ended.reason or "ended")
 
+    async def reconcile(self) -> None:
+        """End the sessions Redis says this worker holds while it does not (Redis came back
+        from an older snapshot, say): nobody else would ever end them. A session granted a
+        moment ago may not have reached the worker yet, so only older ones count."""
+        w = self.worker
+        k = w.keys
+        members = await w.redis.smembers(k.worker_sessions(w.worker_id))
+        strays = [sid for sid in (m.decode() for m in members) if sid not in self.open]
+        if not strays:
+            return
+        commands: list[tuple[object, ...]] = [("TIME",)]
+        commands += [("HMGET", k.session(sid), "state", "created") for sid in strays]
+        replies = await w.wire.execute_many(k.session(strays[0]), commands)
+        seconds, micros = replies[0]
+        now_ms = int(seconds) * 1000 + int(micros) // 1000
+        for sid, (state, created) in zip(strays, replies[1:], strict=True):
+            if (
+                state == b"OPEN"
+                and created is not None
+                and now_ms - int(created) > 2000 * w.heartbeat_timeout
+            ):
+                reason = f"worker {w.worker_id} no longer held it (Redis came back from an older state?)"
+                log.warning("worker %s: ending session %s: %s", w.worker_id, sid, reason)
+                await w.scripts.end_session(k, sid, "fail", reason, w.retention_ms)
+
     async def publish_counts(self) -> None:
         """Record how many activities each open session ran, for `sessionq inspect`."""
         changed = [h for h in self.open.values() if h.activities_run != h.published_run]

@@ -30,6 +30,7 @@ log = logging.getLogger("sessionq")
 class Housekeeping:
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
+        self.passes = 0
 
     async def step(self) -> None:
         w = self.worker
@@ -39,9 +40,18 @@ class Housekeeping:
         if await w.scripts.sweep(w.keys, w.retention_ms):
             log.info("worker %s: expired session(s) past their execution timeout", w.worker_id)
         await w.sessions.check_owners()
+        self.passes += 1
+        if self.passes % 5 == 1:
+            await w.sessions.reconcile()
         await self.reap_dead_workers()
         if not w.stopping:
-            await self.claim_orphans()
+            try:
+                await self.claim_orphans()
+            except Exception:
+                # A claim whose reply was lost moved entries into our pending list unseen:
+                # walk it again (the next poll does).
+                w.recover_pending()
+                raise
         if w.burst and await self.drained():
             log.info("worker %s: burst mode and nothing left to do; stopping", w.worker_id)
             w.stop()

@@ -7,8 +7,8 @@ and a result reaches its caller the moment it is written (no polling).
 
 Why a stream read by id and not a list popped: a pop removes the message in Redis before
 its reply reaches us, so a connection lost in between loses the message. A read by id
-removes nothing; entries are trimmed only once dispatched (the trim travels with the next
-read), and a reader that reconnects reads again from the last id it dispatched.
+removes nothing; entries are trimmed only once dispatched (in batches, the trim travelling
+with a read), and a reader that reconnects reads again from the last id it dispatched.
 
 The client owns the key. It creates the stream (open_inbox) before anything can be sent
 to it, renews its TTL while it waits, and deletes it on close. Writers append with
@@ -29,11 +29,14 @@ import functools
 import logging
 import os
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
+import msgpack
+
 from .codec import Codec
-from .envelope import Grant, Refusal, Result, decode_result
+from .envelope import Grant, Refusal, RemoteError, Result, decode_result
 from .errors import RedisDataLostError, SessionqError
 from .faults import describe, retrying, unavailable
 from .scripts import Scripts
@@ -44,6 +47,8 @@ log = logging.getLogger("sessionq")
 READ_BLOCK = 2.0
 """Seconds one read blocks for new messages; when it returns empty the TTL is renewed."""
 READ_BATCH = 256
+TRIM_EVERY = 64
+"""Dispatched entries are trimmed with the read that follows every 64th (one command in 64)."""
 INBOX_TTL = 600.0
 """Seconds an inbox outlives its client's last sign of life."""
 RENEW_EVERY = INBOX_TTL / 4
@@ -67,8 +72,10 @@ class Inbox:
         self._reader: asyncio.Task[None] | None = None
         self._last_id = b"0-0"
         self._trim_below: bytes | None = None
+        self._untrimmed = 0  # entries dispatched since the last trim
         self._renewed_at: float | None = None  # monotonic time of the last open/renew
         self._opening: asyncio.Future[None] | None = None
+        self._open_token = uuid.uuid4().hex
         self._closed = False
 
     # -- the caller's side -------------------------------------------------------------
@@ -110,7 +117,8 @@ class Inbox:
 
     async def _open_once(self) -> None:
         had_it = self._renewed_at is not None
-        made = await self.scripts.open_inbox(self.key, int(INBOX_TTL * 1000))
+        made = await self.scripts.open_inbox(self.key, int(INBOX_TTL * 1000), self._open_token)
+        self._open_token = uuid.uuid4().hex  # the next opening's (a resent one keeps the same)
         self._renewed_at = time.monotonic()
         if made and had_it:
             # Every call registered until now may have sent its message into the void.
@@ -125,7 +133,7 @@ class Inbox:
             len(waiting),
         )
         self._last_id = b"0-0"
-        self._trim_below = None
+        self._trim_below, self._untrimmed = None, 0
         self._fail_all(
             lambda: RedisDataLostError(
                 "Redis lost the message this call was waiting for (its inbox vanished: Redis restarted "
@@ -165,7 +173,9 @@ class Inbox:
                 self._dispatch(entry_id, fields)
             if entries:
                 self._last_id = entries[-1][0]
-                self._trim_below = _next_id(self._last_id)
+                self._untrimmed += len(entries)
+                if self._untrimmed >= TRIM_EVERY:
+                    self._trim_below = _next_id(self._last_id)
 
     async def _next_batch(self) -> list[tuple[bytes, list[Any]]]:
         """New entries after the last one dispatched; trims what was dispatched on the way."""
@@ -180,7 +190,7 @@ class Inbox:
         else:
             _, reply = await self.connection.execute_many((("XTRIM", self.key, "MINID", trim), read))
             if self._trim_below == trim:
-                self._trim_below = None
+                self._trim_below, self._untrimmed = None, 0
         if not reply:  # a quiet spell: renew the TTL, and find out whether the inbox still exists
             await self._open()
             return []
@@ -226,8 +236,10 @@ def _messages(codec: Codec, flat: list[Any]) -> list[Message]:
     if not flat:
         return []
     kind = flat[0]
-    if kind == b"r":
-        return [decode_result(codec, value) for value in flat[1::2]]
+    if kind == b"r":  # decoded one by one: a result this process cannot read fails its own call only
+        return [_result(codec, value) for value in flat[1::2]]
+    if kind == b"o":  # the marker open_inbox leaves in a new inbox
+        return []
     fields = dict(zip(flat[::2], flat[1::2], strict=True))
     if kind == b"g":
         return [
@@ -243,6 +255,38 @@ def _messages(codec: Codec, flat: list[Any]) -> list[Message]:
         kind = fields.get(b"k", b"").decode()
         return [Refusal(fields[b"x"].decode(), fields[b"m"].decode(errors="replace"), kind)]
     raise ValueError(f"unknown inbox entry kind {kind!r}")
+
+
+def _result(codec: Codec, data: bytes) -> Result:
+    try:
+        return decode_result(codec, data)
+    except Exception as exc:
+        activity_id = _activity_id_of(data)
+        if activity_id is None:
+            raise
+        return Result(
+            activity_id,
+            error=RemoteError(
+                "SerializationError",
+                "SerializationError",
+                f"the result of activity {activity_id} could not be decoded here ({exc!r}); register the "
+                "same Codec types on the callers as on the workers",
+            ),
+        )
+
+
+def _activity_id_of(data: bytes) -> str | None:
+    """The activity id of a result this codec cannot decode (read leniently: tuples for lists)."""
+    try:
+        body = msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=False, ext_hook=_any_ext)
+        activity_id = body["i"]
+    except Exception:
+        return None
+    return activity_id if isinstance(activity_id, str) else None
+
+
+def _any_ext(code: int, data: bytes) -> msgpack.ExtType:
+    return msgpack.ExtType(code, data)
 
 
 def _next_id(entry_id: bytes) -> bytes:

@@ -44,6 +44,7 @@ class LeaseKeeper:
         self._owned: dict[str, Counter[int]] = {}
         self._used: set[str] = set()  # queues whose lease key may exist (deleted on close)
         self._task: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()  # a queue's needs changed: look at the interval again
 
     def ttl_ms(self, task_queue: str, owner_ms: int = 0) -> int:
         """The lease key's TTL on `task_queue` if a session with `owner_ms` joins it."""
@@ -57,12 +58,14 @@ class LeaseKeeper:
             del self._waiting[task_queue]
         self._used.add(task_queue)
         self._ensure_running()
+        self._changed.set()
 
     def own(self, task_queue: str, owner_ms: int) -> None:
         if owner_ms > 0:
             self._owned.setdefault(task_queue, Counter())[owner_ms] += 1
             self._used.add(task_queue)
             self._ensure_running()
+            self._changed.set()
 
     def disown(self, task_queue: str, owner_ms: int) -> None:
         held = self._owned.get(task_queue)
@@ -89,7 +92,11 @@ class LeaseKeeper:
 
     async def _run(self) -> None:
         while self._needed():
-            await asyncio.sleep(self._interval())
+            self._changed.clear()
+            # Sleep an interval, but wake when needs change: a shorter owner_timeout joined, or
+            # a creator began to wait (renewed at once: the line must see it alive).
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), self._interval())
             queues = self._needed()
             outcomes = await asyncio.gather(
                 *(self.client.scripts.renew_lease(self.client.keys(q), self.client.client_id, self.ttl_ms(q))

@@ -23,7 +23,13 @@ log = logging.getLogger("sessionq")
 
 
 class Outbox:
-    """Results and acks waiting to be written, and the flush that writes them."""
+    """Results and acks waiting to be written, and the flush that writes them.
+
+    An entry of the shared stream is acknowledged only once its result is written: acks
+    travel in the batch after the one that carried their results, so a result Redis
+    refused (OOM, READONLY...) never leaves its entry acknowledged and deleted while the
+    result exists only in this process.
+    """
 
     def __init__(
         self, wire: Wire, keys: QueueKeys, worker_id: str, on_acked: Callable[[Iterable[bytes]], None]
@@ -32,8 +38,8 @@ class Outbox:
         self.keys = keys
         self.worker_id = worker_id
         self.on_acked = on_acked
-        self._replies: list[tuple[str, bytes]] = []
-        self._acks: list[bytes] = []
+        self._replies: list[tuple[str, bytes, bytes | None]] = []  # (inbox, message, ack after it)
+        self._acks: list[bytes] = []  # acks whose result is written (or that need none)
         self._ready = asyncio.Event()
 
     @property
@@ -41,10 +47,9 @@ class Outbox:
         return not self._replies and not self._acks
 
     def reply(self, client_id: str, message: bytes, ack: bytes | None = None) -> None:
-        """Queue `message` for the inbox of `client_id`, and the ack of a shared-stream entry."""
-        self._replies.append((self.keys.inbox(client_id), message))
-        if ack is not None:
-            self._acks.append(ack)
+        """Queue `message` for the inbox of `client_id`; `ack` (a shared-stream entry) is
+        acknowledged once the message is written."""
+        self._replies.append((self.keys.inbox(client_id), message, ack))
         self._ready.set()
 
     def ack(self, entry_id: bytes) -> None:
@@ -60,13 +65,13 @@ class Outbox:
         if not replies and not acks:
             return
         self._replies, self._acks = [], []
-        by_inbox: dict[str, list[bytes]] = {}
-        for inbox, message in replies:
-            by_inbox.setdefault(inbox, []).append(message)
+        by_inbox: dict[str, list[tuple[bytes, bytes | None]]] = {}
+        for inbox, message, ack in replies:
+            by_inbox.setdefault(inbox, []).append((message, ack))
         commands: list[tuple[Any, ...]] = []
-        for inbox, messages in by_inbox.items():
+        for inbox, batch in by_inbox.items():
             fields: list[bytes] = []
-            for message in messages:
+            for message, _ in batch:
                 fields += (b"r", message)
             commands.append(("XADD", inbox, "NOMKSTREAM", "*", *fields))
         if acks:
@@ -80,17 +85,19 @@ class Outbox:
             self._ready.set()
             raise
         retry: BaseException | None = None
-        for (inbox, messages), outcome in zip(by_inbox.items(), outcomes, strict=False):
-            if not isinstance(outcome, BaseException):
-                continue
-            if is_transient(outcome):
-                self._replies[:0] = [(inbox, m) for m in messages]
+        for (inbox, batch), outcome in zip(by_inbox.items(), outcomes, strict=False):
+            if isinstance(outcome, BaseException) and is_transient(outcome):
+                self._replies[:0] = [(inbox, message, ack) for message, ack in batch]
                 retry = outcome
-            else:
+                continue
+            if isinstance(outcome, BaseException):
                 log.error(
                     "worker %s: Redis refused %d result(s) for inbox %s (%s); they are dropped",
-                    self.worker_id, len(messages), inbox, describe(outcome),
+                    self.worker_id, len(batch), inbox, describe(outcome),
                 )  # fmt: skip
+            self._acks += [ack for _, ack in batch if ack is not None]  # written (or refused for good)
+        if self._acks:
+            self._ready.set()  # their acks go in the next batch
         retry, lost = self._settle_acks(acks, outcomes[len(by_inbox) :], retry)
         if retry is not None:
             self._ready.set()

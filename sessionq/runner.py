@@ -12,6 +12,7 @@ waiting here for a slot, or not yet read (the id is remembered, and it never sta
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import OrderedDict
 from typing import TYPE_CHECKING
@@ -38,6 +39,7 @@ class ActivityRunner:
         self.worker = worker
         self.limit = limit
         self.in_use = 0
+        self.reserved = 0  # plain activities read from the shared stream, not yet in a slot
         self.done = 0
         self.executions: dict[str, Execution] = {}
         self.pool = DaemonThreadPool(limit, "sessionq-activity")
@@ -47,16 +49,26 @@ class ActivityRunner:
 
     @property
     def free(self) -> int:
-        return self.limit - self.in_use
+        """Slots neither in use nor promised to a plain activity already read."""
+        return self.limit - self.in_use - self.reserved
+
+    def reserve(self) -> None:
+        """A plain activity was read: count it now, so the next read asks for one fewer."""
+        self.reserved += 1
 
     async def wait_for_free_slot(self) -> None:
-        while self.in_use >= self.limit:
+        while self.free <= 0:
             self._slot_freed.clear()
             await self._slot_freed.wait()
 
-    async def _take_slot(self) -> None:
-        await self.wait_for_free_slot()
+    async def _take_slot(self, reserved: bool) -> None:
+        """Take a slot (a reserved plain activity turns its reservation into one)."""
+        while self.in_use >= self.limit or (not reserved and self.free <= 0):
+            self._slot_freed.clear()
+            await self._slot_freed.wait()
         self.in_use += 1
+        if reserved:
+            self.reserved -= 1
 
     def _give_slot(self) -> None:
         self.in_use -= 1
@@ -92,12 +104,16 @@ class ActivityRunner:
     async def run(self, task: Task, held: HeldSession | None, ack: bytes | None) -> None:
         """Run one task (a plain one read from the shared stream has `ack`) and queue its reply."""
         w = self.worker
+        reserved = held is None  # plain activities reserved their slot when they were read
         if not self.first_copy(task.activity_id):
             log.info("worker %s: activity %s arrived twice; running it once", w.worker_id, task.activity_id)
+            if reserved:
+                self.reserved -= 1
+                self._slot_freed.set()
             if ack is not None:
                 w.outbox.ack(ack)
             return
-        await self._take_slot()
+        await self._take_slot(reserved)
         execution: Execution | None = None
         if w.stopping and held is None and task.activity_id not in self._cancelled:
             self._give_slot()  # not started: left pending for another worker to take over
@@ -111,6 +127,8 @@ class ActivityRunner:
                 message = await self._execute(execution, held)
         except asyncio.CancelledError:
             if held is None:
+                if ack is not None and not w.stopping:  # not a stop: make sure it is found again
+                    w.lost_track_of(ack)
                 return  # the worker stops: left pending, a live worker takes it over (at-least-once)
             message = encode_error(
                 w.codec,
@@ -143,7 +161,8 @@ class ActivityRunner:
         def one_done(_: object) -> None:
             left[0] -= 1
             if left[0] == 0:
-                loop.call_soon_threadsafe(self._give_slot)
+                with contextlib.suppress(RuntimeError):  # the worker's loop is gone: nothing to free
+                    loop.call_soon_threadsafe(self._give_slot)
 
         for call in running:
             call.add_done_callback(one_done)

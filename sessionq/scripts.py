@@ -164,9 +164,9 @@ class Scripts:
     async def renew_lease(self, k: QueueKeys, client_id: str, ttl_ms: int) -> int:
         return int(await self.run("renew_lease", [k.lease(client_id)], [ttl_ms]))
 
-    async def open_inbox(self, inbox: str, ttl_ms: int) -> bool:
-        """Make `inbox` if missing and renew its TTL; True when it was made now."""
-        return bool(await self.run("open_inbox", [inbox], [ttl_ms]))
+    async def open_inbox(self, inbox: str, ttl_ms: int, token: str) -> bool:
+        """Make `inbox` if missing and renew its TTL; True when this opening (`token`) made it."""
+        return bool(await self.run("open_inbox", [inbox], [ttl_ms, token]))
 
     # -- workers ---------------------------------------------------------------------------
     async def register_worker(

@@ -154,10 +154,16 @@ class Session:
         try:
             return await handle.result()
         except asyncio.CancelledError:
-            await asyncio.shield(handle.cancel())
+            with contextlib.suppress(Exception):  # the cancellation stands, whatever Redis says
+                await asyncio.shield(handle.cancel())
             raise
         except SessionFailedError as exc:
-            self._settle(SessionState.FAILED, str(exc))
+            # The worker says the session ended: make Redis agree (idempotent: whatever
+            # ended it stands), so the slot is free and not only this caller knows.
+            try:
+                await self._end("fail", str(exc))
+            except Exception:
+                self._settle(SessionState.FAILED, str(exc))
             raise
         except RedisDataLostError as exc:
             # Redis lost the result; if it lost the session too, that is what the caller must hear.
@@ -180,7 +186,12 @@ class Session:
 
     async def _cancel_activity(self, activity_id: str) -> None:
         stream = self.keys.stream(self.info.worker_id)
-        await self.client.redis.xadd(stream, {"t": "x", "i": activity_id}, nomkstream=True)
+        await self.client.retrying(
+            lambda: self.client.wire.execute(
+                stream, "XADD", stream, "NOMKSTREAM", "*", "t", "x", "i", activity_id
+            ),
+            what="cancelling a session activity",
+        )
 
     # -- ending --------------------------------------------------------------------------
     @public("completing a session")
@@ -188,7 +199,16 @@ class Session:
         """Release the worker's slot and cancel the session's activities. Idempotent;
         safe on a failed session (use it in `finally`)."""
         if self.info.state is SessionState.OPEN:
-            await self.client.retrying(lambda: self._end("complete", ""), what="completing a session")
+            try:
+                await self.client.retrying(lambda: self._end("complete", ""), what="completing a session")
+            except Exception:
+                # Redis cannot be reached: finish in the background, and stop renewing the owner
+                # lease, so that the session ends by its owner_timeout if we cannot do it sooner.
+                self.client.release(self)
+                self.client.settle_later(
+                    lambda: self._end("complete", ""), what=f"completing session {self.session_id}"
+                )
+                raise
         if current_session.get() is self.info:
             current_session.set(None)
 
@@ -307,9 +327,7 @@ class SessionOpener:
             )
         deadline = time.monotonic() + float(self.options.creation_timeout)  # type: ignore[arg-type]
         sid = uuid.uuid4().hex
-        leases = self.client.leases
-        leases.waiting(self.task_queue, +1)
-        try:
+        with self.client.in_flight():  # close() waits for it (and gives back what it got)
             while True:
                 try:
                     return await self._claim(sid, deadline)
@@ -318,8 +336,6 @@ class SessionOpener:
                         await self._raise_timeout()
                     # Same session id: the script hands back the session if it was made after all.
                     log.warning("session %s: %s; queueing again", sid, why)
-        finally:
-            leases.waiting(self.task_queue, -1)
 
     async def _claim(self, sid: str, deadline: float) -> Session:
         """Claim a slot now, or queue for one and wait for its grant until `deadline`."""
@@ -358,13 +374,15 @@ class SessionOpener:
         if reply.status == "OK":
             inbox.forget(sid)
             grant = Grant(sid, reply.worker_id, reply.hostname, reply.deadline_ms, reply.hb_ms)
-            return self._session_from(grant)
+            return await self._session_from(grant)
         if reply.status == "DEAD":
             inbox.forget(sid)
             raise SessionFailedError(
                 f"cannot recreate the session: worker {target} of task queue {self.task_queue!r} "
                 "is no longer alive; create a new session with create_session()"
             )
+        leases = client.leases
+        leases.waiting(self.task_queue, +1)  # renewed while it waits: a silent waiter loses its place
         try:
             message = await self._wait_for_grant(grant_future, sid, target, deadline)
         except asyncio.CancelledError:
@@ -375,6 +393,8 @@ class SessionOpener:
         except BaseException:
             self._leave_line_later(sid)
             raise
+        finally:
+            leases.waiting(self.task_queue, -1)
         if isinstance(message, Refusal):
             if message.kind == "lease":
                 raise _Requeue(f"the line dropped it ({message.reason})")
@@ -383,7 +403,7 @@ class SessionOpener:
                 "create a new session with create_session()"
             )
         assert isinstance(message, Grant)
-        return self._session_from(message)
+        return await self._session_from(message)
 
     async def _wait_for_grant(
         self,
@@ -502,7 +522,10 @@ class SessionOpener:
             "or complete sessions sooner"
         )
 
-    def _session_from(self, grant: Grant) -> Session:
+    async def _session_from(self, grant: Grant) -> Session:
+        if self.client.closing:  # the client closed while this claim ran: give the slot back
+            await self._give_up(grant.session_id)
+            raise SessionqError("the Client was closed while this call was waiting")
         info = SessionInfo(
             session_id=grant.session_id,
             hostname=grant.hostname,

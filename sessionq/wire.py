@@ -50,6 +50,8 @@ try:  # hiredis' C command packer: byte for byte what redis-py's Python one writ
 except ImportError:  # hiredis not installed, or older than 2.1
     _hiredis_pack = None
 
+OVERDUE_GRACE = 0.05
+"""After finding a reply overdue, how long the watchdog lets the reader catch up first."""
 BLOCK_MARGIN = 2.0
 """Seconds a blocking read may overrun its BLOCK time before its connection counts as dead."""
 
@@ -77,6 +79,7 @@ class Multiplexer:
         self._replies: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
         self._reader: asyncio.Task[None] | None = None
         self._watchdog: asyncio.TimerHandle | None = None
+        self._overdue_since: float | None = None  # the deadline found overdue once (see _check_overdue)
         self._drain: asyncio.Future[None] | None = None
         self._high_water = 65536
         self._buffered: Callable[[], int] = lambda: 0
@@ -88,10 +91,11 @@ class Multiplexer:
         (future,) = await self.send((args,))
         if timeout is None or timeout >= self._timeout:
             return await future
+        conn = self._conn  # the connection it went out on (a later one is not to blame)
         try:
             return await asyncio.wait_for(future, timeout)
         except asyncio.TimeoutError:
-            self._broken(self._conn, rexc.TimeoutError(f"Redis did not answer within {timeout:g}s"))
+            self._broken(conn, rexc.TimeoutError(f"Redis did not answer within {timeout:g}s"))
             raise rexc.TimeoutError(f"Redis did not answer {_name(args)} within {timeout:g}s") from None
 
     async def send(self, commands: Sequence[Command]) -> list[asyncio.Future[Any]]:
@@ -139,13 +143,19 @@ class Multiplexer:
             return
         loop = asyncio.get_running_loop()
         deadline = replies[0][1]
-        if deadline <= loop.time():
+        now = loop.time()
+        if deadline > now:
+            self._watchdog = loop.call_at(deadline, self._check_overdue)
+        elif self._overdue_since is None or self._overdue_since != deadline:
+            # Overdue by our clock, but after a stall of this process the reply may sit unread
+            # in the socket: let the reader run before calling the connection dead.
+            self._overdue_since = deadline
+            self._watchdog = loop.call_at(now + OVERDUE_GRACE, self._check_overdue)
+        else:
             self._broken(
                 self._conn,
                 rexc.TimeoutError(f"Redis sent no reply for {self._timeout:g}s; the connection was dropped"),
             )
-        else:
-            self._watchdog = loop.call_at(deadline, self._check_overdue)
 
     async def _connect(self) -> AbstractConnection:
         if self._closed:  # not a ConnectionError: retrying would wait for Redis in vain
@@ -246,7 +256,14 @@ class BlockingConnection:
             conn = self._conn = self._make_connection()
         if not conn.is_connected:
             await conn.connect()
-        await conn.send_packed_command(pack(conn, commands), check_health=False)
+        packed = pack(conn, commands)
+        writer = conn._writer  # type: ignore[attr-defined]
+        try:  # straight into the transport (redis-py's send wraps each write in a task to time it)
+            writer.writelines((packed,) if isinstance(packed, bytes) else packed)
+            await writer.drain()
+        except BaseException:
+            await conn.disconnect(nowait=True)
+            raise
         replies: list[Any] = []
         error: rexc.ResponseError | None = None
         for _ in commands:

@@ -35,7 +35,7 @@ from .connection import connect, resolve_url, server_time_ms
 from .durations import Duration, seconds
 from .envelope import RemoteError, decode_task, encode_error
 from .errors import ConfigurationError, SessionqError
-from .faults import Kind, describe, is_transient, kind_of, retrying
+from .faults import Kind, describe, is_transient, kind_of, public, retrying
 from .held import HeldSessions
 from .housekeeping import Housekeeping
 from .keepalive import Heartbeat
@@ -140,6 +140,7 @@ class Worker:
         self._reestablishing: asyncio.Future[None] | None = None
 
     # -- public lifecycle -----------------------------------------------------------------
+    @public("running a worker")
     async def run(self, *, burst: bool = False) -> None:
         """Run until stop() (or, with burst=True, until the queue is drained and no session
         is open). Stops gracefully: see `_shutdown`."""
@@ -461,7 +462,19 @@ class Worker:
         if delivery_count > task.attempt:
             task.attempt = delivery_count  # an earlier holder died mid-attempt: that attempt counts
         self._plain_held.add(entry_id)
+        self.runner.reserve()
         self._spawn(self._run_plain(task, entry_id))
+
+    def lost_track_of(self, entry_id: bytes) -> None:
+        """An entry read here ended without a reply: the pending list is walked again, so it
+        runs (at-least-once) instead of sitting there unseen."""
+        self._plain_held.discard(entry_id)
+        self.recover_pending()
+
+    def recover_pending(self) -> None:
+        """Walk this worker's own pending list before the next read: entries may sit there
+        that it does not run (a read or claim whose reply was lost)."""
+        self._recover_pending = True
 
     async def _run_plain(self, task: Any, entry_id: bytes) -> None:
         try:
@@ -479,13 +492,13 @@ class Worker:
         entries = stream_entries(reply)
         if not entries:
             return
-        self.last_own_id = entries[-1][0]
         ending = {f.get(b"s") for _, f in entries if f.get(b"t") == b"c"}
         for entry_id, fields in entries:
             try:
                 await self._own_entry(stream, entry_id, fields, ending)
             except Exception as exc:  # D04: one malformed entry must not swallow the rest of the batch
-                await self._move_aside(stream, entry_id, fields, exc)
+                await self._move_aside(stream, entry_id, fields, exc)  # if Redis fails here: read again
+            self.last_own_id = entry_id  # past this entry only once it is handled
 
     async def _own_entry(
         self, stream: str, entry_id: bytes, fields: dict[bytes, bytes], ending: set[Any]

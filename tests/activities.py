@@ -222,3 +222,32 @@ ALL = [
     mark,
     describe,
 ]
+
+
+@sessionq.activity
+async def raise_cancelled() -> None:
+    """An async activity that raises CancelledError itself (awaiting a future that was
+    cancelled), while nobody cancelled it."""
+    future = asyncio.get_running_loop().create_future()
+    future.cancel()
+    await future
+
+
+@sessionq.activity
+async def tuple_keys() -> dict[Any, str]:
+    """A result msgpack encodes but cannot decode back (tuple keys come back as lists)."""
+    return {(1, 2): "x"}
+
+
+@sessionq.activity
+def ignore_cancel_span(path: str, seconds: float) -> str:
+    """A def activity that ignores cancellation, logging "start"/"end" to ``path`` (see span)."""
+    with open(path, "a") as f:
+        f.write(f"start {time.monotonic()}\n")
+    time.sleep(seconds)
+    with open(path, "a") as f:
+        f.write(f"end {time.monotonic()}\n")
+    return _worker_id()
+
+
+ALL += [raise_cancelled, tuple_keys, ignore_cancel_span]

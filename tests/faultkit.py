@@ -265,6 +265,24 @@ class RespParser:
 # --- the relay ---------------------------------------------------------------------------
 
 
+_SCRIPT_CALLS = frozenset({"EVALSHA", "EVAL"})
+
+
+def _first_argument(frame: memoryview) -> str:
+    """The first argument of a RESP command frame (the script's SHA of an EVALSHA), or ""."""
+    raw = bytes(frame)
+    try:
+        header = raw.index(b"\r\n")  # *<n>
+        name_len_end = raw.index(b"\r\n", header + 2)  # $<len> of the name
+        name_len = int(raw[header + 3 : name_len_end])
+        arg_at = name_len_end + 2 + name_len + 2
+        arg_len_end = raw.index(b"\r\n", arg_at)
+        arg_len = int(raw[arg_at + 1 : arg_len_end])
+        return raw[arg_len_end + 2 : arg_len_end + 2 + arg_len].decode("utf-8", "replace")
+    except ValueError:
+        return ""
+
+
 def _name_set(commands: Iterable[str] | str) -> frozenset[str]:
     """Upper-cased command names; a lone string is one name, not a set of letters."""
     if isinstance(commands, str):
@@ -298,7 +316,9 @@ class DropRule:
         self.cancelled = True
 
     def matches(self, name: str, kind: int, empty: bool) -> bool:
-        if name not in self.commands or not self.active:
+        """`name` is a command name, or "EVALSHA <sha>" for a script call (a rule may name
+        either the command or that one script)."""
+        if not self.active or (name not in self.commands and name.split(" ", 1)[0] not in self.commands):
             return False
         # A null/empty reply carried nothing to lose, and an error means nothing ran.
         return not self.nonempty or not (empty or kind in _ERRORS)
@@ -570,13 +590,21 @@ class RelayConnection:
                 self._commands_with_rules(chunk, frames)
             else:
                 counts = self.relay._counts
+                scripts_matter = bool(self.relay._drops)  # a drop rule may name one script
+                start = 0
                 for frame in frames:
                     name = frame.name or "?"
                     self.commands.append(name)
                     self.names.add(name)
                     counts[name] += 1
                     if self._tracking:
-                        self._track(name)
+                        if scripts_matter and name in _SCRIPT_CALLS:
+                            self._track(
+                                f"{name} {_first_argument(memoryview(chunk)[start : frame.end]).upper()}"
+                            )
+                        else:
+                            self._track(name)
+                    start = frame.end
                 self._write_server(chunk)
         if self._commands_in.error is not None:
             log.warning(
@@ -627,7 +655,10 @@ class RelayConnection:
             if reply is None:
                 counts[name] += 1
                 if self._tracking:
-                    self._track(name)
+                    if name in _SCRIPT_CALLS and relay._drops:  # drop rules may name one script
+                        self._track(f"{name} {_first_argument(view[start : frame.end]).upper()}")
+                    else:
+                        self._track(name)
             else:
                 if start > run_start:
                     to_server.append(view[run_start:start])
@@ -852,7 +883,8 @@ class Relay:
         """Swallow the next ``count`` replies to ``commands`` and abort their connections.
 
         With ``nonempty`` only replies carrying data count: not null (``$-1``, ``*-1``, RESP3
-        ``_``), not empty (``*0``), and not errors (nothing ran, nothing to lose).
+        ``_``), not empty (``*0``), and not errors (nothing ran, nothing to lose). A command may
+        be ``"EVALSHA <sha>"``: the reply to that one script only.
         """
         rule = DropRule(_name_set(commands), nonempty, count)
         self._drops.append(rule)

@@ -304,11 +304,17 @@ async def test_s05_cli_worker_serves_session_and_inspect_json_shows_it(
             s = doc["sessions"][0]
             return w["running_activities"] == 1 and s["activities_run"] == 4 and s["queued"] == 0
 
+        last: list[Any] = []
+
         async def snapshot_shows_work() -> bool:
             polled = await collect_in_process(redis_url, key_prefix)
+            last[:] = [polled]
             return bool(polled["workers"] and polled["sessions"] and busy(polled))
 
-        await wait_for(snapshot_shows_work, timeout=10, interval=0.1, message="inspect never showed the work")
+        try:
+            await wait_for(snapshot_shows_work, timeout=10, interval=0.1, message="inspect never showed work")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; last snapshot: {last}\n{worker.output()}") from None
         doc = await inspect_json(redis_url, key_prefix)  # the real command
         assert doc["schema"] == 1 and doc["prefix"] == key_prefix
         [w] = doc["workers"]

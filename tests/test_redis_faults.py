@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import time
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
@@ -25,10 +26,11 @@ import sessionq
 from sessionq import Client, RedisDataLostError, RedisUnavailableError, SessionOptions, Worker
 from sessionq.connection import connect
 from sessionq.keys import QueueKeys
+from sessionq.scripts import source
 from sessionq.wire import Wire
 from tests import activities as acts
 from tests.faultkit import Relay, TemporaryAclUser, private_server
-from tests.helpers import wait_for
+from tests.helpers import SpawnWorker, wait_for
 
 T = TypeVar("T")
 
@@ -508,3 +510,123 @@ async def test_wire_a_caller_cancelled_mid_write_leaves_the_connection_to_the_ot
     finally:
         await wire.aclose()
         await wire.redis.aclose()
+
+
+# --- found in review and in the chaos soak ------------------------------------------------------
+
+
+async def test_d07_a_result_redis_refuses_keeps_its_entry_until_the_result_is_written(
+    relay: Relay, redis_url: str, key_prefix: str, task_queue: str, spawn_worker: SpawnWorker,
+    clients: list[Client], tmp_path: Path,
+) -> None:  # fmt: skip
+    """Redis refuses the result (OOM) but would take the ack: the entry must stay pending,
+    so when the worker dies with the result only in its memory, another one runs it."""
+    first = await spawn_worker(identity="w1", heartbeat_timeout=1.0, extra_args=["--redis-url", relay.url])
+    client = client_on(clients, redis_url, key_prefix)
+    marker = tmp_path / "m"
+    handle = await client.start_activity(acts.sleep_for, 0.3, str(marker), task_queue=task_queue)
+    await wait_for(lambda: started(marker), message="the activity never started")
+    refused = relay.inject_error({"XADD"}, "OOM command not allowed when used memory > 'maxmemory'.")
+    await wait_for(refused.fired.is_set, message="the result was never refused")
+    await first.kill()
+    refused.cancel()
+    await spawn_worker(identity="w2", heartbeat_timeout=1.0)
+    value, _ = await ends_within(handle.result(), 10.0)
+    assert value == "w2"
+
+
+async def test_d07_a_lost_reply_of_a_takeover_does_not_strand_what_it_took(
+    relay: Relay, redis_url: str, key_prefix: str, task_queue: str, spawn_worker: SpawnWorker,
+    start_worker: StartWorker, clients: list[Client], tmp_path: Path,
+) -> None:  # fmt: skip
+    """A live worker takes over a dead one's activity, and the reply of that claim is lost:
+    the entry is now in the live worker's pending list, and it must still run there."""
+    doomed = await spawn_worker(identity="doomed", heartbeat_timeout=1.0)
+    client = client_on(clients, redis_url, key_prefix)
+    marker = tmp_path / "m"
+    handle = await client.start_activity(acts.sleep_for, 1.0, str(marker), task_queue=task_queue)
+    await wait_for(lambda: started(marker), message="the activity never started")
+    await doomed.kill()
+    claim_sha = hashlib.sha1(source("claim_orphans").encode()).hexdigest()
+    dropped = relay.drop_reply({f"EVALSHA {claim_sha}"}, nonempty=True)
+    await start_worker(relay.url, identity="heir", heartbeat_timeout=1.0)
+    value, _ = await ends_within(handle.result(), 15.0)
+    assert value == "heir"
+    assert dropped.fired.is_set(), "no claim reply was dropped: the test proved nothing"
+
+
+async def test_s11_a_worker_restarted_under_the_same_identity_fails_its_callers_at_once(
+    spawn_worker: SpawnWorker, start_worker: StartWorker, redis_url: str, key_prefix: str, task_queue: str,
+    clients: list[Client], tmp_path: Path,
+) -> None:  # fmt: skip
+    """SIGKILL, and the same identity starts again as soon as the old heartbeat lapses: the
+    heartbeat key is back, but the caller's session failed with the old process."""
+    victim = await spawn_worker(identity="w1", heartbeat_timeout=1.0)
+    client = client_on(clients, redis_url, key_prefix)
+    session = await client.create_session(task_queue, SessionOptions(execution_timeout=60))
+    marker = tmp_path / "m"
+    running = await session.start_activity(acts.sleep_for, 60, str(marker))
+    await wait_for(lambda: started(marker), message="the activity never started")
+    await victim.kill()
+    # The new process registers the moment the old heartbeat lapses: the caller's periodic
+    # look at the heartbeat key (every 0.2 s) finds it present again.
+    alive_key = QueueKeys(key_prefix, task_queue).alive("w1")
+    direct = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        while await direct.exists(alive_key):
+            await asyncio.sleep(0.002)
+    finally:
+        await direct.aclose()
+    await start_worker(redis_url, identity="w1", heartbeat_timeout=1.0)
+    await raises_within(running.result(), sessionq.SessionFailedError, 5.0)
+
+
+async def test_d02_a_cut_that_hits_every_worker_alike_reaps_none_of_them(
+    relay: Relay, redis_url: str, key_prefix: str, task_queue: str, start_worker: StartWorker,
+    clients: list[Client], redis_client: redis.asyncio.Redis,
+) -> None:  # fmt: skip
+    """Every worker loses Redis for longer than the heartbeat timeout, then all come back. The
+    first one back must not reap the others, which are a moment behind: they were cut off by
+    the same fault, not dead. No session fails, no running activity changes hands."""
+    await start_worker(relay.url, identity="w1")
+    await start_worker(relay.url, identity="w2")
+    client = client_on(clients, redis_url, key_prefix)
+    sessions = [await client.create_session(task_queue) for _ in range(2)]
+    keys = QueueKeys(key_prefix, task_queue)
+    registered = {w: await redis_client.hget(keys.worker(w), "registered") for w in ("w1", "w2")}
+    relay.cut()
+    await wait_for(lambda: _none_alive(redis_client, keys), timeout=HB + 3, message="the keys never lapsed")
+    relay.heal()
+    await asyncio.sleep(HB + 1)  # what a reaper needs to act (a pass every HB / 3): the aftermath
+    for w in ("w1", "w2"):
+        assert await redis_client.hget(keys.worker(w), "registered") == registered[w], f"{w} was reaped"
+    for session in sessions:
+        assert await session.execute_activity(acts.whoami) == session.info.worker_id
+        await session.complete()
+
+
+async def _none_alive(r: redis.asyncio.Redis, keys: QueueKeys) -> bool:
+    return not await r.exists(keys.alive("w1"), keys.alive("w2"))
+
+
+async def test_d11_a_restart_without_data_leaves_no_session_record_without_ttl(
+    server: Any, key_prefix: str, task_queue: str, start_worker: StartWorker, clients: list[Client],
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    """The worker still holds sessions that ran activities when Redis comes back empty: its
+    housekeeping must not re-create their records (without a TTL) to publish their counts."""
+    worker = await start_worker(server.url, heartbeat_timeout=1.0)
+    client = client_on(clients, server.url, key_prefix)
+    session = await client.create_session(task_queue)
+    for _ in range(3):
+        await session.execute_activity(acts.whoami)
+    await asyncio.to_thread(server.restart, False)
+    direct = redis.asyncio.Redis.from_url(server.url)
+    keys = QueueKeys(key_prefix, task_queue)
+    try:
+        await wait_for(lambda: direct.sismember(keys.workers, worker.worker_id), timeout=10,
+                       message="the worker never registered again")  # fmt: skip
+        await asyncio.sleep(1.0)  # a few housekeeping passes (every 0.33 s): the window of the bug
+        assert not [k for k in await keys_without_ttl(direct, key_prefix) if ":session:" in k]
+    finally:
+        await direct.aclose()

@@ -309,3 +309,108 @@ def test_s19_the_session_options_refuse_a_bad_owner_timeout() -> None:
     with pytest.raises(ConfigurationError, match="owner_timeout"):
         SessionOptions(owner_timeout=0)
     assert SessionOptions(owner_timeout=None).owner_timeout is None
+
+
+# --- found in review: what an activity, a caller or a worker's reading could still get wrong ---
+
+
+def peak_overlap(path: Path) -> int:
+    running, most = 0, 0
+    for line in sorted(path.read_text().splitlines(), key=lambda text: float(text.split()[1])):
+        running += 1 if line.startswith("start") else -1
+        most = max(most, running)
+    return most
+
+
+async def test_d10_an_activity_that_raises_cancelled_error_itself_fails_and_is_answered(
+    workers: Any, client: Client, task_queue: str, redis_client: redis.asyncio.Redis, keys: QueueKeys
+) -> None:
+    """Nobody cancelled it: its own CancelledError is an application error like any other,
+    not the worker going away (which would leave its caller, or its session, hanging)."""
+    await workers(max_concurrent_sessions=1)
+    with pytest.raises(ActivityError) as caught:
+        await asyncio.wait_for(
+            client.execute_activity(acts.raise_cancelled, task_queue=task_queue, retry_policy=ONCE), 10
+        )
+    assert "CancelledError" in caught.value.cause.type
+    session = await client.create_session(task_queue)
+    with pytest.raises(ActivityError):
+        await asyncio.wait_for(session.execute_activity(acts.raise_cancelled, retry_policy=ONCE), 10)
+    assert await session.execute_activity(acts.whoami) == "w1"  # the session is whole
+    await session.complete()
+    assert int(await redis_client.hget(keys.worker("w1"), "open") or 0) == 0
+
+
+async def test_d10_a_result_its_caller_cannot_decode_fails_only_that_call(
+    workers: Any, client: Client, task_queue: str
+) -> None:
+    """A dict with tuple keys encodes but does not decode back: that call gets
+    SerializationError, and the calls whose results shared its batch get theirs."""
+    await workers()
+    calls = [client.execute_activity(acts.echo, i, task_queue=task_queue) for i in range(5)]
+    calls.insert(2, client.execute_activity(acts.tuple_keys, task_queue=task_queue))
+    outcomes = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 10)
+    assert isinstance(outcomes[2], sessionq.SerializationError)
+    assert [o for i, o in enumerate(outcomes) if i != 2] == [0, 1, 2, 3, 4]
+
+
+async def test_d09_cancelling_the_task_that_awaits_an_activity_cancels_it_on_the_worker(
+    workers: Any, client: Client, task_queue: str, tmp_path: Path
+) -> None:
+    await workers()
+    session = await client.create_session(task_queue)
+    for name, call in (
+        ("plain", lambda m: client.execute_activity(acts.sleep_for, 30, m, task_queue=task_queue)),
+        ("pinned", lambda m: session.execute_activity(acts.sleep_for, 30, m)),
+    ):
+        marker = str(tmp_path / name)
+        task = asyncio.ensure_future(call(marker))
+        await wait_for(Path(f"{marker}.started").exists, message=f"{name} never started")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await wait_for(Path(f"{marker}.cancelled").exists, message=f"{name} kept running on the worker")
+    await session.complete()
+
+
+async def test_d09_a_def_activity_retried_after_its_timeout_never_runs_beside_its_old_attempt(
+    workers: Any, client: Client, task_queue: str, tmp_path: Path
+) -> None:
+    """Its first attempt times out but, never looking at is_cancelled(), runs on in its
+    thread: the retry waits for it, so the limit (2) holds."""
+    await workers(max_concurrent_activities=2)
+    spans = tmp_path / "spans"
+    timed_out = client.execute_activity(
+        acts.ignore_cancel_span, str(spans), 1.0, task_queue=task_queue, start_to_close_timeout=0.3,
+        retry_policy=RetryPolicy(maximum_attempts=2, initial_interval=0.01),
+    )  # fmt: skip
+    other = client.execute_activity(acts.span, str(spans), 1.5, task_queue=task_queue)
+    await asyncio.wait_for(asyncio.gather(timed_out, other, return_exceptions=True), 15)
+    assert peak_overlap(spans) <= 2, "more activities ran at once than the worker's limit"
+
+
+async def test_d09_a_worker_reads_no_more_plain_activities_than_it_has_free_slots(
+    workers: Any, client: Client, task_queue: str, tmp_path: Path
+) -> None:
+    """Two queued activities, a worker with one slot and an idle one: the second activity
+    must not wait behind the first on the busy worker."""
+    await workers("busy", max_concurrent_activities=1)
+    first = await client.start_activity(acts.sleep_for, 3.0, str(tmp_path / "first"), task_queue=task_queue)
+    await wait_for((tmp_path / "first.started").exists, message="never started")
+    second = await client.start_activity(acts.whoami, task_queue=task_queue)
+    await asyncio.sleep(0.3)  # the busy worker's read has had its chance to take it: the set-up
+    await workers("idle")
+    assert await asyncio.wait_for(second.result(), 2.5) == "idle"
+    assert not first.done()
+    await first.result()
+
+
+async def test_s19_worker_and_client_failures_are_sessionq_errors(
+    redis_url: str, key_prefix: str, task_queue: str, redis_client: redis.asyncio.Redis, keys: QueueKeys
+) -> None:
+    with pytest.raises(ConfigurationError, match="not a valid Redis URL"):
+        Client("redis://localhost:notaport/0")
+    await redis_client.set(keys.tasks, "not a stream")  # a key of the wrong type where the queue goes
+    worker = Worker(redis_url, task_queue=task_queue, activities=acts.ALL, prefix=key_prefix)
+    with pytest.raises(sessionq.SessionqError):
+        await asyncio.wait_for(worker.run(), 20)

@@ -437,3 +437,115 @@ async def test_d08_a_live_worker_is_found_behind_many_dead_candidates(
     )
     assert session.info.worker_id == "z-live"
     await session.complete()
+
+
+# --- found in review and in the chaos soak ------------------------------------------------------
+
+
+async def test_d06_a_shorter_owner_lease_is_renewed_in_time_when_it_joins(
+    redis_url: str, key_prefix: str, task_queue: str, workers: Any, clients: list[Client],
+    redis_client: redis.asyncio.Redis, keys: QueueKeys,
+) -> None:  # fmt: skip
+    """A client holding a session with a long owner_timeout opens one with a short one: its
+    lease must from then on be renewed often enough for the short one."""
+    await workers(redis_url, max_concurrent_sessions=2)
+    client = client_on(clients, redis_url, key_prefix)
+    long = await client.create_session(task_queue, SessionOptions(owner_timeout=120))
+    lease = keys.lease(client.client_id)
+    await asyncio.sleep(1.5)  # the lease is now renewed every 30 s, and its keeper asleep: the set-up
+    short = await client.create_session(task_queue, SessionOptions(owner_timeout=2))
+
+    async def renewed_twice() -> bool:
+        seen = await redis_client.get(lease)
+        renewals.add(seen)
+        return len(renewals) >= 3
+
+    renewals: set[Any] = set()
+    await wait_for(renewed_twice, timeout=5, message="the short lease was not renewed in time")
+    assert await short.execute_activity(acts.whoami) == "w1"
+    assert await redis_client.hget(keys.session(short.session_id), "state") == b"OPEN"
+    for session in (long, short):
+        await session.complete()
+
+
+async def test_d08_a_caller_holding_a_session_keeps_its_place_in_line(
+    redis_url: str, key_prefix: str, task_queue: str, workers: Any, clients: list[Client],
+    redis_client: redis.asyncio.Redis, keys: QueueKeys,
+) -> None:  # fmt: skip
+    """A queues first while it holds a session (its lease renewed rarely for that one), C
+    queues second; 6 s later (past the waiters' 5 s window) a slot frees: A gets it."""
+    await workers(redis_url, max_concurrent_sessions=2)
+    a, b, c = (client_on(clients, redis_url, key_prefix, identity=name) for name in "abc")
+    held = await a.create_session(task_queue)
+    await asyncio.sleep(1.5)  # A's lease keeper now sleeps 15 s between renewals: the set-up
+    blocker = await b.create_session(task_queue)
+    first = spawn_creator(a, task_queue)
+    await wait_for(lambda: waiting(redis_client, keys), message="A never queued")
+    second = spawn_creator(c, task_queue)
+    await wait_for(lambda: _at_least(waiting(redis_client, keys), 2), message="C never queued")
+    await asyncio.sleep(6.0)  # longer than the waiters' window: the length of the fault
+    await blocker.complete()
+    got = await asyncio.wait_for(first, 5)
+    assert not second.done(), "C was served before A, who queued first"
+    await got.complete()
+    await (await asyncio.wait_for(second, 5)).complete()
+    await held.complete()
+
+
+async def test_d08_a_client_closed_while_its_create_session_runs_gives_the_slot_back(
+    redis_url: str, key_prefix: str, task_queue: str, workers: Any,
+    redis_client: redis.asyncio.Redis, keys: QueueKeys,
+) -> None:  # fmt: skip
+    await workers(redis_url, max_concurrent_sessions=1)
+    for _ in range(5):  # the race needs a few tries to land in the script's window
+        client = Client(redis_url, prefix=key_prefix)
+        opening = asyncio.ensure_future(client.create_session(task_queue).open())
+        await asyncio.sleep(0)
+        await client.close()
+        with contextlib.suppress(sessionq.SessionqError):
+            await opening
+        assert int(await redis_client.hget(keys.worker("w1"), "open") or 0) == 0, "the slot leaked"
+
+
+async def test_d06_a_complete_that_cannot_reach_redis_is_finished_once_redis_is_back(
+    relay: Relay, redis_url: str, key_prefix: str, task_queue: str, workers: Any, clients: list[Client],
+    redis_client: redis.asyncio.Redis, keys: QueueKeys,
+) -> None:  # fmt: skip
+    await workers(redis_url, max_concurrent_sessions=1)
+    client = client_on(clients, relay.url, key_prefix, unavailable_timeout=1)
+    session = await client.create_session(task_queue)
+    relay.cut()
+    with pytest.raises(sessionq.RedisUnavailableError):
+        await session.complete()
+    relay.heal()
+
+    async def completed() -> bool:
+        return await redis_client.hget(keys.session(session.session_id), "state") == b"COMPLETED"
+
+    await wait_for(completed, timeout=15, message="the session was never completed")
+    assert int(await redis_client.hget(keys.worker("w1"), "open") or 0) == 0
+
+
+async def test_d08_a_session_an_older_snapshot_brings_back_open_is_ended_by_its_worker(
+    redis_url: str, key_prefix: str, task_queue: str, workers: Any, clients: list[Client],
+    redis_client: redis.asyncio.Redis, keys: QueueKeys,
+) -> None:  # fmt: skip
+    """Redis restored from a snapshot taken before complete(): the session is OPEN again and
+    counted on its worker, which no longer holds it. The worker ends it; its slot frees."""
+    await workers(redis_url, max_concurrent_sessions=1, heartbeat_timeout=1.0)
+    session = await client_on(clients, redis_url, key_prefix).create_session(task_queue)
+    sid = session.session_id
+    before = await redis_client.hgetall(keys.session(sid))
+    await session.complete()
+    # What the old snapshot holds, put back as a restore would:
+    await redis_client.hset(keys.session(sid), mapping=before)
+    await redis_client.persist(keys.session(sid))
+    await redis_client.sadd(keys.worker_sessions("w1"), sid)
+    await redis_client.hincrby(keys.worker("w1"), "open", 1)
+    await redis_client.zrem(keys.free, "w1")
+
+    async def ended() -> bool:
+        return await redis_client.hget(keys.session(sid), "state") == b"FAILED"
+
+    await wait_for(ended, timeout=15, message="the restored session was never ended")
+    assert int(await redis_client.hget(keys.worker("w1"), "open") or 0) == 0

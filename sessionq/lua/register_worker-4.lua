@@ -14,7 +14,10 @@
 
 local base, w, hb_ms, cap = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 if redis.call('EXISTS', KEYS[2]) == 1 and redis.call('SISMEMBER', KEYS[1], w) == 1 then
+  local was_alive = redis.call('EXISTS', KEYS[3])
   redis.call('SET', KEYS[3], '1', 'PX', hb_ms)
+  -- Back before anyone reaped it: its free slots are visible again, serve who queued meanwhile.
+  if was_alive == 0 and redis.call('ZCARD', base .. 'waiters') > 0 then grant_waiters(base, now_ms()) end
   return 'KNOWN'
 end
 local now = now_ms()

@@ -119,9 +119,10 @@ local function close_session(base, sid, w, new_state, reason, now, retention_ms,
   local skey = base .. 'session:' .. sid
   redis.call('HSET', skey, 'state', new_state, 'reason', reason, 'ended', now)
   redis.call('PEXPIRE', skey, retention_ms)
-  redis.call('SREM', base .. 'wsessions:' .. w, sid)
   redis.call('ZREM', base .. 'deadlines', 's:' .. sid)
-  release_slot(base, w)
+  -- Only a session the worker's registration counted gives a slot back (one of an earlier
+  -- registration of the same identity was never counted by this one).
+  if redis.call('SREM', base .. 'wsessions:' .. w, sid) == 1 then release_slot(base, w) end
   redis.call('XADD', base .. 'w:' .. w, 'NOMKSTREAM', '*', 't', 'c', 's', sid, 'r', mode)
 end
 
@@ -142,7 +143,7 @@ local function grant_waiters(base, now)
     for _, sid in ipairs(sids) do
       local t = read_ticket(base, sid)
       local client, exec_ms, deadline, target = t[1], tonumber(t[2]), tonumber(t[3]), t[4]
-      if not client or not deadline or deadline < now then
+      if not client or not exec_ms or not deadline or deadline < now then
         drop_ticket(base, sid, target)  -- expired (its caller gives up by itself) or broken
       elseif not lease_fresh(base, client, now, WAITER_WINDOW_MS) then
         drop_ticket(base, sid, target)  -- its caller went silent: crashed, or stalled
