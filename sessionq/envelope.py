@@ -1,4 +1,44 @@
-"""What travels through Redis: activity tasks on streams, results and grants in inboxes."""
+"""What travels through Redis: activity tasks on streams, results and grants in inboxes.
+
+The wire format, in one place (the keys themselves: keys.py). Values marked msgpack are
+encoded with the task queue's Codec; everything else is plain Redis strings.
+
+Task (msgpack map, the ``d`` field of a stream entry; encode_task / decode_task)::
+
+    i  activity id (str)          n  activity name (str)        a  args (list)
+    k  kwargs (map)               t  attempt (int >= 1)         c  client id (str: its inbox)
+    s  session id (str | nil)     o  [start_to_close, schedule_to_close, schedule_to_start,
+                                      heartbeat_timeout (seconds | nil), retry policy | nil]
+    retry policy: [initial_interval, backoff_coefficient, maximum_interval | nil,
+                   maximum_attempts, [non-retryable type names]]
+
+Shared stream ``tasks`` entries: ``d`` = task. Read by the consumer group ``workers``.
+
+A worker's own stream ``w:<worker>`` entries, by ``t``::
+
+    a  a session activity         d = task
+    o  a session opened here      s = session id, x = execution timeout ms, d = deadline
+                                  (ms, Redis' clock), c = owner client id, l = owner_timeout ms
+    c  a session ended            s = session id, r = complete | expire | fail | owner
+    x  cancel an activity         i = activity id
+    h  the registration's first entry (the stream must exist: senders use NOMKSTREAM)
+
+A client's inbox ``inbox:<client>`` entries (inbox.py), by their first field::
+
+    r  results: one or more ``r`` fields, each a msgpack map
+           {i: activity id, v: value}  or  {i: activity id, e: [kind, type, message,
+           traceback, attempt, timeout_type, non_retryable]} (RemoteError)
+    g  a grant: g = session id, w = worker, h = host, d = deadline ms, b = heartbeat ms
+    x  a refusal: x = session id, m = reason, k = "lease" (the line dropped a silent
+       waiter) or absent (the recreate target died)
+    o  the marker open_inbox leaves when it makes the inbox (o = the opening's token)
+
+The waiting line: ``waiters`` (sorted set of session ids, score = order of arrival),
+``tickets`` (hash, field ``<sid>:<attribute>``: c client, x exec_ms, d wait deadline,
+t target worker, o owner, l owner_ms) and ``deadlines`` (sorted set: ``s:<sid>`` at a
+session's execution deadline, ``t:<sid>`` at a ticket's wait deadline). A client's lease
+``lease:<client>``: the time of its last renewal (ms, Redis' clock), with a TTL.
+"""
 
 from __future__ import annotations
 

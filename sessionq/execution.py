@@ -149,6 +149,7 @@ async def execute(
             ):
                 return encode_error(codec, task.activity_id, error)
             execution.cancel_kind = None
+            _consumed_cancellation()  # the timer's cancel is handled: it must not count later
             # The attempt that timed out may still run in its thread (a def activity that never
             # looks at is_cancelled()): the retry waits for it, so the two never run at once.
             await _threads_done(execution, task)
@@ -202,6 +203,16 @@ def _cancelled_from_outside() -> bool:
     task = asyncio.current_task()
     cancelling = getattr(task, "cancelling", None)
     return bool(cancelling()) if cancelling is not None else False
+
+
+def _consumed_cancellation() -> None:
+    """A cancellation of the running task was caught and acted on (a timed-out attempt is
+    retried): take it off the task's count, as asyncio.timeout does, so a CancelledError the
+    next attempt raises itself is not mistaken for a cancellation from outside."""
+    task = asyncio.current_task()
+    uncancel = getattr(task, "uncancel", None)
+    if uncancel is not None and task is not None and task.cancelling():
+        uncancel()
 
 
 async def _threads_done(execution: Execution, task: Task) -> None:

@@ -94,6 +94,8 @@ class ActivityHandle:
             return await asyncio.wait_for(asyncio.shield(self._future), remaining)
         except asyncio.TimeoutError:
             self._inbox.fail(self.activity_id, ActivityTimeoutError("", timeout_type="schedule_to_close"))
+            if self._on_done is not None:
+                self._on_done(self.activity_id)
             raise ActivityTimeoutError(
                 f"activity {self.name!r} ({self.activity_id}) did not finish within its "
                 "schedule_to_close_timeout; raise the timeout or check the workers "
@@ -107,6 +109,8 @@ class ActivityHandle:
         (A future cancelled with the task that awaited it was not answered: the worker is told.)"""
         if self._cancel is not None and (not self._future.done() or self._future.cancelled()):
             await self._cancel()
+        if self._on_done is not None:
+            self._on_done(self.activity_id)  # settled here: the session no longer waits for it
         self._inbox.fail(
             self.activity_id, ActivityCancelledError(f"activity {self.name!r} was cancelled by its caller")
         )

@@ -34,6 +34,8 @@ class HeldSession:
 
     info: SessionInfo
     deadline_ms: int
+    info_exec_ms: int = 0
+    """Its execution timeout, ms (deadline - this = when it opened, on Redis' clock)."""
     owner_client: str = ""
     owner_ms: int = 0
     executions: dict[str, Execution] = field(default_factory=dict)
@@ -67,6 +69,7 @@ class HeldSessions:
         held = HeldSession(
             info,
             deadline_ms,
+            info_exec_ms=int(fields.get(b"x") or 0),
             owner_client=fields.get(b"c", b"").decode(),
             owner_ms=int(fields.get(b"l") or 0),
         )
@@ -172,13 +175,16 @@ class HeldSessions:
                 self.end(sid, "failed" if ended.state == "FAILED" else "completed", ended.reason or "ended")
 
     async def reconcile(self) -> None:
-        """End the sessions Redis says this worker holds while it does not (Redis came back
-        from an older snapshot, say): nobody else would ever end them. A session granted a
-        moment ago may not have reached the worker yet, so only older ones count."""
+        """Make this worker and Redis agree on the sessions it holds, after Redis came back
+        from an older snapshot (say): a session Redis says it holds while it does not is
+        ended there (nobody else would ever end it); one it holds while Redis has no record
+        of it, or has it ended, is ended here. A session granted a moment ago may not have
+        reached the worker yet, so only older ones count."""
         w = self.worker
         k = w.keys
         members = await w.redis.smembers(k.worker_sessions(w.worker_id))
         strays = [sid for sid in (m.decode() for m in members) if sid not in self.open]
+        await self._forget_unknown()
         if not strays:
             return
         commands: list[tuple[object, ...]] = [("TIME",)]
@@ -195,6 +201,21 @@ class HeldSessions:
                 reason = f"worker {w.worker_id} no longer held it (Redis came back from an older state?)"
                 log.warning("worker %s: ending session %s: %s", w.worker_id, sid, reason)
                 await w.scripts.end_session(k, sid, "fail", reason, w.retention_ms)
+
+    async def _forget_unknown(self) -> None:
+        w = self.worker
+        settled = w.redis_now_ms() - 2000 * w.heartbeat_timeout
+        held = [sid for sid, h in self.open.items() if h.deadline_ms - h.info_exec_ms < settled]
+        if not held:
+            return
+        states = await w.wire.execute_many(
+            w.keys.session(held[0]), [("HGET", w.keys.session(sid), "state") for sid in held]
+        )
+        for sid, state in zip(held, states, strict=True):
+            if state != b"OPEN" and sid in self.open:
+                why = "its record is gone from Redis" if state is None else f"Redis has it {state.decode()}"
+                log.warning("worker %s: dropping session %s: %s", w.worker_id, sid, why)
+                self.end(sid, "failed" if state != b"COMPLETED" else "completed", why)
 
     async def publish_counts(self) -> None:
         """Record how many activities each open session ran, for `sessionq inspect`."""

@@ -5,7 +5,9 @@ Each pass, in order: trim what the worker read from its own stream; learn Redis'
 again (a clock step on this host must not fail sessions early); publish per-session
 activity counts (for inspect); do what is due on Redis' clock (sessions past their
 execution deadline fail even if their worker is gone; expired tickets leave the line);
-end sessions whose owner went away; reap dead workers; take over the plain activities
+end sessions whose owner went away; every fifth pass, make the sessions it holds and the
+ones Redis says it holds agree (after Redis restored an older snapshot); reap dead workers;
+take over the plain activities
 they held (never while this worker is stopping); drop consumers nobody will come back
 for; stop a burst worker with nothing left to do; time out activities that stopped
 heartbeating.
@@ -124,7 +126,12 @@ class Housekeeping:
         groups = await w.redis.xinfo_groups(w.keys.tasks)
         for group in groups:
             if group["name"] == CONSUMER_GROUP.encode():
-                return not group.get("lag") and not group.get("pending")
+                if group.get("pending"):
+                    return False
+                # Anything after the last entry delivered is still queued ("lag" is unknown on
+                # Redis 6.2, and on 7 once an entry in the middle was deleted).
+                last = group.get("last-delivered-id") or b"0-0"
+                return not await w.redis.xrange(w.keys.tasks, min=b"(" + last, count=1)
         return True
 
     def any_heartbeat_timeouts(self) -> bool:

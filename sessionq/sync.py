@@ -7,13 +7,15 @@ private event loop in a background thread and waits for its result.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import threading
 from collections.abc import Coroutine
 from types import TracebackType
 from typing import Any, TypeVar
 
 from .client import ActivityHandle, Client
-from .errors import SessionAlreadyOpenError
+from .errors import SessionAlreadyOpenError, SessionqError
 from .options import SessionOptions
 from .session import Session
 from .session_info import SessionInfo, SessionState, current_session
@@ -21,20 +23,77 @@ from .session_info import SessionInfo, SessionState, current_session
 T = TypeVar("T")
 
 
+CLEANUP_WAIT = 15.0
+"""How long an interrupted call may take to give back what it took (a slot, a running activity)."""
+
+
 class _LoopThread:
-    """An event loop running in a daemon thread; `call` runs a coroutine there and waits."""
+    """An event loop running in a daemon thread; `call` runs a coroutine there and waits.
+
+    A call interrupted in the calling thread (Ctrl-C, an exception) cancels its coroutine on
+    the loop and waits for it to clean up, as the async API does when its task is cancelled:
+    a session being created is given back, a running activity is cancelled on its worker.
+    Once stopped, every call raises SessionqError; calls still under way are cancelled."""
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="sessionq-sync", daemon=True)
         self.thread.start()
+        self.stopped = False
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     def call(self, coro: Coroutine[Any, Any, T]) -> T:
         if threading.current_thread() is self.thread:
+            coro.close()
             raise RuntimeError("SyncClient cannot be called from its own event loop; use Client there")
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+        if self.stopped:
+            coro.close()
+            raise SessionqError("this SyncClient was closed; create a new one")
+        future = asyncio.run_coroutine_threadsafe(self._tracked(coro), self.loop)
+        try:
+            return future.result()
+        except (concurrent.futures.CancelledError, asyncio.CancelledError):
+            if self.stopped:  # cancelled by close(), from another thread
+                raise SessionqError("the SyncClient was closed while this call was waiting") from None
+            raise
+        except BaseException:
+            if not future.done():  # interrupted here, still running there: cancel it, let it clean up
+                future.cancel()
+                with contextlib.suppress(BaseException):
+                    asyncio.run_coroutine_threadsafe(self._settled(), self.loop).result(CLEANUP_WAIT)
+            raise
+
+    async def _tracked(self, coro: Coroutine[Any, Any, T]) -> T:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            return await coro
+        finally:
+            self._tasks.discard(task)
+
+    async def _settled(self) -> None:
+        """Until the calls cancelled have finished cleaning up."""
+        cancelled = [t for t in self._tasks if t.cancelled() or t.cancelling()]  # type: ignore[attr-defined]
+        if cancelled:
+            await asyncio.wait(cancelled)
+
+    async def _cancel_all(self) -> None:
+        """Cancel whatever still runs on the loop (other threads' calls after close, and their
+        tasks) and wait for it, as asyncio.run does before it closes a loop."""
+        me = asyncio.current_task()
+        running = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
+        for task in running:
+            task.cancel()
+        if running:
+            await asyncio.wait(running, timeout=CLEANUP_WAIT)
 
     def stop(self) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
+        with contextlib.suppress(BaseException):
+            asyncio.run_coroutine_threadsafe(self._cancel_all(), self.loop).result(CLEANUP_WAIT + 1)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=5)
         if not self.loop.is_running():
@@ -99,7 +158,11 @@ class SyncClient:
         async def make() -> Client:
             return Client(redis, **kwargs)
 
-        self._client = self._runner.call(make())
+        try:
+            self._client = self._runner.call(make())
+        except BaseException:
+            self._runner.stop()  # no thread left behind by a client that could not be made
+            raise
 
     @property
     def client(self) -> Client:
@@ -130,6 +193,10 @@ class SyncClient:
         return self._open(self._client.recreate_session(token, options))
 
     def close(self) -> None:
+        """Close the client (see Client.close) and stop its thread; calls still under way in
+        other threads end with a SessionqError. Safe to call twice."""
+        if self._runner.stopped:
+            return
         try:
             self._runner.call(self._client.close())
         finally:

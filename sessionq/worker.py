@@ -20,6 +20,7 @@ when Redis lost the worker's state (NOGROUP, a lost registration), makes it agai
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -49,6 +50,10 @@ log = logging.getLogger("sessionq")
 
 POLL_BLOCK_MS = 1000
 OWN_BATCH = 256
+
+_RUNNING_HERE: set[tuple[str, str, str]] = set()
+"""(prefix, task queue, identity) of the Workers running in this process: a second one with
+the same identity would share the first's stream (every session activity run twice)."""
 
 
 class Worker:
@@ -125,8 +130,8 @@ class Worker:
         self.heartbeat: Heartbeat | None = None
         self._shared_reader: BlockingRead | None = None
         self._own_reader: BlockingRead | None = None
-        self._stopping: asyncio.Event | None = None
-        self._stopped: asyncio.Event | None = None
+        self._stopping = asyncio.Event()  # set by stop(), even before run() starts
+        self._stopped = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
         self._background: set[asyncio.Task[Any]] = set()
         self._runner_task: asyncio.Task[None] | None = None
@@ -146,8 +151,24 @@ class Worker:
         is open). Stops gracefully: see `_shutdown`."""
         self.burst = burst
         self.loop = asyncio.get_running_loop()
-        self._stopping = asyncio.Event()
-        self._stopped = asyncio.Event()
+        here = (self.prefix, self.task_queue, self.worker_id)
+        if here in _RUNNING_HERE:
+            self._stopped.set()
+            raise ConfigurationError(
+                "identity",
+                f"another Worker of this process already runs as {self.worker_id!r} on task queue "
+                f"{self.task_queue!r}; give each Worker its own identity=",
+            )
+        _RUNNING_HERE.add(here)
+        self._stopped.clear()
+        try:
+            await self._run()
+        finally:
+            _RUNNING_HERE.discard(here)
+            self._stopping.clear()  # the Worker may run again
+            self._stopped.set()
+
+    async def _run(self) -> None:
         self.redis = connect(self._redis_target)
         self.wire = Wire(self.redis)
         self.scripts = Scripts(self.wire)
@@ -158,6 +179,8 @@ class Worker:
         self._shared_reader = self.wire.blocking(self.keys.tasks, POLL_BLOCK_MS / 1000)
         self._own_reader = self.wire.blocking(self.keys.stream(self.worker_id), POLL_BLOCK_MS / 1000)
         try:
+            if self.stopping:  # stop() came before run(): nothing to do
+                return
             await retrying(self._startup, within=5.0, what=f"starting worker {self.worker_id}")
             self.heartbeat = Heartbeat(
                 self._redis_target,
@@ -199,20 +222,17 @@ class Worker:
             self.runner.pool.shutdown(wait=False, cancel_futures=True)
             await self.wire.aclose()
             await self.redis.aclose()
-            self._stopped.set()
 
     def stop(self) -> None:
-        """Ask the worker to stop gracefully (safe to call from a signal handler)."""
-        if self._stopping is not None:
-            self._stopping.set()
+        """Ask the worker to stop gracefully (safe to call from a signal handler, and before
+        run() starts: it then returns at once)."""
+        self._stopping.set()
 
     @property
     def stopping(self) -> bool:
-        return self._stopping is not None and self._stopping.is_set()
+        return self._stopping.is_set()
 
     async def wait_stopped(self) -> None:
-        while self._stopped is None:
-            await asyncio.sleep(0.01)
         await self._stopped.wait()
 
     async def wait_started(self, timeout: float = 30.0) -> None:
@@ -221,13 +241,20 @@ class Worker:
         while not self._tasks:
             if self._runner_task is not None and self._runner_task.done():
                 self._runner_task.result()  # re-raise the start-up error
+                raise SessionqError(f"worker {self.worker_id} stopped before it started")
             if time.monotonic() > deadline:
                 raise SessionqError(f"worker {self.worker_id} did not start within {timeout}s")
             await asyncio.sleep(0.005)
 
     async def __aenter__(self) -> Worker:
         self._runner_task = asyncio.create_task(self.run(), name=f"sessionq-worker:{self.worker_id}")
-        await self.wait_started()
+        try:
+            await self.wait_started()
+        except BaseException:  # cancelled, or the start failed: leave no worker running unowned
+            self.stop()
+            with contextlib.suppress(BaseException):
+                await self._runner_task
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -251,3 +251,17 @@ def ignore_cancel_span(path: str, seconds: float) -> str:
 
 
 ALL += [raise_cancelled, tuple_keys, ignore_cancel_span]
+
+
+@sessionq.activity
+async def slow_then_cancelled(seconds: float) -> None:
+    """Attempt 1 sleeps `seconds` (to time out); later attempts raise CancelledError themselves."""
+    if sessionq.activity_info().attempt == 1:
+        await asyncio.sleep(seconds)
+        return
+    future = asyncio.get_running_loop().create_future()
+    future.cancel()
+    await future
+
+
+ALL += [slow_then_cancelled]

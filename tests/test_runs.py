@@ -414,3 +414,104 @@ async def test_s19_worker_and_client_failures_are_sessionq_errors(
     worker = Worker(redis_url, task_queue=task_queue, activities=acts.ALL, prefix=key_prefix)
     with pytest.raises(sessionq.SessionqError):
         await asyncio.wait_for(worker.run(), 20)
+
+
+# --- found in the second review --------------------------------------------------------------
+
+
+async def test_d10_a_cancelled_error_raised_by_a_retry_still_fails_only_that_activity(
+    workers: Any, client: Client, task_queue: str, redis_client: redis.asyncio.Redis, keys: QueueKeys
+) -> None:
+    """Attempt 1 times out (its cancellation is consumed for the retry), attempt 2 raises
+    CancelledError itself: still an application error, not the worker going away."""
+    await workers(max_concurrent_sessions=1)
+    policy = RetryPolicy(maximum_attempts=2, initial_interval=0.01)
+    with pytest.raises(ActivityError):
+        await asyncio.wait_for(
+            client.execute_activity(
+                acts.slow_then_cancelled,
+                5,
+                task_queue=task_queue,
+                start_to_close_timeout=0.3,
+                retry_policy=policy,
+            ),
+            10,
+        )
+    session = await client.create_session(task_queue)
+    with pytest.raises(ActivityError):
+        await asyncio.wait_for(
+            session.execute_activity(
+                acts.slow_then_cancelled, 5, start_to_close_timeout=0.3, retry_policy=policy
+            ),
+            10,
+        )
+    assert await redis_client.hget(keys.session(session.session_id), "state") == b"OPEN"
+    await session.complete()
+
+
+async def test_s19_two_workers_of_one_process_cannot_share_an_identity(
+    redis_url: str, key_prefix: str, task_queue: str, workers: Any
+) -> None:
+    await workers("twin")
+    with pytest.raises(ConfigurationError, match="identity"):
+        async with Worker(
+            redis_url, task_queue=task_queue, activities=acts.ALL, identity="twin", prefix=key_prefix
+        ):
+            pass
+
+
+async def test_d08_a_worker_whose_registration_lost_its_fields_keeps_its_session_limit(
+    workers: Any, client: Client, task_queue: str, redis_client: redis.asyncio.Redis, keys: QueueKeys
+) -> None:
+    """The worker's hash deleted by hand (or evicted): no session may pass it for unlimited;
+    its heartbeat makes it register again, limit and all."""
+    worker = await workers(max_concurrent_sessions=2)  # heartbeats every 3.3 s: the creates come first
+    first = await client.create_session(task_queue)  # one slot left: the worker is in the free set
+    await redis_client.delete(keys.worker("w1"))
+    outcomes = await asyncio.gather(
+        *(client.create_session(task_queue, SessionOptions(creation_timeout=6)).open() for _ in range(3)),
+        return_exceptions=True,
+    )
+    granted = [o for o in outcomes if isinstance(o, sessionq.Session)]
+    assert len(worker.sessions) <= 2, f"{len(worker.sessions)} sessions held with max_concurrent_sessions=2"
+    await wait_for(
+        lambda: redis_client.hexists(keys.worker("w1"), "max_sessions"), message="never registered"
+    )
+    for session in (first, *granted):
+        await session.complete()
+
+
+async def test_d08_a_session_redis_no_longer_knows_is_dropped_by_its_worker(
+    workers: Any, client: Client, task_queue: str, redis_client: redis.asyncio.Redis, keys: QueueKeys
+) -> None:
+    """Redis came back from a snapshot older than the session: the worker must not hold on
+    to it (its slot would be counted twice once Redis grants the slot again)."""
+    worker = await workers(max_concurrent_sessions=1, heartbeat_timeout=1.0)
+    session = await client.create_session(task_queue, SessionOptions(owner_timeout=None))
+    await redis_client.delete(keys.session(session.session_id))  # what the old snapshot lacks
+    await redis_client.srem(keys.worker_sessions("w1"), session.session_id)
+    await redis_client.hset(keys.worker("w1"), "open", 0)
+    await wait_for(lambda: not worker.sessions.open, timeout=15, message="the worker kept the lost session")
+
+
+async def test_s19_a_worker_stopped_before_it_runs_or_failing_to_start_ends_cleanly(
+    redis_url: str, key_prefix: str, task_queue: str
+) -> None:
+    early = Worker(redis_url, task_queue=task_queue, activities=acts.ALL, identity="early", prefix=key_prefix)
+    early.stop()
+    await asyncio.wait_for(early.run(), 5)  # returns at once: the stop came first
+    broken = Worker("redis://127.0.0.1:1/0", task_queue=task_queue, activities=acts.ALL, prefix=key_prefix)
+    with pytest.raises(sessionq.SessionqError):
+        await asyncio.wait_for(broken.run(), 20)
+    await asyncio.wait_for(broken.wait_stopped(), 1)
+
+
+async def test_d09_cancelling_an_activity_leaves_its_session_idle(
+    workers: Any, client: Client, task_queue: str, tmp_path: Path
+) -> None:
+    await workers()
+    session = await client.create_session(task_queue)
+    handle = await session.start_activity(acts.sleep_for, 30, str(tmp_path / "m"))
+    await handle.cancel()
+    assert not session.busy, "the cancelled activity still counts as outstanding"
+    await session.complete()

@@ -10,10 +10,11 @@
 -- ARGV[3] running   activities running now (for inspect)
 -- ARGV[4] done      activities finished since start (for inspect)
 -- ARGV[5] base      the task queue's key prefix
--- Returns 1, or 0 when the worker is no longer registered and must register afresh.
+-- Returns 1, or 0 when the worker is no longer registered (or its registration lost its
+-- fields) and must register afresh.
 -- @include slots
 
-if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 or redis.call('EXISTS', KEYS[2]) == 0 then
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 or redis.call('HEXISTS', KEYS[2], 'max_sessions') == 0 then
   return 0
 end
 local was_alive = redis.call('EXISTS', KEYS[3])

@@ -13,7 +13,7 @@
 -- @include slots
 
 local base, w, hb_ms, cap = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-if redis.call('EXISTS', KEYS[2]) == 1 and redis.call('SISMEMBER', KEYS[1], w) == 1 then
+if redis.call('HEXISTS', KEYS[2], 'max_sessions') == 1 and redis.call('SISMEMBER', KEYS[1], w) == 1 then
   local was_alive = redis.call('EXISTS', KEYS[3])
   redis.call('SET', KEYS[3], '1', 'PX', hb_ms)
   -- Back before anyone reaped it: its free slots are visible again, serve who queued meanwhile.

@@ -19,11 +19,22 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
+-- Whether worker w may take a session now: alive, and its registration whole (a hash
+-- that lost its fields, deleted or evicted, must not pass for "unlimited": it leaves the
+-- free set, and its heartbeat makes the worker register again).
+local function placeable(base, w)
+  if redis.call('EXISTS', base .. 'alive:' .. w) == 0 then return false end
+  if redis.call('HEXISTS', base .. 'worker:' .. w, 'max_sessions') == 0 then
+    redis.call('ZREM', base .. 'free', w)
+    return false
+  end
+  return true
+end
+
 -- The load of worker w if it is alive and has a free slot, else nil.
 local function free_load(base, w)
   local load = redis.call('ZSCORE', base .. 'free', w)
-  if not load then return nil end
-  if redis.call('EXISTS', base .. 'alive:' .. w) == 0 then return nil end
+  if not load or not placeable(base, w) then return nil end
   return tonumber(load)
 end
 
@@ -35,7 +46,7 @@ local function pick_worker(base)
     local candidates = redis.call('ZRANGE', base .. 'free', offset, offset + 63)
     if #candidates == 0 then return nil end
     for _, w in ipairs(candidates) do
-      if redis.call('EXISTS', base .. 'alive:' .. w) == 1 then return w end
+      if placeable(base, w) then return w end
     end
     offset = offset + 64
   end
