@@ -415,7 +415,7 @@ async def scenario_drain(bench: Bench, sync: redis.Redis) -> dict[str, Any]:
         with contextlib.suppress(sessionq.SessionqError):
             await handle.result()
     # The inbox again, unread: the results pile up there, as for a caller that reads them later.
-    sync.eval(script_source("open_inbox"), 1, inbox, 600_000)
+    sync.eval(script_source("open_inbox"), 1, inbox, 600_000, "bench")
     with workers_of(bench, "drain", task_queue=TASK_QUEUE) as workers:
         meter = CpuMeter(sync, workers)
         first, last = await wait_for_drained(sync, client.keys(TASK_QUEUE).tasks, n)

@@ -179,8 +179,7 @@ class Client:
         task.add_done_callback(self._background.discard)
 
     # -- plain activities -------------------------------------------------------------
-    @public("starting an activity")
-    async def start_activity(
+    async def _start_activity(
         self,
         activity: Any,
         *args: Any,
@@ -198,8 +197,9 @@ class Client:
         inbox = self.inbox(queue)
         future = await inbox.expect(activity_id)
         try:
-            entry_id = await self.retrying(
+            entry_id = await retrying(
                 lambda: self.wire.execute(keys.tasks, "XADD", keys.tasks, "*", "d", payload),
+                within=self.unavailable_timeout,
                 what="queueing an activity",
             )
         except BaseException:
@@ -214,6 +214,8 @@ class Client:
             cancel=lambda: self._cancel_plain(keys, activity_id, entry_id),
         )
 
+    start_activity = public("starting an activity")(_start_activity)
+
     @public("running an activity")
     async def execute_activity(
         self,
@@ -224,9 +226,9 @@ class Client:
         **options: Any,
     ) -> Any:
         """Run an activity on any worker of the task queue and return its result."""
-        handle = await self.start_activity(activity, *args, task_queue=task_queue, kwargs=kwargs, **options)
+        handle = await self._start_activity(activity, *args, task_queue=task_queue, kwargs=kwargs, **options)
         try:
-            return await handle.result()
+            return await handle.outcome()
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):  # the cancellation stands, whatever Redis says
                 await asyncio.shield(handle.cancel())

@@ -74,6 +74,10 @@ class ActivityHandle:
     @public("waiting for an activity's result")
     async def result(self) -> Any:
         """The activity's return value; raises the sessionq error for any failure."""
+        return await self.outcome()
+
+    async def outcome(self) -> Any:
+        """result() without the public-API wrapper, for callers that already have one."""
         try:
             if self._deadline is None:
                 message = await self._future

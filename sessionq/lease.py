@@ -62,10 +62,13 @@ class LeaseKeeper:
 
     def own(self, task_queue: str, owner_ms: int) -> None:
         if owner_ms > 0:
+            running = self._task is not None and not self._task.done()
+            before = self._interval()
             self._owned.setdefault(task_queue, Counter())[owner_ms] += 1
             self._used.add(task_queue)
             self._ensure_running()
-            self._changed.set()
+            if running and self._interval() < before:  # the keeper sleeps too long for this one now
+                self._changed.set()
 
     def disown(self, task_queue: str, owner_ms: int) -> None:
         held = self._owned.get(task_queue)

@@ -35,7 +35,7 @@ from .errors import (
     SessionFailedError,
     SessionqError,
 )
-from .faults import describe, is_transient, public
+from .faults import describe, is_transient, public, retrying
 from .handle import ActivityHandle
 from .keys import QueueKeys
 from .liveness import check_interval, reap
@@ -95,8 +95,7 @@ class Session:
                 self.session_id,
             ) from cause
 
-    @public("starting a session activity")
-    async def start_activity(
+    async def _start_activity(
         self,
         activity: Any,
         *args: Any,
@@ -113,10 +112,11 @@ class Session:
         self._pending.add(activity_id)
         stream = self.keys.stream(self.info.worker_id)
         try:
-            sent = await self.client.retrying(
+            sent = await retrying(
                 lambda: self.client.wire.execute(
                     stream, "XADD", stream, "NOMKSTREAM", "*", "t", "a", "d", payload
                 ),
+                within=self.client.unavailable_timeout,
                 what="sending a session activity",
             )
         except BaseException:
@@ -141,6 +141,8 @@ class Session:
             cancel=lambda: self._cancel_activity(activity_id),
         )
 
+    start_activity = public("starting a session activity")(_start_activity)
+
     @public("running a session activity")
     async def execute_activity(
         self,
@@ -150,9 +152,9 @@ class Session:
         **options: Any,
     ) -> Any:
         """Run an activity on the session's worker and return its result."""
-        handle = await self.start_activity(activity, *args, kwargs=kwargs, **options)
+        handle = await self._start_activity(activity, *args, kwargs=kwargs, **options)
         try:
-            return await handle.result()
+            return await handle.outcome()
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):  # the cancellation stands, whatever Redis says
                 await asyncio.shield(handle.cancel())

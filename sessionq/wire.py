@@ -240,43 +240,80 @@ class Multiplexer:
 class BlockingConnection:
     """A connection of its own for one blocking read at a time (XREAD BLOCK, XREADGROUP).
 
-    Its socket timeout is the read's BLOCK time plus a margin: a reply that does not come
-    by then means a frozen path or half-open socket, so the connection is dropped and the
-    next call reconnects (a late reply must not answer the next command)."""
+    Its replies are due within the read's BLOCK time plus a margin (`read_timeout`): one
+    that does not come by then means a frozen path or half-open socket, so the connection
+    is aborted (a late reply must not answer the next command), the read fails with
+    TimeoutError, and the next call reconnects. A watchdog that looks every eighth of it
+    does it: neither a timer per read nor redis-py's socket timeout, which costs a timeout
+    context per reply read."""
 
-    def __init__(self, make_connection: ConnectionFactory) -> None:
+    def __init__(self, make_connection: ConnectionFactory, read_timeout: float) -> None:
         self._make_connection = make_connection
+        self._read_timeout = read_timeout
         self._conn: AbstractConnection | None = None
+        self._reading_since: float | None = None  # loop time the read under way began
+        self._overdue = False
+        self._watchdog: asyncio.TimerHandle | None = None
+
+    def _watch(self) -> None:
+        self._watchdog = None
+        since = self._reading_since
+        if since is None:
+            return  # idle: re-armed by the next read
+        loop = asyncio.get_running_loop()
+        if loop.time() - since > self._read_timeout:
+            self._overdue = True
+            transport = getattr(getattr(self._conn, "_writer", None), "transport", None)
+            if transport is not None:
+                transport.abort()
+            return
+        self._watchdog = loop.call_later(self._read_timeout / 8, self._watch)
 
     async def execute_many(self, commands: Sequence[Command]) -> list[Any]:
         """Send the commands in one write and read every reply; raises the first error reply
-        once all are read. A cancelled or failed read closes the connection."""
+        once all are read. A cancelled, failed or overdue read closes the connection."""
         conn = self._conn
         if conn is None:
             conn = self._conn = self._make_connection()
         if not conn.is_connected:
+            conn.socket_timeout = self._read_timeout  # bounds the handshake (AUTH, SELECT...)
             await conn.connect()
+            conn.socket_timeout = None  # the watchdog bounds the reads
         packed = pack(conn, commands)
         writer = conn._writer  # type: ignore[attr-defined]
-        try:  # straight into the transport (redis-py's send wraps each write in a task to time it)
+        loop = asyncio.get_running_loop()
+        self._reading_since, self._overdue = loop.time(), False
+        if self._watchdog is None:
+            self._watchdog = loop.call_later(self._read_timeout / 8, self._watch)
+        try:
+            # Straight into the transport (redis-py's send wraps each write in a task to time it).
             writer.writelines((packed,) if isinstance(packed, bytes) else packed)
             await writer.drain()
-        except BaseException:
+            replies: list[Any] = []
+            error: rexc.ResponseError | None = None
+            for _ in commands:
+                try:
+                    replies.append(await conn.read_response())
+                except rexc.ResponseError as exc:
+                    error = error or exc
+                    replies.append(exc)
+        except BaseException as exc:
             await conn.disconnect(nowait=True)
+            if self._overdue and isinstance(exc, Exception):
+                raise rexc.TimeoutError(
+                    f"Redis sent no reply within {self._read_timeout:g}s; the connection was dropped"
+                ) from exc
             raise
-        replies: list[Any] = []
-        error: rexc.ResponseError | None = None
-        for _ in commands:
-            try:
-                replies.append(await conn.read_response())
-            except rexc.ResponseError as exc:
-                error = error or exc
-                replies.append(exc)
+        finally:
+            self._reading_since = None
         if error is not None:
             raise error
         return replies
 
     async def aclose(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         if self._conn is not None:
             with contextlib.suppress(Exception):
                 await self._conn.disconnect(nowait=True)
@@ -358,7 +395,7 @@ class Wire:
         return BlockingRead(self, key, block + max(BLOCK_MARGIN, block))
 
     def _new_blocking(self, make_connection: ConnectionFactory, read_timeout: float) -> BlockingConnection:
-        conn = BlockingConnection(_reading_within(make_connection, read_timeout))
+        conn = BlockingConnection(make_connection, read_timeout)
         self._blocking.add(conn)
         return conn
 
@@ -463,17 +500,6 @@ def _node_connection_factory(node: Any) -> ConnectionFactory:
     """New connections to a cluster node, with its client's settings and no hidden retries."""
     kwargs = {**node.connection_kwargs, "retry": Retry(NoBackoff(), 0)}
     return lambda: node.connection_class(**kwargs)
-
-
-def _reading_within(make_connection: ConnectionFactory, read_timeout: float) -> ConnectionFactory:
-    """Connections whose every read (handshake included) gives up after `read_timeout` s."""
-
-    def make() -> AbstractConnection:
-        conn = make_connection()
-        conn.socket_timeout = read_timeout
-        return conn
-
-    return make
 
 
 def _name(args: Command) -> str:
