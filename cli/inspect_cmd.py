@@ -204,8 +204,10 @@ def owner_lease(s: dict[str, Any]) -> str:
 def session_note(s: dict[str, Any]) -> str:
     if s["state"] == "OPEN" and s["worker_alive"] is False:
         return "[bold red]worker is dead[/]: fails when reaped"
-    if s["state"] == "OPEN" and s["owner_timeout_s"] and (
-        s["owner_silent_s"] is None or s["owner_silent_s"] > s["owner_timeout_s"]
+    if (
+        s["state"] == "OPEN"
+        and s["owner_timeout_s"]
+        and (s["owner_silent_s"] is None or s["owner_silent_s"] > s["owner_timeout_s"])
     ):
         return "[bold red]owner gone[/]: fails at its worker's next pass"
     if s["state"] == "WAITING":

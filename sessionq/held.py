@@ -223,6 +223,7 @@ class HeldSessions:
         if not changed:
             return
         w = self.worker
-        await w.scripts.publish_counts(w.keys, {h.info.session_id: h.activities_run for h in changed})
-        for held in changed:
-            held.published_run = held.activities_run
+        sent = {h.info.session_id: h.activities_run for h in changed}
+        await w.scripts.publish_counts(w.keys, sent)
+        for held in changed:  # what was sent: an activity started meanwhile is published next pass
+            held.published_run = sent[held.info.session_id]

@@ -74,9 +74,7 @@ def redact(url: str) -> str:
 def probe_real_redis() -> tuple[bool, str]:
     """(reachable, "Redis <version>" or the reason it is not), checked once per run."""
     try:
-        with redis.Redis.from_url(
-            real_redis_url(), socket_connect_timeout=2, socket_timeout=2
-        ) as client:
+        with redis.Redis.from_url(real_redis_url(), socket_connect_timeout=2, socket_timeout=2) as client:
             client.ping()
             version = client.info("server").get("redis_version", "?")
     except Exception as exc:
@@ -278,9 +276,7 @@ async def redis_client(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
 
 
 @pytest_asyncio.fixture
-async def spawn_worker(
-    redis_url: str, key_prefix: str, task_queue: str
-) -> AsyncIterator[SpawnWorker]:
+async def spawn_worker(redis_url: str, key_prefix: str, task_queue: str) -> AsyncIterator[SpawnWorker]:
     """Factory: ``w = await spawn_worker(identity="w1", max_sessions=1)`` -> WorkerProcess.
 
     Returns once the child printed ``READY <worker_id>``. Depends on ``key_prefix`` so the

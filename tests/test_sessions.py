@@ -925,6 +925,40 @@ async def test_s15_info_names_the_session_its_worker_and_its_state(
         assert info.state is SessionState.COMPLETED
 
 
+async def test_s15_activity_started_while_counts_are_published_is_counted(
+    redis_url: str, key_prefix: str, task_queue: str, client: Client, keys: QueueKeys,
+    redis_client: redis.asyncio.Redis, tmp_path: Path,
+) -> None:  # fmt: skip
+    """The per-session activity count inspect shows is not lost when an activity starts
+    while the worker publishes counts: the next pass publishes it."""
+    publishing, go_on = asyncio.Event(), asyncio.Event()
+    async with (
+        make_worker(redis_url, key_prefix, task_queue, "w1", heartbeat_timeout=1.0) as worker,
+        client.create_session(task_queue) as session,
+    ):
+        assert await session.execute_activity(acts.whoami) == "w1"
+        publish = worker.scripts.publish_counts
+
+        async def held_publish(k: QueueKeys, counts: dict[str, int]) -> None:
+            await publish(k, counts)
+            if not go_on.is_set():  # hold the first publish open until an activity started
+                publishing.set()
+                await go_on.wait()
+
+        worker.scripts.publish_counts = held_publish  # type: ignore[method-assign]
+        await asyncio.wait_for(publishing.wait(), 10)
+        marker = str(tmp_path / "m")
+        long = await session.start_activity(acts.sleep_for, 30, marker)
+        await wait_for(lambda: Path(marker + ".started").exists(), message="activity never started")
+        go_on.set()
+
+        async def counted() -> bool:
+            return await redis_client.hget(keys.session(session.session_id), "activities") == b"2"
+
+        await wait_for(counted, timeout=10, message="the second activity was never counted")
+        await long.cancel()
+
+
 async def test_s15_session_ids_are_unique(
     redis_url: str, key_prefix: str, task_queue: str, client: Client
 ) -> None:
