@@ -2,6 +2,22 @@
 
 Open a session on a task queue and every activity run through it executes on the same
 live worker, until you complete it, its execution timeout passes, or the worker dies.
+
+Reading the code, one path at a time (the wire format: envelope.py; the keys: keys.py):
+
+- A plain activity: `Client.execute_activity` (client.py) encodes a task (envelope.py) and
+  adds it to the task queue's stream; a worker reads it (shared_queue.py), runs it in a
+  slot (runner.py, execution.py), and writes the result to the caller's inbox (outbox.py);
+  the caller's inbox reader (inbox.py) settles its `ActivityHandle` (handle.py).
+- A session: `Client.create_session` (session.py, `SessionOpener`) runs the
+  create_session script (scripts.py, lua/), which places it on a worker with a free slot
+  or queues a ticket in the waiting line; the worker learns of it on its own stream
+  (own_stream.py) and holds it (held.py); `Session.execute_activity` sends to that
+  stream, and the result comes back as above. `complete()`, the execution timeout, the
+  owner's silence or the worker's death (liveness.py, housekeeping.py) end it with the
+  end_session or reap_worker script, which hands the slot to the next waiter.
+- Faults: every error is classified once (faults.py); worker.py's module docstring maps
+  the worker's parts.
 """
 
 from .activity import ActivityInfo, activity, activity_info, get_session_info, heartbeat, is_cancelled

@@ -91,7 +91,6 @@ class _RunningActivity:
     info: ActivityInfo
     cancelled: threading.Event = field(default_factory=threading.Event)
     last_heartbeat: float = field(default_factory=time.monotonic)
-    heartbeat_details: Any = None
     task: asyncio.Task[Any] | None = None
     cancel_reason: str = ""
 
@@ -115,11 +114,11 @@ def heartbeat(details: Any = None) -> None:
     """Tell the worker this activity is alive (needed when it has a heartbeat_timeout).
 
     In a plain-def activity that was cancelled, raises ActivityCancelledError so the
-    code stops at its next heartbeat.
+    code stops at its next heartbeat. `details` is accepted for parity with Temporal's
+    heartbeat and not recorded: a retried attempt starts from its arguments.
     """
     running = _running("heartbeat")
     running.last_heartbeat = time.monotonic()
-    running.heartbeat_details = details
     if running.cancelled.is_set() and running.task is None:
         raise ActivityCancelledError(running.cancel_reason or "activity was cancelled")
 

@@ -241,11 +241,15 @@ class Client:
 
         async def broadcast() -> None:
             await self.wire.execute(keys.tasks, "XDEL", keys.tasks, entry_id)
-            workers = await self.redis.smembers(keys.workers)
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for w in workers:
-                    pipe.xadd(keys.stream(w.decode()), {"t": "x", "i": activity_id}, nomkstream=True)
-                await pipe.execute()
+            workers = await self.wire.execute(keys.tasks, "SMEMBERS", keys.workers)
+            if workers:
+                await self.wire.execute_many(
+                    keys.tasks,
+                    [
+                        ("XADD", keys.stream(w.decode()), "NOMKSTREAM", "*", "t", "x", "i", activity_id)
+                        for w in workers
+                    ],
+                )
 
         await self.retrying(broadcast, what="cancelling an activity")
 

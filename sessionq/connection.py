@@ -442,13 +442,3 @@ def _make_cluster(
     except (TypeError, ValueError, rexc.RedisClusterException) as exc:
         raise ConfigurationError("redis", f"cannot make a Redis Cluster client for {what}: {exc}") from exc
     return client
-
-
-async def server_time_ms(client: Any, key: str) -> float:
-    """Redis' clock in ms, read on the node that holds `key` (the one its scripts run on)."""
-    if is_cluster(client):
-        await client.initialize()  # learns the slot map (a no-op once known)
-        seconds, micros = await client.time(target_nodes=client.get_node_from_key(key))
-    else:
-        seconds, micros = await client.time()
-    return seconds * 1000 + micros / 1000

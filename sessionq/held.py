@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from .execution import Execution
 from .faults import describe
+from .replies import time_ms
 from .session_info import SessionInfo, SessionState
 
 if TYPE_CHECKING:
@@ -155,8 +156,7 @@ class HeldSessions:
         clients = sorted({h.owner_client for h in owned})
         leases = [w.keys.lease(client) for client in clients]
         replies = await w.wire.execute_many(leases[0], [("TIME",), *(("GET", key) for key in leases)])
-        seconds, micros = replies[0]
-        now_ms = int(seconds) * 1000 + int(micros) // 1000
+        now_ms = time_ms(replies[0])
         renewed = dict(zip(clients, replies[1:], strict=True))
         for held in owned:
             last = renewed.get(held.owner_client)
@@ -182,7 +182,7 @@ class HeldSessions:
         reached the worker yet, so only older ones count."""
         w = self.worker
         k = w.keys
-        members = await w.redis.smembers(k.worker_sessions(w.worker_id))
+        members = await w.wire.execute(k.tasks, "SMEMBERS", k.worker_sessions(w.worker_id))
         strays = [sid for sid in (m.decode() for m in members) if sid not in self.open]
         await self._forget_unknown()
         if not strays:
@@ -190,8 +190,7 @@ class HeldSessions:
         commands: list[tuple[object, ...]] = [("TIME",)]
         commands += [("HMGET", k.session(sid), "state", "created") for sid in strays]
         replies = await w.wire.execute_many(k.session(strays[0]), commands)
-        seconds, micros = replies[0]
-        now_ms = int(seconds) * 1000 + int(micros) // 1000
+        now_ms = time_ms(replies[0])
         for sid, (state, created) in zip(strays, replies[1:], strict=True):
             if (
                 state == b"OPEN"

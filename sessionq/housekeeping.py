@@ -20,8 +20,9 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from .connection import server_time_ms
 from .keys import CONSUMER_GROUP
+from .registration import server_time_ms
+from .replies import field_map
 
 if TYPE_CHECKING:
     from .worker import Worker
@@ -37,7 +38,7 @@ class Housekeeping:
     async def step(self) -> None:
         w = self.worker
         await self.trim_own_stream()
-        w.clock_offset_ms = await server_time_ms(w.redis, w.keys.tasks) - time.time() * 1000
+        w.clock_offset_ms = await server_time_ms(w) - time.time() * 1000
         await w.sessions.publish_counts()
         if await w.scripts.sweep(w.keys, w.retention_ms):
             log.info("worker %s: expired session(s) past their execution timeout", w.worker_id)
@@ -52,7 +53,7 @@ class Housekeeping:
             except Exception:
                 # A claim whose reply was lost moved entries into our pending list unseen:
                 # walk it again (the next poll does).
-                w.recover_pending()
+                w.shared_queue.recover_pending()
                 raise
         if w.burst and await self.drained():
             log.info("worker %s: burst mode and nothing left to do; stopping", w.worker_id)
@@ -64,10 +65,12 @@ class Housekeeping:
     async def trim_own_stream(self) -> None:
         """Trim what was read, the last entry included, so what remains is queued (inspect counts it)."""
         w = self.worker
-        if w.last_own_id != b"0-0":
-            ms, _, seq = w.last_own_id.partition(b"-")
+        last = w.own_stream.last_id
+        if last != b"0-0":
+            ms, _, seq = last.partition(b"-")
             read_up_to = ms + b"-" + str(int(seq) + 1).encode()
-            await w.redis.xtrim(w.keys.stream(w.worker_id), minid=read_up_to, approximate=False)
+            own = w.own_stream.key
+            await w.wire.execute(own, "XTRIM", own, "MINID", read_up_to)
 
     async def reap_dead_workers(self) -> None:
         """Declare dead every registered worker whose heartbeat key is gone. Not while this
@@ -78,13 +81,11 @@ class Housekeeping:
         if w.heartbeat is not None and time.monotonic() - w.heartbeat.failed_at < w.heartbeat_timeout:
             return
         k = w.keys
-        members = [m.decode() for m in await w.redis.smembers(k.workers) if m.decode() != w.worker_id]
+        members = [m.decode() for m in await w.wire.execute(k.tasks, "SMEMBERS", k.workers)]
+        members = [m for m in members if m != w.worker_id]
         if not members:
             return
-        async with w.redis.pipeline(transaction=False) as pipe:
-            for other in members:
-                pipe.exists(k.alive(other))
-            alive = await pipe.execute()
+        alive = await w.wire.execute_many(k.tasks, [("EXISTS", k.alive(other)) for other in members])
         for other, is_alive in zip(members, alive, strict=True):
             if is_alive:
                 continue
@@ -99,15 +100,18 @@ class Housekeeping:
         """Take over plain activities that dead workers had read but not finished, and drop
         the consumers of dead workers once nothing of theirs is pending."""
         w = self.worker
-        consumers = await w.redis.xinfo_consumers(w.keys.tasks, CONSUMER_GROUP)  # NOGROUP: re-created
-        for consumer in consumers:
-            name = consumer["name"].decode()
+        tasks = w.keys.tasks
+        consumers = await w.wire.execute(
+            tasks, "XINFO", "CONSUMERS", tasks, CONSUMER_GROUP
+        )  # NOGROUP: re-created
+        for consumer in map(field_map, consumers):
+            name = consumer[b"name"].decode()
             if name == w.worker_id:
                 continue
-            if consumer.get("pending"):
+            if consumer.get(b"pending"):
                 count = w.runner.free
             else:  # nothing to take over; drop it if it is long silent (the script checks it is dead)
-                count = 1 if consumer.get("idle", 0) > 2000 * w.heartbeat_timeout else 0
+                count = 1 if consumer.get(b"idle", 0) > 2000 * w.heartbeat_timeout else 0
             if count <= 0:
                 continue
             claimed = await w.scripts.claim_orphans(w.keys, name, w.worker_id, count)
@@ -116,22 +120,21 @@ class Housekeeping:
                     "worker %s: took over %d activity(ies) of dead worker %s", w.worker_id, len(claimed), name
                 )
             for entry_id, deliveries, flat in claimed:
-                fields = dict(zip(flat[::2], flat[1::2], strict=True))
-                w.start_plain(entry_id, fields, delivery_count=int(deliveries) + 1)
+                w.shared_queue.start(entry_id, field_map(flat), delivery_count=int(deliveries) + 1)
 
     async def drained(self) -> bool:
         w = self.worker
         if w.runner.in_use or len(w.sessions) or not w.outbox.empty:
             return False
-        groups = await w.redis.xinfo_groups(w.keys.tasks)
-        for group in groups:
-            if group["name"] == CONSUMER_GROUP.encode():
-                if group.get("pending"):
+        tasks = w.keys.tasks
+        for group in map(field_map, await w.wire.execute(tasks, "XINFO", "GROUPS", tasks)):
+            if group[b"name"] == CONSUMER_GROUP.encode():
+                if group.get(b"pending"):
                     return False
                 # Anything after the last entry delivered is still queued ("lag" is unknown on
                 # Redis 6.2, and on 7 once an entry in the middle was deleted).
-                last = group.get("last-delivered-id") or b"0-0"
-                return not await w.redis.xrange(w.keys.tasks, min=b"(" + last, count=1)
+                last = group.get(b"last-delivered-id") or b"0-0"
+                return not await w.wire.execute(tasks, "XRANGE", tasks, b"(" + last, "+", "COUNT", 1)
         return True
 
     def any_heartbeat_timeouts(self) -> bool:

@@ -39,6 +39,7 @@ from .codec import Codec
 from .envelope import Grant, Refusal, RemoteError, Result, decode_result
 from .errors import RedisDataLostError, SessionqError
 from .faults import describe, retrying, unavailable
+from .replies import raw_stream_entries
 from .scripts import Scripts
 from .wire import Wire
 
@@ -194,7 +195,7 @@ class Inbox:
         if not reply:  # a quiet spell: renew the TTL, and find out whether the inbox still exists
             await self._open()
             return []
-        return reply[0][1]  # type: ignore[no-any-return]
+        return raw_stream_entries(reply)
 
     def _dispatch(self, entry_id: bytes, flat: list[Any]) -> None:
         try:

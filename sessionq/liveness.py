@@ -82,18 +82,19 @@ class LivenessMonitor:
                 by_worker.setdefault((session.keys, session.info.worker_id), []).append(session)
         if not by_worker:
             return
+
         # The session's own state too: a worker killed and restarted under the same identity
         # within one check has a live heartbeat again, but its start-up failed our session.
-        async with self.client.redis.pipeline(transaction=False) as pipe:
-            for keys, worker_id in by_worker:
-                pipe.exists(keys.alive(worker_id))
-            for (keys, _), sessions in by_worker.items():
-                for session in sessions:
-                    pipe.hget(keys.session(session.session_id), "state")
-            replies = await pipe.execute()
-        alive, states = replies[: len(by_worker)], iter(replies[len(by_worker) :])
-        for ((_, _), sessions), is_alive in zip(by_worker.items(), alive, strict=True):
-            for session in sessions:
-                state = next(states)
-                if not is_alive or state != b"OPEN" or session.past_deadline:
+        async def check_worker(keys: QueueKeys, worker_id: str, sessions: list[Session]) -> None:
+            alive, *states = await self.client.wire.execute_many(
+                keys.tasks,
+                [
+                    ("EXISTS", keys.alive(worker_id)),
+                    *(("HGET", keys.session(s.session_id), "state") for s in sessions),
+                ],
+            )
+            for session, state in zip(sessions, states, strict=True):
+                if not alive or state != b"OPEN" or session.past_deadline:
                     await session.refresh()
+
+        await asyncio.gather(*(check_worker(k, w, s) for (k, w), s in by_worker.items()))

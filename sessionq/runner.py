@@ -129,7 +129,7 @@ class ActivityRunner:
             if held is None:
                 if ack is not None and not w.stopping:  # not a stop: make sure it is found again
                     self._seen.pop(task.activity_id, None)  # and that the copy found then runs
-                    w.lost_track_of(ack)
+                    w.shared_queue.lost_track_of(ack)
                 return  # the worker stops: left pending, a live worker takes it over (at-least-once)
             message = encode_error(
                 w.codec,

@@ -247,13 +247,15 @@ class Session:
     async def refresh(self) -> None:
         """Look at Redis: is the session still open, its worker alive, its deadline ahead?"""
         k, w = self.keys, self.info.worker_id
-        async with self.client.redis.pipeline(transaction=False) as pipe:
-            pipe.hmget(k.session(self.session_id), "state", "reason")
-            pipe.exists(k.alive(w))
-            (state, reason), alive = await pipe.execute()
+        wire = self.client.wire
+        (state, reason), alive = await wire.execute_many(
+            k.tasks, [("HMGET", k.session(self.session_id), "state", "reason"), ("EXISTS", k.alive(w))]
+        )
         if state == b"OPEN" and not alive:
             await reap(self.client, k, w, self.hb_ms)
-            state, reason = await self.client.redis.hmget(k.session(self.session_id), "state", "reason")
+            state, reason = await wire.execute(
+                k.tasks, "HMGET", k.session(self.session_id), "state", "reason"
+            )
             if state == b"OPEN":  # reaped by someone else meanwhile, or its heartbeat came back
                 return
         if state is None:
@@ -446,7 +448,7 @@ class SessionOpener:
 
     async def _target_dead(self, worker_id: str) -> bool:
         try:
-            if await self.client.redis.exists(self.keys.alive(worker_id)):
+            if await self.client.wire.execute(self.keys.tasks, "EXISTS", self.keys.alive(worker_id)):
                 return False
             await reap(self.client, self.keys, worker_id, 0)
         except Exception as exc:
@@ -501,11 +503,15 @@ class SessionOpener:
                 f"{timeout:g}s; complete sessions on it sooner, or raise creation_timeout"
             )
         try:
-            members = await self.client.redis.smembers(k.workers)
-            async with self.client.redis.pipeline(transaction=False) as pipe:
-                for w in members:
-                    pipe.hget(k.worker(w.decode()), "max_sessions")
-                caps = await pipe.execute()
+            wire = self.client.wire
+            members = await wire.execute(k.tasks, "SMEMBERS", k.workers)
+            caps = (
+                await wire.execute_many(
+                    k.tasks, [("HGET", k.worker(w.decode()), "max_sessions") for w in members]
+                )
+                if members
+                else []
+            )
         except Exception as exc:
             raise SessionCreationTimeoutError(
                 f"no session slot on task queue {self.task_queue!r} within creation_timeout={timeout:g}s "

@@ -485,17 +485,6 @@ def pack(conn: AbstractConnection, commands: Sequence[Command]) -> bytes | list[
     return conn.pack_command(*commands[0]) if len(commands) == 1 else conn.pack_commands(commands)
 
 
-def stream_entries(reply: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
-    """The entries of a raw one-stream XREAD/XREADGROUP reply, fields as a dict ({} for an
-    entry deleted after it was delivered)."""
-    if not reply:
-        return []
-    return [
-        (entry_id, dict(zip(flat[::2], flat[1::2], strict=True)) if flat else {})
-        for entry_id, flat in reply[0][1]
-    ]
-
-
 def _node_connection_factory(node: Any) -> ConnectionFactory:
     """New connections to a cluster node, with its client's settings and no hidden retries."""
     kwargs = {**node.connection_kwargs, "retry": Retry(NoBackoff(), 0)}

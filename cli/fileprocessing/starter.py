@@ -24,8 +24,6 @@ import sessionq
 from . import TASK_QUEUE
 from .activities import download_file, process_file, upload_file
 
-STEPS = ("download", "process", "upload")
-
 EventSink = Callable[["Event"], None]
 
 

@@ -1,0 +1,153 @@
+"""A worker's place in Redis: its registration, the task stream's consumer group, and
+making both again when Redis lost them.
+
+At start a worker refuses an identity a live worker holds, fails whatever an earlier
+process of its identity left open, makes the consumer group and registers (the
+register_worker script: its record, its heartbeat, its free slots). Redis can lose that
+state later (a restart without its data, a failover, keys deleted by hand, a partition
+long enough to be declared dead): the heartbeat or a loop notices, and `reestablish`
+makes it again, once for all the loops that noticed. Sessions the worker held before it
+was declared dead have failed in Redis, so they end here too; sessions granted while
+the registration runs are new and stay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import TYPE_CHECKING
+
+from redis.exceptions import ResponseError
+
+from .errors import ConfigurationError
+from .faults import describe, is_transient
+from .keys import CONSUMER_GROUP, queues_index
+from .replies import time_ms
+
+if TYPE_CHECKING:
+    from .worker import Worker
+
+log = logging.getLogger("sessionq")
+
+
+async def server_time_ms(worker: Worker) -> float:
+    """Redis' clock in ms, read on the node that holds the queue's keys (where its scripts run)."""
+    return time_ms(await worker.wire.execute(worker.keys.tasks, "TIME"))
+
+
+class Registration:
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self._reestablishing: asyncio.Future[None] | None = None
+
+    async def start(self) -> None:
+        """Register a starting worker (retried by the caller while Redis is unreachable)."""
+        w = self.worker
+        k = w.keys
+        try:
+            now_ms = await server_time_ms(w)
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            raise ConnectionError(
+                f"worker {w.worker_id} cannot reach Redis ({exc}); check that Redis runs and "
+                "the URL is right (--redis-url / SESSIONQ_REDIS_URL)"
+            ) from exc
+        w.clock_offset_ms = now_ms - time.time() * 1000
+        alive, pid = await w.wire.execute_many(
+            k.tasks, [("EXISTS", k.alive(w.worker_id)), ("HGET", k.worker(w.worker_id), "pid")]
+        )
+        if alive and pid is not None and int(pid) != os.getpid():
+            raise ConfigurationError(
+                "identity",
+                f"another live worker already uses identity {w.worker_id!r} on task queue "
+                f"{w.task_queue!r}; give each worker process its own identity (if that "
+                f"worker just crashed, its heartbeat expires within its heartbeat_timeout)",
+            )
+        # A registration left by an earlier process with this identity holds sessions this
+        # process knows nothing of: fail them and start clean.
+        await self.deregister(f"worker {w.worker_id} restarted")
+        await self.ensure_group()
+        await self.register()
+        await w.wire.execute(queues_index(w.prefix), "SADD", queues_index(w.prefix), w.task_queue)
+
+    async def deregister(self, reason: str) -> None:
+        """Remove this worker's registration and stream; any session still open fails."""
+        w = self.worker
+        await w.scripts.reap_worker(w.keys, w.worker_id, reason, force=True, retention_ms=w.retention_ms)
+
+    async def ensure_group(self) -> None:
+        tasks = self.worker.keys.tasks
+        try:
+            await self.worker.wire.execute(tasks, "XGROUP", "CREATE", tasks, CONSUMER_GROUP, "0", "MKSTREAM")
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def register(self) -> None:
+        w = self.worker
+        cap = (w.max_concurrent_sessions or 0) if w.enable_sessions else -1
+        if w.stopping:
+            cap = -1  # no new sessions for a worker on its way out
+        fields = [
+            "host", w.hostname, "pid", os.getpid(), "identity", w.worker_id,
+            "concurrency", w.max_concurrent_activities, "activities", ",".join(sorted(w.registry)),
+            "running", w.runner.in_use, "done", w.runner.done,
+        ]  # fmt: skip
+        held = list(w.sessions.open)  # sessions granted while the script runs are new: keep them
+        outcome = await w.scripts.register_worker(
+            w.keys, w.worker_id, hb_ms=int(w.heartbeat_timeout * 1000), max_sessions=cap, fields=fields
+        )
+        if outcome == "FRESH":
+            w.own_stream.restart()
+            lost = [sid for sid in held if sid in w.sessions.open]
+            if lost:
+                log.warning(
+                    "worker %s was declared dead while cut off from Redis; its %d session(s) failed",
+                    w.worker_id,
+                    len(lost),
+                )
+                for sid in lost:
+                    w.sessions.end(sid, "failed", "the worker was declared dead (heartbeat expired)")
+
+    async def lost(self) -> None:
+        """The heartbeat found the registration gone (declared dead, or Redis lost its data)."""
+        w = self.worker
+        if w.stopping:
+            return
+        log.warning(
+            "worker %s: registration lost (declared dead or Redis restarted); registering again", w.worker_id
+        )
+        try:
+            await self.reestablish()
+        except Exception as exc:  # the next heartbeat tries again
+            log.warning("worker %s: could not register again yet (%s)", w.worker_id, describe(exc))
+
+    async def reestablish(self) -> None:
+        """Redis lost our state (a restart without its data, a failover, keys deleted by
+        hand): make the task stream's consumer group and our registration again. Several
+        loops may notice at once; they share one attempt."""
+        if self._reestablishing is None or self._reestablishing.done():
+            self._reestablishing = asyncio.ensure_future(self._reestablish_once())
+        await asyncio.shield(self._reestablishing)
+
+    async def _reestablish_once(self) -> None:
+        w = self.worker
+        log.warning(
+            "worker %s: its state in Redis is gone; making its consumer group and registration again",
+            w.worker_id,
+        )
+        await self.ensure_group()
+        await self.register()
+        w.shared_queue.recover_pending()
+
+    async def drop_consumer(self) -> None:
+        """Leave the consumer group, unless entries of ours are pending (another worker takes
+        them over, and drops the consumer after)."""
+        w = self.worker
+        tasks = w.keys.tasks
+        pending = await w.wire.execute(tasks, "XPENDING", tasks, CONSUMER_GROUP, "-", "+", 1, w.worker_id)
+        if not pending:
+            await w.wire.execute(tasks, "XGROUP", "DELCONSUMER", tasks, CONSUMER_GROUP, w.worker_id)
