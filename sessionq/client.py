@@ -10,7 +10,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .activity import name_of
 from .codec import Codec, default_codec
@@ -26,10 +26,9 @@ from .lease import LeaseKeeper
 from .liveness import LivenessMonitor
 from .options import ActivityOptions, SessionOptions
 from .scripts import Scripts
+from .session import Session, SessionOpener
+from .session_info import decode_token
 from .wire import Wire
-
-if TYPE_CHECKING:
-    from .session import Session, SessionOpener
 
 log = logging.getLogger("sessionq")
 
@@ -256,15 +255,10 @@ class Client:
     # -- sessions -----------------------------------------------------------------------
     def create_session(self, task_queue: str, options: SessionOptions | None = None) -> SessionOpener:
         """Reserve a slot on one worker of `task_queue`; use with `await` or `async with`."""
-        from .session import SessionOpener
-
         return SessionOpener(self, task_queue, options or SessionOptions(), token=None)
 
     def recreate_session(self, token: bytes, options: SessionOptions | None = None) -> SessionOpener:
         """Open a new session on the same worker as the session that gave `token`."""
-        from .session import SessionOpener
-        from .session_info import decode_token
-
         parsed = decode_token(token)
         if parsed.prefix != self.prefix:
             raise ConfigurationError(

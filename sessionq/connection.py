@@ -8,21 +8,20 @@ Two deployments are supported, with the same code above this module:
   ``{queue}`` (see keys.py), so a task queue lives in one slot, its Lua scripts run on one
   node, and different task queues spread over the masters.
 
-Connections: redis-py lets a client hold at most ``max_connections`` connections (100 by
-default; per node on a cluster) and, beyond that, fails a command at once. sessionq holds few
-of them for long: a Client multiplexes every result and session-grant wait on one task queue
-onto one blocking pop (inbox.py), and a Worker blocks on two reads (its task queue and its
-own stream), so a client holds one blocked connection per task queue it waits on, whatever
-the number of waiting calls. Other commands beyond the limit queue, first come first served,
-for up to ``pool_timeout`` seconds (default 10), then raise ConnectionPoolExhaustedError,
-which says how to raise the limit: ``?max_connections=N&pool_timeout=S`` in the URL, or
-max_connections on the redis-py client you pass. (On a cluster the queue counts commands in
-flight per client, all nodes together, so no node's pool can run dry.)
+Connections: sessionq sends every command through wire.py's connections (one shared
+connection per server for short commands, one per blocking read), made from the client's
+settings but outside its pool. The pool made here bounds only what the user's own code sends
+through the redis-py client: at most ``max_connections`` (100 by default; per node on a
+cluster); commands beyond that queue, first come first served, for up to ``pool_timeout``
+seconds (default 10), then raise ConnectionPoolExhaustedError, which says how to raise the
+limit: ``?max_connections=N&pool_timeout=S`` in the URL, or max_connections on the redis-py
+client you pass. (On a cluster the queue counts commands in flight per client, all nodes
+together, so no node's pool can run dry.)
 
 Cluster specifics handled here: the slot map is loaded before the first command (redis-py
 would otherwise route the first concurrent commands at random, and the MOVED replies make it
 drop every connection); the keys of XREAD/XREADGROUP/BLMPOP are read locally instead of with
-COMMAND GETKEYS; TIME is read on the queue's node. Which failures are retried: faults.py.
+COMMAND GETKEYS. Which failures are retried: faults.py.
 """
 
 from __future__ import annotations

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .errors import ConfigurationError
+
 DEFAULT_PREFIX = "sq"
 CONSUMER_GROUP = "workers"
 
 
 def validate_name(kind: str, value: str) -> str:
     """Reject names that would break the key layout (braces, colons, blanks)."""
-    from .errors import ConfigurationError
-
     if not isinstance(value, str) or not value:
         raise ConfigurationError(kind, f"must be a non-empty string, got {value!r}")
     bad = set(value) & set("{}: \t\r\n")

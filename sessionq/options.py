@@ -8,6 +8,7 @@ from typing import Any
 
 from .durations import Duration, seconds
 from .errors import ConfigurationError
+from .keys import validate_name
 
 
 @dataclass(frozen=True)
@@ -100,8 +101,6 @@ class ActivityOptions:
         if self.retry_policy is not None and not isinstance(self.retry_policy, RetryPolicy):
             raise ConfigurationError("retry_policy", "must be a sessionq.RetryPolicy")
         if self.task_queue is not None:
-            from .keys import validate_name
-
             validate_name("task_queue", self.task_queue)
 
     def merged(self, **overrides: Any) -> ActivityOptions:
