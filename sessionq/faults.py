@@ -104,6 +104,29 @@ def is_transient(exc: BaseException) -> bool:
     return kind_of(exc) is Kind.TRANSIENT
 
 
+_FAILOVER_CODES = frozenset({"READONLY", "MASTERDOWN", "CLUSTERDOWN"})
+
+
+def suggests_failover(exc: BaseException) -> bool:
+    """Whether a failure could mean that another server now holds the data: the server was
+    unreachable or silent, or it answered that it is a replica (READONLY), that its master
+    is down (MASTERDOWN) or that the cluster is down (CLUSTERDOWN)."""
+    return (
+        isinstance(
+            exc,
+            rexc.ConnectionError
+            | rexc.TimeoutError
+            | rexc.ReadOnlyError
+            | rexc.ClusterDownError
+            | rexc.SlotNotCoveredError
+            | ConnectionError
+            | TimeoutError
+            | asyncio.TimeoutError,
+        )
+        or error_code(exc) in _FAILOVER_CODES
+    )
+
+
 def describe(exc: BaseException) -> str:
     """A short, human description of a Redis failure, with what to check."""
     code = error_code(exc)

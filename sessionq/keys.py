@@ -4,7 +4,10 @@ All keys of one task queue share the hash tag ``{<queue>}``, so a task queue liv
 one Redis Cluster slot and a Lua script may touch all of its keys; different task
 queues spread over the cluster. Scripts that must reach a per-worker or per-session
 key they cannot know in advance receive the queue's ``base`` (which carries the hash
-tag) and append the same suffixes defined here, so those keys stay in the slot.
+tag) and append the same suffixes defined here, so those keys stay in the slot. Those
+scripts also declare `guard`, a key that never exists: while the slot is being migrated
+Redis then refuses to start them (TRYAGAIN), so none can fail halfway on a key that has
+already moved.
 """
 
 from __future__ import annotations
@@ -45,6 +48,15 @@ class QueueKeys:
     def tasks(self) -> str:
         """Stream: the shared queue of plain activities (consumer group ``workers``)."""
         return self.base + "tasks"
+
+    @property
+    def guard(self) -> str:
+        """Never written. Every script that builds keys from `base` declares it among its
+        KEYS: while the queue's slot is being migrated (resharding) a declared key that does
+        not exist makes Redis refuse to start the script (ASK, then TRYAGAIN, which callers
+        retry), so a script never fails halfway on a key that already moved, with some of
+        its writes done."""
+        return self.base + "guard"
 
     @property
     def dead(self) -> str:

@@ -114,7 +114,7 @@ class Scripts:
     ) -> Claim:
         reply = await self.run(
             "create_session",
-            [k.free, k.waiters, k.tickets, k.deadlines, k.session(session_id), k.lease(client_id)],
+            [k.free, k.waiters, k.tickets, k.deadlines, k.session(session_id), k.lease(client_id), k.guard],
             [k.base, session_id, client_id, exec_ms, wait_ms, target, owner, owner_ms, lease_ms],
         )
         status = reply[0].decode()
@@ -125,7 +125,9 @@ class Scripts:
     async def cancel_wait(self, k: QueueKeys, session_id: str) -> str:
         """Leave the line: "LEFT", "GRANTED" (the session exists) or "GONE"."""
         reply = await self.run(
-            "cancel_wait", [k.waiters, k.tickets, k.deadlines, k.session(session_id)], [k.base, session_id]
+            "cancel_wait",
+            [k.waiters, k.tickets, k.deadlines, k.session(session_id), k.guard],
+            [k.base, session_id],
         )
         return reply.decode()  # type: ignore[no-any-return]
 
@@ -135,7 +137,7 @@ class Scripts:
         """mode: "complete", "fail", "expire" (if due) or "owner" (if the owner's lease lapsed)."""
         state, text, ms_left = await self.run(
             "end_session",
-            [k.session(session_id), k.free, k.waiters, k.tickets, k.deadlines],
+            [k.session(session_id), k.free, k.waiters, k.tickets, k.deadlines, k.guard],
             [k.base, session_id, mode, reason, retention_ms],
         )
         return Ended(state.decode(), text.decode(errors="replace"), int(ms_left))
@@ -144,7 +146,7 @@ class Scripts:
         """Fail sessions past their deadline and drop expired tickets; returns sessions failed."""
         return int(
             await self.run(
-                "sweep", [k.deadlines, k.free, k.waiters, k.tickets], [k.base, retention_ms, limit]
+                "sweep", [k.deadlines, k.free, k.waiters, k.tickets, k.guard], [k.base, retention_ms, limit]
             )
         )
 
@@ -175,7 +177,7 @@ class Scripts:
         """Register (again); "FRESH" when anew (earlier sessions are gone), else "KNOWN"."""
         reply = await self.run(
             "register_worker",
-            [k.workers, k.worker(worker_id), k.alive(worker_id), k.stream(worker_id)],
+            [k.workers, k.worker(worker_id), k.alive(worker_id), k.stream(worker_id), k.guard],
             [k.base, worker_id, hb_ms, max_sessions, *fields],
         )
         return reply.decode()  # type: ignore[no-any-return]
@@ -186,7 +188,7 @@ class Scripts:
         """Renew the heartbeat; False when the worker is no longer registered."""
         reply = await self.run(
             "heartbeat",
-            [k.workers, k.worker(worker_id), k.alive(worker_id), k.waiters],
+            [k.workers, k.worker(worker_id), k.alive(worker_id), k.waiters, k.guard],
             [worker_id, hb_ms, running, done, k.base],
             timeout=timeout,
         )
@@ -208,6 +210,7 @@ class Scripts:
                     k.worker_tickets(worker_id),
                     k.tickets,
                     k.deadlines,
+                    k.guard,
                 ],
                 [k.base, worker_id, reason, "1" if force else "0", retention_ms],
             )

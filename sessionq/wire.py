@@ -44,6 +44,7 @@ from redis.backoff import NoBackoff
 
 from .connection import DEFAULT_COMMAND_TIMEOUT, is_cluster
 from .errors import SessionqError
+from .faults import suggests_failover
 
 try:  # hiredis' C command packer: byte for byte what redis-py's Python one writes, ~6x faster
     from hiredis import pack_command as _hiredis_pack
@@ -54,6 +55,8 @@ OVERDUE_GRACE = 0.05
 """After finding a reply overdue, how long the watchdog lets the reader catch up first."""
 BLOCK_MARGIN = 2.0
 """Seconds a blocking read may overrun its BLOCK time before its connection counts as dead."""
+RELEARN_INTERVAL = 0.25
+"""Least seconds between two relearnings of a cluster's slot map after failures."""
 
 Command = Sequence[Any]
 ConnectionFactory = Callable[[], AbstractConnection]
@@ -335,6 +338,8 @@ class Wire:
         self._single: Multiplexer | None = (
             None if self.cluster else Multiplexer(redis.connection_pool.make_connection, self.timeout)
         )
+        self._slots_known = False
+        self._relearnt_at = -RELEARN_INTERVAL
 
     async def execute(self, key: Any, *args: Any, timeout: float | None = None) -> Any:
         """Run a command on the server that holds `key`; returns the raw reply. `timeout`
@@ -345,6 +350,23 @@ class Wire:
             return await (await self._mux_for(key)).execute(*args, timeout=timeout)
         except rexc.AskError as exc:  # MOVED or ASK (a MovedError is an AskError)
             return await self._redirected(key, exc, args)
+        except Exception as exc:
+            await self.after_failure(exc)
+            raise
+
+    async def after_failure(self, exc: BaseException) -> None:
+        """A cluster command failed the way a failover would make it fail (its master
+        unreachable or silent, demoted to a replica, or its cluster down): learn the slot
+        map again, at most every RELEARN_INTERVAL seconds, so that the caller's retry goes
+        to whichever master holds the slot now. Raises nothing: the caller raises `exc`."""
+        if not self.cluster or not suggests_failover(exc):
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._relearnt_at < RELEARN_INTERVAL:
+            return
+        self._relearnt_at = loop.time()
+        with contextlib.suppress(Exception):  # no node answers yet: the next failure tries again
+            await asyncio.wait_for(self.relearn_slots(), self.timeout)
 
     async def execute_many(
         self, key: Any, commands: Sequence[Command], *, return_exceptions: bool = False
@@ -354,15 +376,24 @@ class Wire:
         Raises the first error reply, after every command has been answered (or, with
         `return_exceptions`, returns each command's error in its place). On a cluster a
         command redirected elsewhere (MOVED, ASK) runs again where the reply points."""
-        mux = self._single if self._single is not None else await self._mux_for(key)
-        futures = await mux.send(commands)
-        replies = await asyncio.gather(*futures, return_exceptions=True)
-        for index, reply in enumerate(replies):
-            if isinstance(reply, rexc.AskError) and self.cluster:
-                try:
-                    replies[index] = await self._redirected(key, reply, commands[index])
-                except Exception as exc:
-                    replies[index] = exc
+        if self._single is not None:
+            replies = await asyncio.gather(*await self._single.send(commands), return_exceptions=True)
+        else:
+            try:
+                futures = await (await self._mux_for(key)).send(commands)
+            except Exception as exc:
+                await self.after_failure(exc)
+                raise
+            replies = await asyncio.gather(*futures, return_exceptions=True)
+            for index, reply in enumerate(replies):
+                if isinstance(reply, rexc.AskError):
+                    try:
+                        replies[index] = await self._redirected(key, reply, commands[index])
+                    except Exception as exc:
+                        replies[index] = exc
+            failed = next((r for r in replies if isinstance(r, Exception) and suggests_failover(r)), None)
+            if failed is not None:
+                await self.after_failure(failed)
         if not return_exceptions:
             for reply in replies:
                 if isinstance(reply, BaseException):
@@ -388,6 +419,7 @@ class Wire:
     async def relearn_slots(self) -> None:
         """Ask the cluster which master holds which slot (after a MOVED: resharding, failover)."""
         await self.redis.nodes_manager.initialize()
+        self._slots_known = True
 
     def blocking(self, key: Any, block: float) -> BlockingRead:
         """A dedicated connection for blocking reads of `key` that block up to `block`
@@ -414,8 +446,9 @@ class Wire:
         return mux
 
     async def _node_for(self, key: Any) -> Any:
-        if self.redis._initialize:  # the slot map is not known yet
+        if not self._slots_known:  # load the slot map before the first command
             await self.redis.initialize()
+            self._slots_known = True
         return self.redis.get_node_from_key(key)
 
     async def aclose(self) -> None:
@@ -454,6 +487,9 @@ class BlockingRead:
             await wire.relearn_slots()
         except rexc.AskError as exc:  # the key moves right now: the caller's loop retries soon
             raise rexc.TryAgainError(f"{self.key!r} is being migrated to {exc.host}:{exc.port}") from exc
+        except Exception as exc:
+            await wire.after_failure(exc)
+            raise
         return await self._execute_on_owner(commands)
 
     async def aclose(self) -> None:

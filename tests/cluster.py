@@ -129,12 +129,17 @@ def master_of(url: str, key: str) -> str:
 
 
 class LocalCluster:
-    """Three redis-server masters on free loopback ports, in a temp dir; `stop()` ends only them."""
+    """redis-server masters (three by default), each with `replicas` replicas, on free
+    loopback ports, in a temp dir; `stop()` ends only them. `node_timeout_ms` is the
+    cluster-node-timeout: how long a silent master takes to be failed over."""
 
-    def __init__(self, masters: int = MASTERS) -> None:
-        self.ports = free_cluster_ports(masters)
+    def __init__(self, masters: int = MASTERS, replicas: int = 0, node_timeout_ms: int = 15000) -> None:
+        self.ports = free_cluster_ports(masters * (1 + replicas))
+        self.replicas = replicas
+        self.node_timeout_ms = node_timeout_ms
         self.dir = Path(tempfile.mkdtemp(prefix="sessionq-cluster."))
         self.processes: list[subprocess.Popen[bytes]] = []
+        self.by_port: dict[int, subprocess.Popen[bytes]] = {}
 
     @property
     def url(self) -> str:
@@ -145,17 +150,20 @@ class LocalCluster:
         try:
             for port in self.ports:
                 self.processes.append(self._server(port))
+                self.by_port[port] = self.processes[-1]
             for port in self.ports:
                 self._wait(lambda p=port: self._cli(p, "ping") == "PONG", f"redis-server on port {port}")
             create = ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports)]
             subprocess.run(
-                [*create, "--cluster-replicas", "0", "--cluster-yes"],
+                [*create, "--cluster-replicas", str(self.replicas), "--cluster-yes"],
                 check=True,
                 capture_output=True,
                 timeout=START_TIMEOUT,
             )
             for port in self.ports:
                 self._wait(lambda p=port: "cluster_state:ok" in self._cli(p, "cluster", "info"), "cluster")
+            for port in self.ports:  # every replica has its master's data before a test kills one
+                self._wait(lambda p=port: self._synced(p), f"replica on port {port}")
         except BaseException:
             self.stop()
             raise
@@ -165,10 +173,40 @@ class LocalCluster:
         argv = [
             "redis-server", "--port", str(port), "--bind", "127.0.0.1",
             "--cluster-enabled", "yes", "--cluster-config-file", str(self.dir / f"nodes-{port}.conf"),
+            "--cluster-node-timeout", str(self.node_timeout_ms),
             "--save", "", "--appendonly", "no", "--daemonize", "no",
             "--dir", str(self.dir), "--logfile", str(self.dir / f"redis-{port}.log"),
         ]  # fmt: skip
         return subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def _synced(self, port: int) -> bool:
+        info = self._cli(port, "info", "replication")
+        return "role:master" in info or "master_link_status:up" in info
+
+    def kill_master_of(self, key: str) -> int:
+        """SIGKILL the master that holds `key`'s slot; returns its port."""
+        with sync_cluster(self.url) as client:
+            port = int(client.get_node_from_key(key).port)
+        process = self.by_port[port]
+        process.kill()
+        process.wait(timeout=5)
+        return port
+
+    def master_port_of(self, key: str) -> int | None:
+        """The port of the live master that serves `key`'s slot by its own account, else None
+        (between a master's death and its replica's promotion)."""
+        live = [p for p in self.ports if self.by_port[p].poll() is None]
+        slot = int(self._cli(live[0], "cluster", "keyslot", key) or -1)
+        for port in live:
+            myself = next((n for n in self._cli(port, "cluster", "nodes").splitlines() if "myself" in n), "")
+            fields = myself.split()
+            if len(fields) < 9 or "master" not in fields[2].split(","):
+                continue
+            for part in fields[8:]:
+                low, _, high = part.partition("-")
+                if low.isdigit() and int(low) <= slot <= int(high or low):
+                    return port
+        return None
 
     @staticmethod
     def _cli(port: int, *args: str) -> str:
@@ -222,11 +260,13 @@ if __name__ == "__main__":
     main()
 
 
-def move_slot(url: str, slot: int, target: str, *, finish: bool = True) -> str:
+def move_slot(url: str, slot: int, target: str, *, finish: bool = True, only: list[str] | None = None) -> str:
     """Move `slot` and its keys to master `target` ("host:port") the way resharding does
     (IMPORTING / MIGRATING, MIGRATE, SETSLOT NODE on every master); returns the old owner.
     With finish=False it stops before SETSLOT NODE: the keys are on the target while the old
-    owner still holds the slot and answers ASK (call again with finish=True to end it)."""
+    owner still holds the slot and answers ASK (call again with finish=True to end it).
+    `only` (with finish=False) moves just those keys: the slot is caught with some of its
+    keys moved and the others not yet."""
     with sync_cluster(url) as client:
         masters = {f"{n.host}:{n.port}": n for n in client.get_primaries()}
         owner = client.nodes_manager.slots_cache[slot][0]
@@ -239,6 +279,9 @@ def move_slot(url: str, slot: int, target: str, *, finish: bool = True) -> str:
             dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[source])
             src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[target])
             host, port = target.rsplit(":", 1)
+            if only is not None and not finish:
+                src.execute_command("MIGRATE", host, port, "", 0, 5000, "KEYS", *only)
+                return source
             while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
                 src.execute_command("MIGRATE", host, port, "", 0, 5000, "KEYS", *keys)
         if not finish:

@@ -268,3 +268,52 @@ async def test_cluster_hot_path_follows_a_slot_moved_to_another_master(cluster_u
     finally:
         await wire.aclose()
         await redis_client.aclose()
+
+
+async def test_cluster_complete_during_a_slot_migration_changes_nothing_until_it_can_run_whole(
+    cluster_url: str, prefix: str
+) -> None:
+    """A slot caught mid-migration, every key end_session declares still on the old owner
+    but the worker's record already moved: the script reaches that record only from inside.
+    It declares a key that never exists, so Redis refuses to start it (TRYAGAIN) rather
+    than failing halfway with COMPLETED written and the slot kept; complete() retries and,
+    once the migration ends, completes and frees the slot."""
+    queue = "mig"
+    k = QueueKeys(prefix, queue)
+    options = sessionq.SessionOptions(creation_timeout=30)
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(worker(cluster_url, prefix, queue, "w1", max_concurrent_sessions=1))
+        client = await stack.enter_async_context(sessionq.Client(cluster_url, prefix=prefix))
+        session = await client.create_session(queue, options)
+        assert session.info.worker_id == "w1"
+        await stack.enter_async_context(worker(cluster_url, prefix, queue, "w2", max_concurrent_sessions=2))
+        # A caller waiting to recreate a session on the full w1: the line's keys exist.
+        recreating = asyncio.ensure_future(
+            client.recreate_session(session.info.recreate_token, options).open()
+        )
+        declared = [k.session(session.session_id), k.free, k.waiters, k.tickets, k.deadlines]
+        with sync_cluster(cluster_url) as sync:
+            await wait_for(lambda: sync.exists(*declared) == len(declared), message="the line never formed")
+            slot = sync.keyslot(k.tasks)
+            owner = sync.nodes_manager.slots_cache[slot][0]
+            here = f"{owner.host}:{owner.port}"
+            target = next(f"{n.host}:{n.port}" for n in sync.get_primaries() if f"{n.host}:{n.port}" != here)
+            assert sync.hget(k.worker("w1"), "open") == b"1"
+        await asyncio.to_thread(move_slot, cluster_url, slot, target, finish=False, only=[k.worker("w1")])
+        try:
+            completing = asyncio.ensure_future(session.complete())
+            done, _ = await asyncio.wait({completing}, timeout=1.0)
+            assert not done, f"complete() ended while the slot was half migrated: {completing}"
+            with redis.Redis(host=here.split(":")[0], port=int(here.split(":")[1])) as old_owner:
+                assert old_owner.hget(k.session(session.session_id), "state") == b"OPEN", "written halfway"
+        finally:  # the cluster is shared: never leave the slot half migrated
+            await asyncio.to_thread(move_slot, cluster_url, slot, target)
+        await asyncio.wait_for(completing, 15)
+        assert session.info.state is sessionq.SessionState.COMPLETED
+        recreated = await asyncio.wait_for(recreating, 15)  # the freed slot went to the waiter
+        assert recreated.info.worker_id == "w1"
+        with sync_cluster(cluster_url) as sync:
+            assert sync.hget(k.session(session.session_id), "state") == b"COMPLETED"
+        await recreated.complete()
+        with sync_cluster(cluster_url) as sync:
+            assert sync.hget(k.worker("w1"), "open") == b"0", "a slot was not given back"

@@ -1,6 +1,8 @@
 -- Shared by every script that opens, ends or hands over session slots.
 -- Per-worker, per-session and per-client keys are built from `base`, the task queue's key
 -- prefix, which carries the queue's hash tag ({queue}); so they share the slot of the KEYS.
+-- Every script that does so declares the `guard` key too (it never exists): during a slot
+-- migration Redis refuses to start it, instead of it failing midway on a key that moved.
 -- Layout mirrors sessionq/keys.py.
 --
 -- The waiting line: `waiters` is a sorted set of session ids in order of arrival (the

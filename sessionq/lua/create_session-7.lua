@@ -7,6 +7,7 @@
 -- KEYS[4] deadlines  sorted set of session and ticket deadlines
 -- KEYS[5] session    the new session's hash
 -- KEYS[6] lease      the calling client's lease (its last sign of life)
+-- KEYS[7] guard      never exists: Redis will not start the script while the slot migrates (keys.py)
 -- ARGV[1] base        the task queue's key prefix (carries the hash tag)
 -- ARGV[2] session_id  new, unique
 -- ARGV[3] client_id   whose inbox gets the grant if the caller has to wait

@@ -7,6 +7,7 @@
 -- KEYS[3] waiters    sorted set of waiting session ids
 -- KEYS[4] tickets    hash of the waiting tickets' attributes
 -- KEYS[5] deadlines  sorted set of session and ticket deadlines
+-- KEYS[6] guard      never exists: Redis will not start the script while the slot migrates (keys.py)
 -- ARGV[1] base          the task queue's key prefix
 -- ARGV[2] session_id
 -- ARGV[3] mode          'complete' | 'fail' | 'expire' (only once the deadline passed, on

@@ -3,6 +3,7 @@
 -- KEYS[2] worker   this worker's hash
 -- KEYS[3] alive    this worker's heartbeat key
 -- KEYS[4] stream   this worker's own stream
+-- KEYS[5] guard    never exists: Redis will not start the script while the slot migrates (keys.py)
 -- ARGV[1] base          the task queue's key prefix
 -- ARGV[2] worker_id
 -- ARGV[3] hb_ms         heartbeat timeout: the alive key's TTL

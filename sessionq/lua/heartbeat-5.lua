@@ -5,6 +5,7 @@
 -- KEYS[2] worker   this worker's hash
 -- KEYS[3] alive    this worker's heartbeat key
 -- KEYS[4] waiters  sorted set of waiting session ids
+-- KEYS[5] guard    never exists: Redis will not start the script while the slot migrates (keys.py)
 -- ARGV[1] worker_id
 -- ARGV[2] hb_ms     the alive key's TTL
 -- ARGV[3] running   activities running now (for inspect)

@@ -5,6 +5,7 @@
 -- KEYS[2] free       sorted set of session workers with a free slot
 -- KEYS[3] waiters    sorted set of waiting session ids
 -- KEYS[4] tickets    hash of the waiting tickets' attributes
+-- KEYS[5] guard      never exists: Redis will not start the script while the slot migrates (keys.py)
 -- ARGV[1] base          the task queue's key prefix
 -- ARGV[2] retention_ms  how long ended session records stay for inspect
 -- ARGV[3] limit         most items handled in one call

@@ -4,6 +4,7 @@
 -- KEYS[2] tickets    hash of the waiting tickets' attributes
 -- KEYS[3] deadlines  sorted set of session and ticket deadlines
 -- KEYS[4] session    the hash of the session the ticket asked for
+-- KEYS[5] guard      never exists: Redis will not start the script while the slot migrates (keys.py)
 -- ARGV[1] base        the task queue's key prefix
 -- ARGV[2] session_id  the ticket's session id
 -- Returns 'LEFT' (no session was made), 'GRANTED' (session exists: the grant is in the

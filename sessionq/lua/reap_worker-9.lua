@@ -10,6 +10,7 @@
 -- KEYS[6] wtickets   set of the session ids of tickets waiting for this very worker
 -- KEYS[7] tickets    hash of the waiting tickets' attributes
 -- KEYS[8] deadlines  sorted set of session and ticket deadlines
+-- KEYS[9] guard      never exists: Redis will not start the script while the slot migrates (keys.py)
 -- ARGV[1] base          the task queue's key prefix
 -- ARGV[2] worker_id
 -- ARGV[3] reason        stored on each failed session
