@@ -13,6 +13,7 @@ import click
 
 from sessionq.connection import as_cluster_url, is_cluster_url, resolve_url, split_cluster_url
 from sessionq.errors import ConfigurationError
+from sessionq.sentinel import is_sentinel_url, split_sentinel_url
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -40,7 +41,10 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-URL_SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
+URL_SCHEMES = (
+    "redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://", "redis+sentinel://",
+    "rediss+sentinel://",
+)  # fmt: skip
 
 
 def redis_url_from(flag: str | None, cluster: bool = False) -> str:
@@ -60,9 +64,19 @@ def redis_url_from(flag: str | None, cluster: bool = False) -> str:
 
 
 def sync_client(url: str, timeout: float = 3.0) -> Any:
-    """A plain (sync) redis-py client: a RedisCluster for redis+cluster:// URLs, else a Redis."""
+    """A plain (sync) redis-py client: a RedisCluster for redis+cluster:// URLs, a client of
+    the service's primary for redis+sentinel:// URLs, else a Redis."""
     import redis
 
+    if is_sentinel_url(url):
+        from redis.sentinel import Sentinel
+
+        sentinels, service, settings, sentinel_settings = split_sentinel_url(url)
+        sentinel_settings.setdefault("socket_connect_timeout", timeout)
+        sentinel_settings.setdefault("socket_timeout", timeout)
+        settings.setdefault("socket_connect_timeout", timeout)
+        settings["socket_timeout"] = max(settings.get("socket_timeout") or 0, 10)
+        return Sentinel(sentinels, sentinel_kwargs=sentinel_settings).master_for(service, **settings)
     if not is_cluster_url(url):
         return redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=max(timeout, 10))
     from redis.cluster import ClusterNode, RedisCluster
@@ -101,7 +115,7 @@ def require_redis(url: str) -> None:
     if not url.lower().startswith(URL_SCHEMES):
         raise CliError(
             f"{url!r} is not a Redis URL; use e.g. redis://localhost:6379/0 (redis+cluster://host:port "
-            "for Redis Cluster)",
+            "for Redis Cluster, redis+sentinel://host:port/service_name for Sentinel)",
             2,
         )
     problem = ping(url)

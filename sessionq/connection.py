@@ -45,6 +45,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from .errors import ConfigurationError, ConnectionPoolExhaustedError
+from .sentinel import is_sentinel_client, is_sentinel_url, sentinel_from_client, sentinel_from_url
 
 log = logging.getLogger("sessionq")
 
@@ -116,11 +117,14 @@ def connect(target: Any) -> Any:
     if isinstance(target, str):
         if is_cluster_url(target):
             return cluster_from_url(target)
+        if is_sentinel_url(target):
+            return sentinel_from_url(target, _SENTINEL_DEFAULTS, _FORCED)
         if not target.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigurationError(
                 "redis",
-                f"{target!r} is not a Redis URL; use e.g. redis://localhost:6379/0, or "
-                "redis+cluster://host:port[,host:port...] for Redis Cluster",
+                f"{target!r} is not a Redis URL; use e.g. redis://localhost:6379/0, "
+                "redis+cluster://host:port[,host:port...] for Redis Cluster, or "
+                "redis+sentinel://host:port[,host:port...]/service_name for Sentinel",
             )
         try:
             pool = _pool_from_url(target)
@@ -129,6 +133,8 @@ def connect(target: Any) -> Any:
         return aredis.Redis(connection_pool=pool)
     if isinstance(target, RedisCluster):
         return cluster_from_client(target)
+    if is_sentinel_client(target):
+        return sentinel_from_client(target, _SENTINEL_DEFAULTS, _FORCED)
     return _from_client(target)
 
 
@@ -204,9 +210,10 @@ def pool_exhausted(limit: Any, waited: Any, scheme: str) -> ConnectionPoolExhaus
 # --- Redis Cluster ---------------------------------------------------------------------
 
 _FORCED = {"protocol": 2, "decode_responses": False, "retry": Retry(NoBackoff(), 0)}
-"""Cluster settings sessionq needs whatever the user gave: raw RESP2 replies, and no
-command re-sent by redis-py after a connection error (MOVED/ASK/TRYAGAIN redirects are
-still followed: the server did not run the command then)."""
+"""Cluster and Sentinel settings sessionq needs whatever the user gave: raw RESP2 replies,
+and no command re-sent by redis-py after a connection error (MOVED/ASK/TRYAGAIN redirects
+are still followed: the server did not run the command then)."""
+_SENTINEL_DEFAULTS = {**_TIMEOUTS, "socket_keepalive": True, "health_check_interval": 15}
 
 
 class Permits:

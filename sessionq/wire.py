@@ -45,6 +45,7 @@ from redis.backoff import NoBackoff
 from .connection import DEFAULT_COMMAND_TIMEOUT, is_cluster
 from .errors import SessionqError
 from .faults import suggests_failover
+from .sentinel import PrimaryWatch, is_sentinel_client
 
 try:  # hiredis' C command packer: byte for byte what redis-py's Python one writes, ~6x faster
     from hiredis import pack_command as _hiredis_pack
@@ -228,6 +229,13 @@ class Multiplexer:
         task = asyncio.ensure_future(conn.disconnect(nowait=True))
         task.add_done_callback(_swallow)
 
+    def drop_unless_to(self, address: tuple[str, int]) -> None:
+        """Drop the connection if it is not to `address` (a new primary was named); the
+        commands in flight fail with ConnectionError and their callers retry."""
+        conn = self._conn
+        if conn is not None and not _is_to(conn, address):
+            self._broken(conn, rexc.ConnectionError(f"Redis' primary is now {address[0]}:{address[1]}"))
+
     async def aclose(self) -> None:
         self._closed = True
         conn, reader = self._conn, self._reader
@@ -313,6 +321,15 @@ class BlockingConnection:
             raise error
         return replies
 
+    def drop_unless_to(self, address: tuple[str, int]) -> None:
+        """Abort the connection if it is not to `address`: a read under way fails (its caller
+        retries) and the next one connects to the new primary."""
+        conn = self._conn
+        if conn is not None and conn.is_connected and not _is_to(conn, address):
+            transport = getattr(getattr(conn, "_writer", None), "transport", None)
+            if transport is not None:
+                transport.abort()
+
     async def aclose(self) -> None:
         if self._watchdog is not None:
             self._watchdog.cancel()
@@ -340,11 +357,14 @@ class Wire:
         )
         self._slots_known = False
         self._relearnt_at = -RELEARN_INTERVAL
+        self._watch = PrimaryWatch(redis, self.primary_is) if is_sentinel_client(redis) else None
 
     async def execute(self, key: Any, *args: Any, timeout: float | None = None) -> Any:
         """Run a command on the server that holds `key`; returns the raw reply. `timeout`
         may shorten the wait for this one reply (default: the connection's command timeout)."""
         if self._single is not None:
+            if self._watch is not None:
+                self._watch.start()
             return await self._single.execute(*args, timeout=timeout)
         try:
             return await (await self._mux_for(key)).execute(*args, timeout=timeout)
@@ -377,6 +397,8 @@ class Wire:
         `return_exceptions`, returns each command's error in its place). On a cluster a
         command redirected elsewhere (MOVED, ASK) runs again where the reply points."""
         if self._single is not None:
+            if self._watch is not None:
+                self._watch.start()
             replies = await asyncio.gather(*await self._single.send(commands), return_exceptions=True)
         else:
             try:
@@ -416,6 +438,13 @@ class Wire:
         _, reply = await asyncio.gather(*await self._mux_of(node).send([("ASKING",), command]))
         return reply
 
+    def primary_is(self, address: tuple[str, int]) -> None:
+        """The sentinels name `address` the primary: drop every connection to another server."""
+        if self._single is not None:
+            self._single.drop_unless_to(address)
+        for conn in list(self._blocking):
+            conn.drop_unless_to(address)
+
     async def relearn_slots(self) -> None:
         """Ask the cluster which master holds which slot (after a MOVED: resharding, failover)."""
         await self.redis.nodes_manager.initialize()
@@ -452,6 +481,8 @@ class Wire:
         return self.redis.get_node_from_key(key)
 
     async def aclose(self) -> None:
+        if self._watch is not None:
+            await self._watch.aclose()
         muxes = [self._single] if self._single is not None else list(self._muxes.values())
         for mux in muxes:
             await mux.aclose()
@@ -477,6 +508,8 @@ class BlockingRead:
         """Write `commands` at once and return their replies (the last one may block)."""
         wire = self.wire
         if not wire.cluster:
+            if wire._watch is not None:
+                wire._watch.start()
             if self._conn is None:
                 pool = wire.redis.connection_pool
                 self._conn = wire._new_blocking(pool.make_connection, self.read_timeout)
@@ -525,6 +558,10 @@ def _node_connection_factory(node: Any) -> ConnectionFactory:
     """New connections to a cluster node, with its client's settings and no hidden retries."""
     kwargs = {**node.connection_kwargs, "retry": Retry(NoBackoff(), 0)}
     return lambda: node.connection_class(**kwargs)
+
+
+def _is_to(conn: AbstractConnection, address: tuple[str, int]) -> bool:
+    return (getattr(conn, "host", None), getattr(conn, "port", None)) == address
 
 
 def _name(args: Command) -> str:

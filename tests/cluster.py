@@ -1,4 +1,4 @@
-"""A throwaway local Redis Cluster (three masters) for the ``cluster`` test backend.
+"""A throwaway local Redis Cluster (three masters, and replicas if asked) for the tests.
 
 ``scripts/test`` starts one in bash and exports SESSIONQ_TEST_CLUSTER_URL; when pytest runs
 without it, conftest starts one with `LocalCluster` (if redis-server and redis-cli exist)

@@ -193,7 +193,7 @@ def cluster_url() -> Iterator[str]:
     missing = cluster_tools()
     if missing:
         pytest.skip(f"cluster backend: no Redis Cluster to test on ({missing}); install redis-server")
-    cluster = LocalCluster()
+    cluster = LocalCluster(replicas=1)
     try:
         yield cluster.start()
     finally:

@@ -1,0 +1,194 @@
+"""A throwaway local Sentinel set-up: one primary, one replica, three sentinels, on free
+loopback ports in a temp dir, for the Sentinel failover tests.
+
+The sentinels declare a primary down after `down_after_ms` of silence (1 s by default, so a
+failover completes within a few seconds); `kill_primary` SIGKILLs it and `failover` asks
+for a coordinated failover (SENTINEL FAILOVER, the old primary is demoted, not killed).
+
+    python -m tests.sentinel      # start one, print its URL, stop it on Ctrl-C
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+SERVICE = "mymaster"
+START_TIMEOUT = 20.0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class LocalSentinel:
+    def __init__(self, down_after_ms: int = 1000, sentinels: int = 3) -> None:
+        self.primary_port = _free_port()
+        self.replica_port = _free_port()
+        self.sentinel_ports = [_free_port() for _ in range(sentinels)]
+        self.down_after_ms = down_after_ms
+        self.dir = Path(tempfile.mkdtemp(prefix="sessionq-sentinel."))
+        self.by_port: dict[int, subprocess.Popen[bytes]] = {}
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{p}" for p in self.sentinel_ports)
+        return f"redis+sentinel://{hosts}/{SERVICE}/0"
+
+    @property
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        return [("127.0.0.1", p) for p in self.sentinel_ports]
+
+    def start(self) -> str:
+        try:
+            self._data_node(self.primary_port)
+            self._data_node(self.replica_port, "--replicaof", "127.0.0.1", str(self.primary_port))
+            self._wait(
+                lambda: _info(self.replica_port).get("master_link_status") == "up", "the replica to sync"
+            )
+            for port in self.sentinel_ports:
+                conf = self.dir / f"sentinel-{port}.conf"
+                conf.write_text(
+                    f"port {port}\nbind 127.0.0.1\ndir {self.dir}\n"
+                    f"sentinel monitor {SERVICE} 127.0.0.1 {self.primary_port} 2\n"
+                    f"sentinel down-after-milliseconds {SERVICE} {self.down_after_ms}\n"
+                    f"sentinel failover-timeout {SERVICE} 5000\n"
+                    f"sentinel parallel-syncs {SERVICE} 1\n"
+                )
+                self._spawn(
+                    port, [str(conf), "--sentinel", "--logfile", str(self.dir / f"sentinel-{port}.log")]
+                )
+            for port in self.sentinel_ports:
+                self._wait(lambda p=port: self._sees_everyone(p), f"sentinel {port} to see the set-up")
+        except BaseException:
+            self.stop()
+            raise
+        return self.url
+
+    def _sees_everyone(self, port: int) -> bool:
+        try:
+            with redis.Redis(port=port, socket_timeout=2) as conn:
+                replicas = conn.execute_command("SENTINEL", "REPLICAS", SERVICE)
+                others = conn.execute_command("SENTINEL", "SENTINELS", SERVICE)
+        except redis.RedisError:
+            return False
+        return len(replicas) >= 1 and len(others) >= len(self.sentinel_ports) - 1
+
+    def _data_node(self, port: int, *extra: str) -> None:
+        self._spawn(
+            port,
+            [
+                "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                "--dir", str(self.dir), "--logfile", str(self.dir / f"redis-{port}.log"), *extra,
+            ],
+        )  # fmt: skip
+        self._wait(lambda: _ping(port), f"redis-server on port {port}")
+
+    def _spawn(self, port: int, args: list[str]) -> None:
+        self.by_port[port] = subprocess.Popen(
+            ["redis-server", *args], stdin=subprocess.DEVNULL, start_new_session=True
+        )
+
+    def primary(self) -> int:
+        """The port of the primary, as the first live sentinel sees it."""
+        for port in self.sentinel_ports:
+            with contextlib.suppress(redis.RedisError), redis.Redis(port=port, socket_timeout=2) as conn:
+                _, primary = conn.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", SERVICE)
+                return int(primary)
+        raise AssertionError("no sentinel answers")
+
+    def kill_primary(self) -> int:
+        """SIGKILL the primary; returns its port."""
+        port = self.primary()
+        process = self.by_port[port]
+        process.kill()
+        process.wait(timeout=5)
+        return port
+
+    def failover(self) -> None:
+        """A coordinated failover: the replica is promoted and the primary demoted."""
+        with redis.Redis(port=self.sentinel_ports[0], socket_timeout=5) as conn:
+            conn.execute_command("SENTINEL", "FAILOVER", SERVICE)
+
+    def wait_new_primary(self, old: int, timeout: float = 15.0) -> int:
+        """Until the sentinels name a primary other than `old` and it answers as one."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):
+                port = self.primary()
+                if port != old and _info(port).get("role") == "master":
+                    return port
+            time.sleep(0.05)
+        raise AssertionError(f"no new primary within {timeout:g}s; logs in {self.dir}")
+
+    def wait_demoted(self, old: int, timeout: float = 15.0) -> None:
+        """Until the old primary, if it lives, serves as a replica (the failover is over:
+        until then it still takes writes, which are lost when it resyncs)."""
+        deadline = time.monotonic() + timeout
+        while self.by_port[old].poll() is None and _info(old).get("role") != "slave":
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the old primary was not demoted within {timeout:g}s")
+            time.sleep(0.05)
+
+    def _wait(self, ready: object, what: str) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while not ready():  # type: ignore[operator]
+            dead = [p.args for p in self.by_port.values() if p.poll() is not None]
+            if dead:
+                raise RuntimeError(
+                    f"a redis-server of the sentinel set-up exited: {dead[0]}; logs in {self.dir}"
+                )
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what} not ready within {START_TIMEOUT:g}s; logs in {self.dir}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        for process in self.by_port.values():
+            if process.poll() is None:
+                process.terminate()
+        for process in self.by_port.values():
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=5)
+        self.by_port.clear()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _ping(port: int) -> bool:
+    try:
+        with redis.Redis(port=port, socket_timeout=1, socket_connect_timeout=1) as conn:
+            return bool(conn.ping())
+    except redis.RedisError:
+        return False
+
+
+def _info(port: int) -> dict[str, object]:
+    try:
+        with redis.Redis(port=port, socket_timeout=2, socket_connect_timeout=1) as conn:
+            return dict(conn.info("replication"))
+    except redis.RedisError:
+        return {}
+
+
+def main() -> None:
+    setup = LocalSentinel()
+    print(setup.start(), flush=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        while all(p.poll() is None for p in setup.by_port.values()):
+            time.sleep(0.5)
+    setup.stop()
+
+
+if __name__ == "__main__":
+    main()
