@@ -114,10 +114,8 @@ class RedisDataLostError(SessionqError):
 
 
 class ConnectionPoolExhaustedError(SessionqError):
-    """Every connection this client may open to a Redis Cluster node stayed busy.
-
-    Not a connection error: retrying does not help; raise max_connections instead.
-    """
+    """No longer raised: sessionq's commands take no connection from a pool (see the
+    README's "Connections"). Kept so that code catching it still imports."""
 
 
 #: Error types a worker may send back by name; the caller re-raises the same class.

@@ -85,7 +85,7 @@ def test_cluster_url_lists_several_nodes_with_credentials_and_options() -> None:
     assert isinstance(client, RedisCluster)
     assert client.connection_kwargs["password"] == "p@w"
     assert client.connection_kwargs["max_connections"] == 7
-    assert client.pool_timeout == 3.0  # type: ignore[attr-defined]
+    assert "pool_timeout" not in client.connection_kwargs  # accepted, and has no effect
     assert list(client.nodes_manager.startup_nodes) == ["h1:7000", "h2:7001"]
 
 
@@ -194,27 +194,15 @@ def connections_named(url: str, name: str) -> dict[str, int]:
         }
 
 
-async def test_cluster_sends_and_waits_need_no_pool_connection(cluster_url: str, prefix: str) -> None:
-    """With one pool connection allowed and a blocking command holding it, activities are
-    still sent and waited for (they have connections of their own, wire.py); a further
-    command through the pool waits pool_timeout, then says which setting to raise."""
+async def test_cluster_pool_settings_in_the_url_bound_nothing_sessionq_sends(
+    cluster_url: str, prefix: str, busy_worker: str
+) -> None:
+    """A URL allowing one pooled connection, with a short pool_timeout: 50 concurrent calls
+    and their waits all succeed (no command of sessionq's takes a pool connection)."""
     url = f"{cluster_url}?max_connections=1&pool_timeout=0.3"
     async with sessionq.Client(url, prefix=prefix) as client:
-        blocker = asyncio.ensure_future(client.redis.execute_command("BLPOP", f"{prefix}:idle", 5))
-        await wait_for(
-            lambda: client.redis.permits is not None and client.redis.permits.in_use == 1,
-            message="the blocking command holds no pool connection",
-        )
-        handle = await client.start_activity(acts.echo, 1, task_queue="nobody")
-        second = await client.start_activity(acts.echo, 2, task_queue="nobody")
-        assert not handle.done() and not second.done()
-        with pytest.raises(sessionq.errors.ConnectionPoolExhaustedError, match="max_connections"):
-            await client.redis.exists(f"{prefix}:other")
-        blocker.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await blocker
-    with pytest.raises(sessionq.SessionqError, match="closed"):
-        await handle.result()
+        calls = [client.execute_activity(acts.sleep_for, 0.5, task_queue=busy_worker) for _ in range(50)]
+        assert len(await asyncio.wait_for(asyncio.gather(*calls), 20)) == 50
 
 
 async def test_cluster_hot_path_follows_a_slot_moved_to_another_master(cluster_url: str, prefix: str) -> None:
