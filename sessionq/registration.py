@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from redis.exceptions import ResponseError
 
 from .errors import ConfigurationError
-from .faults import describe, is_transient
+from .faults import describe, error_code, is_transient
 from .keys import CONSUMER_GROUP, queues_index
 from .replies import time_ms
 
@@ -83,7 +83,7 @@ class Registration:
         try:
             await self.worker.wire.execute(tasks, "XGROUP", "CREATE", tasks, CONSUMER_GROUP, "0", "MKSTREAM")
         except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
+            if error_code(exc) != "BUSYGROUP":
                 raise
 
     async def register(self) -> None:

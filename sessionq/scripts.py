@@ -20,6 +20,7 @@ from typing import Any
 
 from redis.exceptions import NoScriptError, ResponseError
 
+from .faults import error_code
 from .keys import CONSUMER_GROUP, QueueKeys
 from .wire import Wire
 
@@ -227,5 +228,5 @@ class Scripts:
 def _no_script(reply: object) -> bool:
     """A NOSCRIPT error reply (the server does not know the script yet)."""
     return isinstance(reply, NoScriptError) or (
-        isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT")
+        isinstance(reply, ResponseError) and error_code(reply) == "NOSCRIPT"
     )

@@ -14,6 +14,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -94,6 +95,43 @@ async def test_existing_client_and_worker_follow_a_failover_of_the_queues_master
         assert await again.execute_activity(acts.whoami) == "w1"
         await again.complete()
     print(f"plain activity answered {plain_s:.2f}s after the master was killed")
+
+
+async def test_calls_in_flight_when_the_master_dies_get_their_results(
+    ha_cluster: LocalCluster, tmp_path: Path
+) -> None:
+    """Plain and session activities running when the queue's master is SIGKILLed: their
+    tasks had reached the replica, so none is lost; each caller gets its result within the
+    activity's time plus RECOVERY_BOUND_S, and no slot is left taken."""
+    url, prefix, queue = ha_cluster.url, "sqt" + uuid.uuid4().hex[:8], "ha"
+    k = QueueKeys(prefix, queue)
+    async with a_worker(url, prefix, queue, "w1"), sessionq.Client(url, prefix=prefix) as client:
+        session = await client.create_session(queue, sessionq.SessionOptions(creation_timeout=10))
+        markers = [str(tmp_path / f"m{i}") for i in range(13)]
+        plain = [await client.start_activity(acts.sleep_for, 3, m, task_queue=queue) for m in markers[:10]]
+        in_session = [await session.start_activity(acts.sleep_for, 3, m) for m in markers[10:]]
+        await wait_for(lambda: all(Path(m + ".started").exists() for m in markers), message="not all started")
+        await asyncio.to_thread(wait_all_replicated, ha_cluster, k.tasks)
+        await asyncio.to_thread(ha_cluster.kill_master_of, k.tasks)
+        results = await asyncio.wait_for(
+            asyncio.gather(*(h.result() for h in plain + in_session)), 3 + RECOVERY_BOUND_S
+        )
+        assert results == ["w1"] * 13
+        await session.complete()
+        with sync_cluster(url) as sync:
+            await wait_for(
+                lambda: sync.hget(k.worker("w1"), "open") == b"0", message="the slot was not given back"
+            )
+
+
+def wait_all_replicated(cluster: LocalCluster, key: str) -> None:
+    """Until the replica of `key`'s master acknowledged every write so far (WAIT)."""
+    with sync_cluster(cluster.url) as sync:
+        node = sync.get_node_from_key(key)
+    import redis
+
+    with redis.Redis(host=node.host, port=node.port) as master:
+        assert master.wait(1, 5000) == 1, "the replica did not catch up"
 
 
 def wait_replicated(cluster: LocalCluster, key: str, timeout: float = 10.0) -> None:

@@ -124,7 +124,7 @@ async def test_a_sentinel_managed_client_passed_in_needs_no_reference_kept(
 
 @pytest.mark.parametrize("fault", ["sentinel-failover", "sigkill-primary"])
 async def test_existing_client_and_worker_follow_a_sentinel_failover(
-    sentinel_setup: LocalSentinel, fault: str
+    sentinel_setup: LocalSentinel, fault: str, tmp_path: Path
 ) -> None:
     """The primary fails over (demoted by SENTINEL FAILOVER, or SIGKILLed): the Client and
     Worker that were running reach the new primary by themselves. A plain and a session
@@ -135,6 +135,10 @@ async def test_existing_client_and_worker_follow_a_sentinel_failover(
     async with a_worker(url, prefix, queue, "w1"), sessionq.Client(url, prefix=prefix) as client:
         session = await client.create_session(queue, sessionq.SessionOptions(creation_timeout=10))
         assert await session.execute_activity(acts.echo, "before") == "before"
+        markers = [str(tmp_path / f"m{i}") for i in range(6)]
+        in_flight = [await client.start_activity(acts.sleep_for, 3, m, task_queue=queue) for m in markers[:5]]
+        in_flight.append(await session.start_activity(acts.sleep_for, 3, markers[5]))
+        await wait_for(lambda: all(Path(m + ".started").exists() for m in markers), message="not all started")
         old = sentinel_setup.primary()
         with redis.Redis(port=old) as primary:
             assert primary.wait(1, 5000) == 1  # the replica has everything written so far
@@ -150,6 +154,11 @@ async def test_existing_client_and_worker_follow_a_sentinel_failover(
         in_session = await asyncio.wait_for(session.execute_activity(acts.echo, "after"), RECOVERY_BOUND_S)
         took = time.monotonic() - started
         assert (plain, in_session) == (2, "after")
+        # The calls running at the fault: none lost, each answered.
+        assert (
+            await asyncio.wait_for(asyncio.gather(*(h.result() for h in in_flight)), 3 + RECOVERY_BOUND_S)
+            == ["w1"] * 6
+        )
         new = await asyncio.to_thread(sentinel_setup.wait_new_primary, old)
         assert session.state is sessionq.SessionState.OPEN
         # Replication is asynchronous: what reaches the old primary between the switch and
