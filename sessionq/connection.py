@@ -24,7 +24,6 @@ import inspect
 import logging
 import os
 from typing import Any
-from urllib.parse import urlsplit
 
 import redis.asyncio as aredis
 import redis.exceptions as rexc
@@ -35,6 +34,7 @@ from redis.backoff import NoBackoff
 
 from .errors import ConfigurationError
 from .sentinel import is_sentinel_client, is_sentinel_url, sentinel_from_client, sentinel_from_url
+from .urls import host_list
 
 log = logging.getLogger("sessionq")
 
@@ -173,20 +173,7 @@ def split_cluster_url(url: str) -> tuple[str, list[tuple[str, int]]]:
     cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
     netloc, tail = rest[:cut], rest[cut:]
     auth, _, hosts = netloc.rpartition("@")
-    nodes = []
-    for part in hosts.split(","):
-        if not part.strip():
-            continue
-        parsed = urlsplit(f"{plain}://{part.strip()}")
-        try:
-            port = parsed.port or 6379
-        except ValueError as exc:
-            raise ConfigurationError("redis", f"{url!r}: bad port in {part!r}") from exc
-        if not parsed.hostname:
-            raise ConfigurationError("redis", f"{url!r}: no host in {part!r}")
-        nodes.append((parsed.hostname, port))
-    if not nodes:
-        raise ConfigurationError("redis", f"{url!r} names no node; use redis+cluster://host:port")
+    nodes = host_list(url, hosts, plain, 6379, "redis+cluster://host:port[,host:port...]")
     first = hosts.split(",")[0].strip()
     single = f"{plain}://{auth + '@' if auth else ''}{first}{tail}"
     return single, nodes

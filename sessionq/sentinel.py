@@ -33,6 +33,7 @@ from redis.backoff import NoBackoff
 from redis.connection import parse_url
 
 from .errors import ConfigurationError
+from .urls import host_list, shown
 
 log = logging.getLogger("sessionq")
 
@@ -56,28 +57,15 @@ def split_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, dict[str, 
     plain = SENTINEL_SCHEMES[scheme.lower()]
     parts = urlsplit(f"{plain}://{rest}")
     auth, _, hosts = parts.netloc.rpartition("@")
-    sentinels: list[tuple[str, int]] = []
-    for part in hosts.split(","):
-        if not part.strip():
-            continue
-        one = urlsplit(f"{plain}://{part.strip()}")
-        try:
-            port = one.port or DEFAULT_SENTINEL_PORT
-        except ValueError as exc:
-            raise ConfigurationError("redis", f"{_shown(url)}: bad port in {part!r}") from exc
-        if not one.hostname:
-            raise ConfigurationError("redis", f"{_shown(url)}: no host in {part!r}")
-        sentinels.append((one.hostname, port))
-    if not sentinels:
-        raise ConfigurationError("redis", f"{_shown(url)} names no sentinel; use {_FORM}")
+    sentinels = host_list(url, hosts, plain, DEFAULT_SENTINEL_PORT, _FORM, "sentinel")
     path = [unquote(p) for p in parts.path.split("/") if p]
     if not path or len(path) > 2:
         raise ConfigurationError(
-            "redis", f"{_shown(url)} must name the service (and at most a db); use {_FORM}"
+            "redis", f"{shown(url)} must name the service (and at most a db); use {_FORM}"
         )
     service, db = path[0], path[1] if len(path) == 2 else "0"
     if not db.isdigit():
-        raise ConfigurationError("redis", f"{_shown(url)}: the database must be a number, not {db!r}")
+        raise ConfigurationError("redis", f"{shown(url)}: the database must be a number, not {db!r}")
     query = dict(parse_qsl(parts.query))
     sentinel_auth = {k.removeprefix("sentinel_"): query.pop(k) for k in _SENTINEL_OPTIONS if k in query}
     rebuilt = f"{plain}://{auth + '@' if auth else ''}{sentinels[0][0]}:{sentinels[0][1]}/{db}"
@@ -86,7 +74,7 @@ def split_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, dict[str, 
     try:
         settings: dict[str, Any] = dict(parse_url(rebuilt))
     except ValueError as exc:
-        raise ConfigurationError("redis", f"{_shown(url)}: {exc}") from exc
+        raise ConfigurationError("redis", f"{shown(url)}: {exc}") from exc
     settings.pop("host", None)
     settings.pop("port", None)
     if settings.pop("connection_class", None) is not None:  # rediss: redis-py's SSLConnection
@@ -140,13 +128,6 @@ def _primary_client(
 
 
 _FORM = "redis+sentinel://host:port[,host:port]/service_name[/db]"
-
-
-def _shown(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return repr(url)
-    return repr(url.replace(f":{parts.password}@", ":***@", 1))
 
 
 class PrimaryWatch:

@@ -24,6 +24,7 @@ import redis
 from redis.cluster import ClusterNode, RedisCluster
 
 from sessionq.connection import split_cluster_url
+from tests.helpers import stop_processes
 
 MASTERS = 3
 START_TIMEOUT = 20.0
@@ -234,15 +235,7 @@ class LocalCluster:
             time.sleep(0.05)
 
     def stop(self) -> None:
-        for process in self.processes:
-            if process.poll() is None:
-                process.terminate()
-        for process in self.processes:
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
+        stop_processes(self.processes)
         self.processes.clear()
         shutil.rmtree(self.dir, ignore_errors=True)
 

@@ -267,3 +267,37 @@ def commands_sent_by(client_name: str) -> Iterator[list[str]]:
         AbstractConnection.send_packed_command = original_send  # type: ignore[method-assign]
         asyncio.StreamWriter.write = original_write  # type: ignore[method-assign]
         asyncio.StreamWriter.writelines = original_writelines  # type: ignore[method-assign]
+
+
+def failover_worker(url: object, prefix: str, queue: str, identity: str, heartbeat_timeout: float) -> Any:
+    """A session worker (two slots) for the failover tests, which kill Redis, not workers:
+    the heartbeat timeout is chosen to outlast the failover."""
+    import sessionq
+    from tests import activities as acts
+
+    return sessionq.Worker(
+        url,
+        task_queue=queue,
+        activities=acts.ALL,
+        enable_sessions=True,
+        max_concurrent_sessions=2,
+        identity=identity,
+        heartbeat_timeout=heartbeat_timeout,
+        shutdown_grace=2.0,
+        prefix=prefix,
+    )
+
+
+def stop_processes(processes: Sequence[Any]) -> None:
+    """SIGTERM every process still running, then wait for each (SIGKILL after 5 s)."""
+    import subprocess
+
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import redis
 
+from tests.helpers import stop_processes
+
 SERVICE = "mymaster"
 START_TIMEOUT = 20.0
 
@@ -152,15 +154,7 @@ class LocalSentinel:
             time.sleep(0.05)
 
     def stop(self) -> None:
-        for process in self.by_port.values():
-            if process.poll() is None:
-                process.terminate()
-        for process in self.by_port.values():
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
+        stop_processes(list(self.by_port.values()))
         self.by_port.clear()
         shutil.rmtree(self.dir, ignore_errors=True)
 

@@ -22,7 +22,7 @@ import sessionq
 from sessionq.keys import QueueKeys
 from tests import activities as acts
 from tests.cluster import LocalCluster, cluster_tools, sync_cluster
-from tests.helpers import wait_for
+from tests.helpers import failover_worker, wait_for
 
 NODE_TIMEOUT_MS = 1000
 RECOVERY_BOUND_S = 12.0
@@ -44,18 +44,8 @@ def ha_cluster() -> Iterator[LocalCluster]:
         cluster.stop()
 
 
-def a_worker(url: str, prefix: str, queue: str, identity: str) -> sessionq.Worker:
-    return sessionq.Worker(
-        url,
-        task_queue=queue,
-        activities=acts.ALL,
-        enable_sessions=True,
-        max_concurrent_sessions=2,
-        identity=identity,
-        heartbeat_timeout=5.0,
-        shutdown_grace=2.0,
-        prefix=prefix,
-    )
+def a_worker(url: object, prefix: str, queue: str, identity: str) -> sessionq.Worker:
+    return failover_worker(url, prefix, queue, identity, heartbeat_timeout=5.0)
 
 
 async def test_existing_client_and_worker_follow_a_failover_of_the_queues_master(

@@ -29,7 +29,7 @@ from sessionq.keys import QueueKeys
 from sessionq.sentinel import split_sentinel_url
 from tests import activities as acts
 from tests.cluster import cluster_tools
-from tests.helpers import wait_for
+from tests.helpers import failover_worker, wait_for
 from tests.sentinel import SERVICE, LocalSentinel
 from tests.test_cli import clean_env, cli_argv, inspect_json
 
@@ -91,17 +91,7 @@ def sentinel_setup() -> Iterator[LocalSentinel]:
 
 
 def a_worker(url: object, prefix: str, queue: str, identity: str) -> sessionq.Worker:
-    return sessionq.Worker(
-        url,
-        task_queue=queue,
-        activities=acts.ALL,
-        enable_sessions=True,
-        max_concurrent_sessions=2,
-        identity=identity,
-        heartbeat_timeout=10.0,
-        shutdown_grace=2.0,
-        prefix=prefix,
-    )
+    return failover_worker(url, prefix, queue, identity, heartbeat_timeout=10.0)
 
 
 async def test_a_sentinel_managed_client_passed_in_needs_no_reference_kept(
