@@ -204,6 +204,7 @@ class Client:
         except BaseException:
             inbox.forget(activity_id)
             raise
+        inbox.track(activity_id, keys.tasks, entry_id)
         return ActivityHandle(
             activity_id=activity_id,
             name=name,

@@ -15,7 +15,12 @@ to it, renews its TTL while it waits, and deletes it on close. Writers append wi
 NOMKSTREAM, so nothing re-creates an inbox without its TTL: a message for a client that
 is gone is dropped. An inbox found missing while the client had it (Redis lost its data,
 or the key expired while the process was stalled) fails every waiting call with
-RedisDataLostError, since their messages can no longer come. A reader that cannot read
+RedisDataLostError, since their messages can no longer come. Redis can also lose part of
+its data and keep the inbox (a failover to a replica that lagged, a restart from an older
+snapshot): so once the reader is back in touch after losing it, it checks each waiting
+plain activity's task entry. An entry leaves its stream only after its result was
+written, so an entry gone with no result in the inbox was lost, and its call fails with
+RedisDataLostError instead of waiting for ever. A reader that cannot read
 (Redis down, a refused command, any error) keeps retrying with backoff; once it has
 failed for `unavailable_timeout` seconds, the calls waiting on it fail with
 RedisUnavailableError instead of waiting blind.
@@ -53,6 +58,11 @@ TRIM_EVERY = 64
 INBOX_TTL = 600.0
 """Seconds an inbox outlives its client's last sign of life."""
 RENEW_EVERY = INBOX_TTL / 4
+CHECKS_AFTER_OUTAGE = (0.0, 5.0, 15.0)
+"""When, in seconds after the reader is back in touch, the waiting plain activities' tasks
+are checked: at once, and again after a worker's result batch and the acks that follow
+it have had time to be re-sent (a result lost with the old primary, its task acked on the
+new one, shows only then)."""
 
 Message = Result | Grant | Refusal
 
@@ -70,6 +80,8 @@ class Inbox:
         self.unavailable_timeout = unavailable_timeout
         self.connection = wire.blocking(key, READ_BLOCK)
         self._futures: dict[str, asyncio.Future[Message]] = {}
+        self._entries: dict[str, tuple[str, bytes]] = {}  # plain activity id -> (its stream, entry id)
+        self._checks_due: list[float] = []  # monotonic times of the checks still to run
         self._reader: asyncio.Task[None] | None = None
         self._last_id = b"0-0"
         self._trim_below: bytes | None = None
@@ -97,10 +109,17 @@ class Inbox:
 
     def forget(self, message_id: str) -> None:
         self._futures.pop(message_id, None)
+        self._entries.pop(message_id, None)
+
+    def track(self, message_id: str, stream: str, entry_id: bytes) -> None:
+        """Where the task of a waiting plain activity sits (checked after an outage)."""
+        if message_id in self._futures:
+            self._entries[message_id] = (stream, entry_id)
 
     def fail(self, message_id: str, error: BaseException) -> None:
         """Resolve a waiting future with an error raised locally (e.g. session failed)."""
         future = self._futures.pop(message_id, None)
+        self._entries.pop(message_id, None)
         if future is not None and not future.done():
             future.set_exception(error)
 
@@ -167,16 +186,60 @@ class Inbox:
                 await asyncio.sleep(backoff * (0.5 + os.urandom(1)[0] / 255))
                 backoff = min(backoff * 2, 2.0)
                 continue
+            self._take(entries)
             if failing_since is not None:
                 log.warning("inbox %s: reading again", self.key)
+                now = time.monotonic()
+                self._checks_due = [now + delay for delay in CHECKS_AFTER_OUTAGE]
             backoff, failing_since = 0.05, None
-            for entry_id, fields in entries:
-                self._dispatch(entry_id, fields)
-            if entries:
-                self._last_id = entries[-1][0]
-                self._untrimmed += len(entries)
-                if self._untrimmed >= TRIM_EVERY:
-                    self._trim_below = _next_id(self._last_id)
+            if self._checks_due and self._checks_due[0] <= time.monotonic():
+                self._checks_due.pop(0)
+                try:
+                    await self._check_entries()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # out of touch again: the next recovery checks
+                    log.warning("inbox %s: could not check the waiting calls (%s)", self.key, describe(exc))
+
+    def _take(self, entries: list[tuple[bytes, list[Any]]]) -> None:
+        """Dispatch what was read, and note how far (and what to trim)."""
+        for entry_id, fields in entries:
+            self._dispatch(entry_id, fields)
+        if entries:
+            self._last_id = entries[-1][0]
+            self._untrimmed += len(entries)
+            if self._untrimmed >= TRIM_EVERY:
+                self._trim_below = _next_id(self._last_id)
+
+    async def _check_entries(self) -> None:
+        """After an outage: fail the waiting plain activities whose task entry is gone from
+        its stream while no result came (Redis lost both with part of its data). Looked at
+        twice, a second apart, so a result on its way is not mistaken for a loss."""
+        waiting = [(mid, where) for mid, where in self._entries.items() if mid in self._futures]
+        for look in range(2):
+            if not waiting:
+                return
+            stream = waiting[0][1][0]
+            found = await self.wire.execute_many(
+                stream, [("XRANGE", key, entry_id, entry_id) for _, (key, entry_id) in waiting]
+            )
+            gone = [(mid, where) for (mid, where), entry in zip(waiting, found, strict=True) if not entry]
+            if gone:  # their results may have come meanwhile
+                read = await self.wire.execute(self.key, "XREAD", "STREAMS", self.key, self._last_id)
+                self._take(raw_stream_entries(read))
+            waiting = [(mid, where) for mid, where in gone if mid in self._futures]
+            if waiting and look == 0:
+                await asyncio.sleep(1.0)
+        if waiting:
+            log.error("inbox %s: %d waiting activit(ies) lost with Redis' data", self.key, len(waiting))
+            self._fail_all(
+                lambda: RedisDataLostError(
+                    "Redis lost this activity's task and no result came (Redis failed over to a replica "
+                    "that lagged behind, or restarted from an older snapshot). It may or may not have run; "
+                    "retry it if it is safe"
+                ),
+                [mid for mid, _ in waiting],
+            )
 
     async def _next_batch(self) -> list[tuple[bytes, list[Any]]]:
         """New entries after the last one dispatched; trims what was dispatched on the way."""
@@ -206,6 +269,7 @@ class Inbox:
         for message in messages:
             message_id = message.activity_id if isinstance(message, Result) else message.session_id
             future = self._futures.pop(message_id, None)
+            self._entries.pop(message_id, None)
             if future is None:
                 log.debug("inbox %s: no one waits for %s any more (late or duplicate)", self.key, message_id)
             elif not future.done():

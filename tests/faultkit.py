@@ -50,6 +50,7 @@ from typing import Any, NamedTuple
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import pytest
+import redis
 
 log = logging.getLogger("tests.faultkit")
 
@@ -1141,6 +1142,21 @@ class PrivateRedis:
             self._wipe()
         return self.start()
 
+    def snapshot(self) -> None:
+        """Keep the data as it is now (SAVE), for `restart_from_snapshot`."""
+        assert self.dir is not None and self.port is not None
+        with redis.Redis(port=self.port, socket_timeout=10) as conn:
+            conn.save()
+        shutil.copyfile(self.dir / "dump.rdb", self.dir / "snapshot.rdb")
+
+    def restart_from_snapshot(self) -> str:
+        """SIGKILL, then come back with the data of the last `snapshot()`: what was written
+        since is lost, as after a failover to a replica that lagged behind."""
+        assert self.dir is not None
+        self.kill()
+        shutil.copyfile(self.dir / "snapshot.rdb", self.dir / "dump.rdb")
+        return self.start()
+
     def kill(self) -> None:
         """SIGKILL, as a crash: a persistent server keeps what its AOF has, another loses all."""
         if self._process is not None and self._process.poll() is None:
@@ -1230,6 +1246,7 @@ class PrivateFakeRedis:
         self._handlers: set[Any] = set()
         self._lock = threading.Lock()
         self._stopped = False
+        self._snapshot: dict[Any, tuple[Any, int]] = {}
 
     pid: int | None = None
     """Same process as the tests: no pid of its own."""
@@ -1300,6 +1317,24 @@ class PrivateFakeRedis:
         self._halt()
         if not keep_data:
             self._state = None
+        return self.start()
+
+    def snapshot(self) -> None:
+        """Keep the data as it is now (every key DUMPed with its TTL), for `restart_from_snapshot`."""
+        with redis.Redis(port=self.port, socket_timeout=10) as conn:
+            self._snapshot = {key: (conn.dump(key), conn.pttl(key)) for key in conn.scan_iter(count=1000)}
+
+    def restart_from_snapshot(self) -> str:
+        """Stop serving, then serve the data of the last `snapshot()`: what was written since
+        is lost, as after a failover to a replica that lagged behind."""
+        import fakeredis
+
+        self._halt()
+        state = fakeredis.FakeServer()
+        restore = fakeredis.FakeRedis(server=state)
+        for key, (dumped, ttl) in self._snapshot.items():
+            restore.restore(key, max(ttl, 0), dumped, replace=True)
+        self._state = state
         return self.start()
 
     def kill(self) -> None:

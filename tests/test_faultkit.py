@@ -584,6 +584,27 @@ async def test_private_server_restarts_on_its_port(backend: str, persistent: boo
         server.start()
 
 
+async def test_private_server_comes_back_from_a_snapshot_without_later_writes(backend: str) -> None:
+    """restart_from_snapshot: the keys as at snapshot() (TTLs and stream groups too), and
+    nothing written after it."""
+    with private_server(backend) as server:
+        async with connect(server.url, single_connection_client=True) as client:
+            await client.set("early", "1", px=60_000)
+            await client.xadd("s", {"f": "1"})
+            await client.xgroup_create("s", "g", id="0")
+            server.snapshot()
+            await client.set("late", "1")
+            await client.xadd("s", {"f": "2"})
+            server.restart_from_snapshot()
+            await wait_redis_up(server.url, timeout=5)
+            with pytest.raises(redis.ConnectionError):
+                await client.get("early")  # the restart dropped the connection
+            assert await client.get("early") == b"1" and 0 < await client.pttl("early") <= 60_000
+            assert await client.get("late") is None
+            assert [fields for _, fields in await client.xrange("s")] == [{b"f": b"1"}]
+            assert [g["name"] for g in await client.xinfo_groups("s")] == [b"g"]
+
+
 async def test_relay_in_front_of_a_restarting_server(backend: str) -> None:
     server = private_server(backend)
     with server:

@@ -387,6 +387,26 @@ async def test_d07_after_a_restart_without_data_callers_learn_at_once_and_worker
         assert await again.execute_activity(acts.whoami) == "w1"
 
 
+async def test_d07_a_call_whose_task_redis_lost_while_keeping_the_inbox_fails_clearly(
+    server: Any, key_prefix: str, task_queue: str, start_worker: StartWorker, clients: list[Client],
+) -> None:  # fmt: skip
+    """Redis comes back from an older state (as after a failover to a replica that lagged):
+    the inbox survived, but the task of one waiting call did not. That call gets
+    RedisDataLostError within seconds instead of waiting for ever; a call whose task
+    survived runs once a worker comes."""
+    client = client_on(clients, server.url, key_prefix)
+    kept = await client.start_activity(acts.echo, "kept", task_queue=task_queue)  # no worker yet
+    await asyncio.to_thread(server.snapshot)  # the inbox and the first task
+    lost = await client.start_activity(acts.echo, "lost", task_queue=task_queue)
+    await asyncio.to_thread(server.restart_from_snapshot)
+    error = await raises_within(lost.result(), RedisDataLostError, READ_BOUND + 2)
+    assert "lost this activity's task" in str(error)
+    assert not kept.done()
+    await start_worker(server.url)
+    value, _ = await ends_within(kept.result(), 10.0)
+    assert value == "kept"
+
+
 async def test_d02_after_a_restart_with_data_work_in_flight_completes_and_sessions_stay_open(
     persistent_server: Any, key_prefix: str, task_queue: str, start_worker: StartWorker,
     clients: list[Client], tmp_path: Path,
