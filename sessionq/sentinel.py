@@ -148,9 +148,10 @@ class PrimaryWatch:
         self.pool: SentinelConnectionPool = client.connection_pool
         self.on_primary = on_primary
         self._task: asyncio.Task[None] | None = None
+        self._closed = False
 
     def start(self) -> None:
-        if self._task is None or self._task.done():
+        if not self._closed and (self._task is None or self._task.done()):
             self._task = asyncio.create_task(self._run(), name="sessionq-sentinel-watch")
 
     async def _run(self) -> None:
@@ -183,6 +184,7 @@ class PrimaryWatch:
                     await pubsub.aclose()
 
     async def aclose(self) -> None:
+        self._closed = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(BaseException):
