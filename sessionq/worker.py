@@ -308,7 +308,7 @@ class Worker:
                     backoff,
                 )
                 await asyncio.sleep(backoff * (0.5 + os.urandom(1)[0] / 255))
-                backoff = min(backoff * 2, 5.0)
+                backoff = min(backoff * 2, 2.0)  # short: a failover is over in seconds
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Start a background task and keep a reference until it ends."""

@@ -61,7 +61,7 @@ async def test_existing_client_and_worker_follow_a_failover_of_the_queues_master
         session = await client.create_session(queue, sessionq.SessionOptions(creation_timeout=10))
         assert await session.execute_activity(acts.echo, "before") == "before"
         assert await client.execute_activity(acts.echo, 1, task_queue=queue) == 1
-        await asyncio.to_thread(wait_replicated, ha_cluster, k.session(session.session_id))
+        await asyncio.to_thread(wait_all_replicated, ha_cluster, k.tasks)
 
         dead = await asyncio.to_thread(ha_cluster.kill_master_of, k.tasks)
         killed_at = time.monotonic()
@@ -122,24 +122,3 @@ def wait_all_replicated(cluster: LocalCluster, key: str) -> None:
 
     with redis.Redis(host=node.host, port=node.port) as master:
         assert master.wait(1, 5000) == 1, "the replica did not catch up"
-
-
-def wait_replicated(cluster: LocalCluster, key: str, timeout: float = 10.0) -> None:
-    """Until the replica of `key`'s master has it (replication is asynchronous: a write the
-    replica never got is lost with its master, which another test covers)."""
-    with sync_cluster(cluster.url) as sync:
-        master = sync.get_node_from_key(key)
-        replicas = [n for n in sync.get_nodes() if n.server_type == "replica"]
-        deadline = time.monotonic() + timeout
-        import redis
-
-        for replica in replicas:
-            with redis.Redis(host=replica.host, port=replica.port) as conn:
-                info = conn.info("replication")
-                if f"{info.get('master_host')}:{info.get('master_port')}" != f"{master.host}:{master.port}":
-                    continue
-                conn.execute_command("READONLY")
-                while not conn.exists(key):
-                    if time.monotonic() > deadline:
-                        raise AssertionError(f"{key} never reached the replica {replica.name}")
-                    time.sleep(0.02)
