@@ -45,7 +45,7 @@ def ha_cluster() -> Iterator[LocalCluster]:
 
 
 def a_worker(url: object, prefix: str, queue: str, identity: str) -> sessionq.Worker:
-    return failover_worker(url, prefix, queue, identity, heartbeat_timeout=5.0)
+    return failover_worker(url, prefix, queue, identity, heartbeat_timeout=10.0)
 
 
 async def test_existing_client_and_worker_follow_a_failover_of_the_queues_master(
