@@ -1,10 +1,16 @@
-"""`sessionq demo`: the specification's file-processing example, end to end, in ~15 seconds.
+"""`sessionq demo`: the specification's file-processing example, end to end, in ~20 seconds.
 
 Three worker processes (`sessionq worker sessionq.cli.fileprocessing.worker:worker`, one
 session slot each) and several files, each downloaded, processed and uploaded in its own
 session. Mid-way one worker is SIGKILLed: the file it held fails with SessionFailedError
 within the heartbeat timeout and starts over in a new session on another worker, while
-the other files finish. Then everything is stopped and cleaned up.
+the other files finish.
+
+Then a host session: one more file on a worker started with --host-id. That process is
+SIGKILLed mid-step and another process of the same host starts (as a supervisor or
+systemd would): the session carries on, the step runs again on the new process and finds
+the download on the host's disk, and the caller sees no error. Then everything is
+stopped and cleaned up.
 
 Redis: --redis-url / $SESSIONQ_REDIS_URL / $REDIS_URL when given; else the default
 localhost:6379 if something answers there; else an embedded server (see embedded.py).
@@ -50,6 +56,8 @@ from .fileprocessing import starter
 from .fleet import Fleet
 
 TASK_QUEUE = fileprocessing.TASK_QUEUE
+HOST_QUEUE = TASK_QUEUE + "-host"
+HOST_ID = "demo-box"
 # An installed module, so the workers import it from site-packages whatever their cwd.
 WORKER_TARGET = f"{fileprocessing.__name__}.worker:worker"
 HEARTBEAT_TIMEOUT = 2.0
@@ -132,6 +140,16 @@ class Demo:
                 "FILEPROCESSING_SCRATCH": str(self.tmp / "disks"),
             },
         )
+        self.host_fleet = Fleet(
+            WORKER_TARGET,
+            self.tmp,
+            backend.url,
+            self.prefix,
+            HOST_QUEUE,
+            self.tmp / "logs",
+            env=self.fleet.env,
+        )
+        self.host_story: dict[str, Any] = {}
         self._kills: set[asyncio.Task[None]] = set()
 
     # -- the story ----------------------------------------------------------------------
@@ -162,7 +180,7 @@ class Demo:
         )
         outcomes = await self.process(urls)
         self.conclude(outcomes)
-        return self.check(outcomes)
+        return self.check(outcomes) and await self.host_scene()
 
     def intro(self) -> None:
         self.console.print("[bold]sessionq demo[/]: the file-processing example of the Worker Sessions spec")
@@ -293,10 +311,87 @@ class Demo:
         self.console.print("\n[red]The demo did not go as planned[/] (see above).")
         return False
 
+    # -- the host scene ---------------------------------------------------------------------
+    def host_flags(self) -> tuple[str, ...]:
+        return ("-Q", HOST_QUEUE, "--host-id", HOST_ID, "--restart-grace", "15", "--max-sessions", "1",
+                "--heartbeat-timeout", str(HEARTBEAT_TIMEOUT), "--shutdown-grace", "5")  # fmt: skip
+
+    async def host_scene(self) -> bool:
+        """A host worker restarted mid-session; the session carries on."""
+        self.console.print(
+            f"\n[bold]Host sessions[/]: with --host-id a session belongs to the host, not to one process. "
+            f"One more file, on task queue {HOST_QUEUE!r}, host {HOST_ID!r}.\n"
+        )
+        self.host_fleet.start("demo-box-a", *self.host_flags())
+        await self.host_fleet.wait_ready()
+        self.story.say(
+            f"worker demo-box-a (pid {self.host_fleet.procs['demo-box-a'].pid}) serves host {HOST_ID}"
+        )
+        (url,) = self.starter.make_inputs(self.tmp / "host-inputs", 1)
+        client = sessionq.Client(self.backend.url, prefix=self.prefix)
+        options = sessionq.SessionOptions(creation_timeout=30, execution_timeout=120)
+        destination = self.tmp / "uploaded-host"
+        failed: list[str] = []
+        try:
+            result = await self.starter.process_in_session(
+                client,
+                url,
+                str(destination),
+                on_event=self.on_host_event,
+                options=options,
+                task_queue=HOST_QUEUE,
+            )
+        except sessionq.SessionqError as exc:
+            failed.append(f"{type(exc).__name__}: {exc}")
+            result = None
+        finally:
+            await client.close()
+        processed_by = ""
+        for path in destination.glob("*"):
+            processed_by = path.read_text().splitlines()[0].removeprefix("# processed by ").split(":")[0]
+        ok = result is not None and not failed and processed_by == "demo-box-b"
+        if ok:
+            self.story.say(
+                f"{Path(url).name:<11} [green]uploaded[/]: process ran again on [cyan]demo-box-b[/] "
+                "(attempt 2) and read the file demo-box-a had downloaded onto the host's disk"
+            )
+            self.console.print(
+                "\n[green]The host session survived its process's SIGKILL and restart[/]: the caller saw "
+                "no error. Without --host-id the session would have failed, as in the first part."
+            )
+        else:
+            self.console.print(f"\n[red]The host scene did not go as planned[/]: {failed or processed_by}")
+        return ok
+
+    def on_host_event(self, event: Any) -> None:
+        story = self.story
+        if event.kind == "session":
+            story.say(f"{event.file:<11} session {str(event.detail)[:8]} on host [cyan]{HOST_ID}[/]")
+        elif event.kind == "step":
+            story.say(f"{event.file:<11} {event.step:<8} started")
+            if event.step == "process" and "killed" not in self.host_story:
+                self.host_story["killed"] = True
+                task = asyncio.create_task(self.restart_host_process())
+                self._kills.add(task)
+                task.add_done_callback(self._kills.discard)
+        elif event.kind == "stepdone":
+            story.say(f"{event.file:<11} {event.step:<8} done")
+
+    async def restart_host_process(self) -> None:
+        await asyncio.sleep(self.work_seconds * 0.4)
+        proc = self.host_fleet.kill("demo-box-a")
+        self.story.say(f"[bold red]SIGKILL demo-box-a[/] (pid {proc.pid}) while it processes the file")
+        replacement = self.host_fleet.start("demo-box-b", *self.host_flags())
+        self.story.say(
+            f"demo-box-b (pid {replacement.pid}) starts with --host-id {HOST_ID}, as a supervisor would "
+            f"(`sessionq worker --processes N`); the session stays open for up to --restart-grace"
+        )
+
     async def shutdown(self) -> None:
         """SIGTERM the surviving workers (graceful), then delete the demo's keys."""
         for task in list(self._kills):
             task.cancel()
+        await self.host_fleet.stop_all()
         codes = await self.fleet.stop_all()
         if codes:
             text = ", ".join(
@@ -312,6 +407,7 @@ class Demo:
 
     def cleanup_files(self) -> None:
         self.fleet.kill_all_now()
+        self.host_fleet.kill_all_now()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 

@@ -8,6 +8,7 @@ JSON schema (``--json``), version 1. Every document is one JSON object::
       "now_ms": 1718000000000,     # Redis' clock (TIME) when the snapshot was taken
       "queues":   [Queue, ...],    # views: (none), queues
       "workers":  [Worker, ...],   # views: (none), workers
+      "hosts":    [Host, ...],     # views: (none), workers, hosts
       "sessions": [Session, ...],  # views: (none), sessions
       "session":  Session | null   # view: session ID (null: no such session; exit code 1)
     }
@@ -24,8 +25,9 @@ Queue::
     consumers           int   workers (alive or dead) that have read from the shared stream
     oldest_age_s        float|null  age of the oldest entry still in the shared stream
     waiting_sessions    int   callers waiting for a session slot (create/recreate_session)
-    workers             int   registered workers
+    workers             int   registered worker processes
     workers_alive       int   of those, with a live heartbeat
+    hosts               int   hosts (worker processes sharing a host_id) registered
     open_sessions       int   sessions open on the queue's workers
     free_session_slots  int|null  free slots on live session workers (null = unlimited)
     dead_letters        int   malformed entries moved aside to the dead stream
@@ -33,7 +35,9 @@ Queue::
 Worker::
 
     task_queue, identity  str
-    host                str|null
+    kind                "worker"
+    host_id             str|null  the host it is a process of (null: it is its own host)
+    host                str|null  the machine's name
     pid                 int|null
     alive               bool  its heartbeat key exists (false: dead, not yet reaped)
     heartbeat_ttl_ms    int|null  time left on the heartbeat key
@@ -49,6 +53,24 @@ Worker::
     queued              int   session activities waiting in its own stream
     registered_age_s    float|null  since it registered
     activities          [str] activity names it runs
+
+Host (worker processes of one task queue sharing a host_id: one session limit, and sessions
+that outlive any one process)::
+
+    task_queue, host_id  str
+    kind                "host"
+    identity            str   "host=<host_id>", the `worker` its sessions name
+    host                str|null  the machine's name
+    alive               bool  a process lives, or the host is in its restart grace
+    in_grace            bool  no process lives: its sessions wait for one to come back
+    no_live_process_s   float|null  in the grace: for how long no process has lived
+    restart_grace_s     float  how long its sessions wait for a process to come back
+    processes           [{"identity": str, "alive": bool}]
+    processes_alive     int
+    open_sessions, max_sessions, heartbeat_timeout_s, last_heartbeat_age_s, registered_age_s
+                        as for a worker (the host's heartbeat is its processes')
+    pending             int   session activities its processes read and have not finished
+    queued              int   session activities in its stream (queued, or being run)
 
 Session::
 
@@ -103,7 +125,7 @@ from .common import (
 )
 from .snapshot import collect
 
-VIEWS = ("workers", "sessions", "queues", "session")
+VIEWS = ("workers", "hosts", "sessions", "queues", "session")
 
 
 def fmt_age(seconds: float | None) -> str:
@@ -164,6 +186,8 @@ def queues_table(rows: list[dict[str, Any]]) -> Table:
 
 
 def worker_sessions(w: dict[str, Any]) -> str:
+    if w.get("kind") == "worker" and w.get("host_id"):
+        return f"host {w['host_id']}"
     if not w["sessions_enabled"]:
         return "off"
     return f"{w['open_sessions']}/{'∞' if w['max_sessions'] is None else w['max_sessions']}"
@@ -185,6 +209,36 @@ def workers_table(rows: list[dict[str, Any]]) -> Table:
             ("alive", "left", lambda w: "[green]yes[/]" if w["alive"] else "[bold red]DEAD[/]"),
         ],
     )
+
+
+def host_state(h: dict[str, Any]) -> str:
+    if not h["alive"]:
+        return "[bold red]DEAD[/]: its sessions fail when reaped"
+    if h["in_grace"]:
+        return (
+            f"[yellow]no live process for {fmt_age(h['no_live_process_s'])} of "
+            f"{fmt_age(h['restart_grace_s'])}[/]"
+        )
+    return "[green]up[/]"
+
+
+def hosts_table(rows: list[dict[str, Any]]) -> Table:
+    return make_table(
+        "hosts",
+        rows,
+        [
+            ("host", "left", lambda h: h["host_id"]),
+            ("machine", "left", lambda h: fmt(h["host"])),
+            ("processes", "left", lambda h: ", ".join(
+                p["identity"] + ("" if p["alive"] else " [red](dead)[/]") for p in h["processes"]
+            ) or "-"),
+            ("sessions", "right", worker_sessions),
+            ("pending", "right", lambda h: str(h["pending"])),
+            ("queued", "right", lambda h: str(h["queued"])),
+            ("grace", "right", lambda h: fmt_age(h["restart_grace_s"])),
+            ("state", "left", host_state),
+        ],
+    )  # fmt: skip
 
 
 def session_state(s: dict[str, Any]) -> str:
@@ -258,6 +312,8 @@ def render(doc: dict[str, Any]) -> Group:
         )
     if "workers" in doc:
         parts.append(workers_table(doc["workers"]) if doc["workers"] else "no workers registered")
+    if doc.get("hosts"):
+        parts.append(hosts_table(doc["hosts"]))
     if "sessions" in doc:
         parts.append(sessions_table(doc["sessions"]) if doc["sessions"] else "no open or waiting sessions")
     if "session" in doc and doc["session"] is not None:
@@ -313,7 +369,7 @@ def watch(console: Console, fetch: Any, as_json: bool, interval: float) -> None:
 
 @click.command("inspect")
 @click.argument(
-    "view", required=False, type=click.Choice(VIEWS), metavar="[workers|sessions|queues|session ID]"
+    "view", required=False, type=click.Choice(VIEWS), metavar="[workers|hosts|sessions|queues|session ID]"
 )
 @click.argument("session_id", required=False, metavar="")
 @redis_url_option
@@ -360,6 +416,7 @@ def inspect_command(
     \b
     sessionq inspect                 queues, workers and open/waiting sessions
     sessionq inspect workers         identity, host, pid, sessions open/max, running, heartbeat, alive
+    sessionq inspect hosts           hosts (processes sharing --host-id): processes, sessions, grace
     sessionq inspect sessions        id, worker, state, age, deadline, queued activities
     sessionq inspect queues          length, pending, consumers, oldest entry, waiting creators
     sessionq inspect session ID      one session's record and its queued activities

@@ -13,7 +13,7 @@ from typing import Any
 
 from sessionq.codec import default_codec
 from sessionq.envelope import decode_task
-from sessionq.keys import CONSUMER_GROUP, QueueKeys, queues_index
+from sessionq.keys import CONSUMER_GROUP, QueueKeys, host_of, host_worker_id, queues_index
 
 STREAM_SCAN_LIMIT = 10_000
 """Most entries read from one worker's own stream when counting queued activities."""
@@ -78,7 +78,7 @@ class Reader:
             length, first, waiting, dead = pipe.execute()
         group = self.group(k)
         mine = [w for w in workers if w["task_queue"] == name]
-        session_workers = [w for w in mine if w["sessions_enabled"] and w["alive"]]
+        session_workers = [w for w in mine if w["sessions_enabled"] and w["alive"] and not w.get("in_grace")]
         unlimited = any(w["max_sessions"] is None for w in session_workers)
         return {
             "task_queue": name,
@@ -87,8 +87,9 @@ class Reader:
             "consumers": int(group.get("consumers", 0)),
             "oldest_age_s": age_s(self.now_ms, entry_ms(first[0][0])) if first else None,
             "waiting_sessions": int(waiting),
-            "workers": len(mine),
-            "workers_alive": sum(1 for w in mine if w["alive"]),
+            "workers": sum(1 for w in mine if w["kind"] == "worker"),
+            "workers_alive": sum(1 for w in mine if w["alive"] and w["kind"] == "worker"),
+            "hosts": sum(1 for w in mine if w["kind"] == "host"),
             "open_sessions": sum(w["open_sessions"] for w in mine),
             "free_session_slots": None
             if unlimited
@@ -106,10 +107,10 @@ class Reader:
                 return dict(group)
         return {}
 
-    def consumers(self, k: QueueKeys) -> dict[str, int]:
-        """Plain activities each consumer of the shared stream read but did not acknowledge."""
+    def consumers(self, k: QueueKeys, stream: str | None = None) -> dict[str, int]:
+        """Activities each consumer of the shared stream (or a host's) read but did not acknowledge."""
         try:
-            rows = self.r.xinfo_consumers(k.tasks, CONSUMER_GROUP)
+            rows = self.r.xinfo_consumers(stream or k.tasks, CONSUMER_GROUP)
         except Exception:
             return {}
         return {text(row["name"]) or "": int(row.get("pending", 0)) for row in rows}
@@ -130,8 +131,41 @@ class Reader:
         out = []
         for i, w in enumerate(ids):
             record, ttl = strings(replies[2 * i]), int(replies[2 * i + 1])
-            out.append(self.worker_row(queue, w, record, ttl, pending.get(w, 0), queued[w]))
+            host_id = host_of(w)
+            if host_id is None:
+                row = self.worker_row(queue, w, record, ttl, pending.get(w, 0), queued[w])
+            else:
+                row = self.host_row(queue, host_id, record, ttl, queued[w])
+            out.append(row)
         return out
+
+    def host_row(
+        self, queue: str, host_id: str, record: dict[str, str], ttl: int, queued: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        """A host: the worker processes sharing one host id, as its sessions see it."""
+        k = QueueKeys(self.prefix, queue)
+        identity = host_worker_id(host_id)
+        row = self.worker_row(queue, identity, record, ttl, 0, queued)
+        members = sorted(m.decode(errors="replace") for m in self.r.smembers(k.host_procs(host_id)))
+        with self.r.pipeline(transaction=False) as pipe:
+            for member in members:
+                pipe.exists(k.alive(member))
+            pipe.exists(k.host_up(host_id))
+            *alive, up = pipe.execute()
+        grace_ms = number(record.get("grace_ms")) or 0
+        pending = self.consumers(k, k.stream(identity))
+        in_grace = row["alive"] and not up
+        row.update(
+            kind="host",
+            host_id=host_id,
+            restart_grace_s=grace_ms / 1000,
+            processes=[{"identity": m, "alive": bool(a)} for m, a in zip(members, alive, strict=True)],
+            processes_alive=sum(1 for a in alive if a),
+            in_grace=bool(in_grace),
+            no_live_process_s=round(max(0, grace_ms - ttl) / 1000, 3) if in_grace and ttl >= 0 else None,
+            pending=sum(pending.values()),
+        )
+        return row
 
     def worker_row(
         self, queue: str, w: str, record: dict[str, str], ttl: int, pending: int, queued: list[dict[str, Any]]
@@ -140,7 +174,9 @@ class Reader:
         hb_ms = number(record.get("hb_ms"))
         return {
             "task_queue": queue,
+            "kind": "worker",
             "identity": w,
+            "host_id": record.get("hid"),
             "host": record.get("host"),
             "pid": number(record.get("pid")),
             "alive": ttl > 0 or ttl == -1,
@@ -330,7 +366,9 @@ def collect(
     if view in ("overview", "queues"):
         doc["queues"] = [reader.queue(q, workers) for q in queues]
     if view in ("overview", "workers"):
-        doc["workers"] = workers
+        doc["workers"] = [row for row in workers if row["kind"] == "worker"]
+    if view in ("overview", "workers", "hosts"):
+        doc["hosts"] = [row for row in workers if row["kind"] == "host"]
     if view in ("overview", "sessions"):
         doc["sessions"] = [row for q in queues for row in reader.sessions(q, workers, include_ended)]
     return doc

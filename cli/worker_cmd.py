@@ -8,6 +8,7 @@ import importlib
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -29,6 +30,7 @@ from .common import (
     redis_url_option,
     require_redis,
 )
+from .supervisor import Supervisor
 
 log = logging.getLogger("sessionq.cli")
 
@@ -114,6 +116,8 @@ def settings_of(worker: sessionq.Worker) -> dict[str, Any]:
         "prefix": worker.prefix,
         "codec": worker.codec,
         "retention": worker.retention_ms / 1000,
+        "host_id": worker.host_id,
+        "restart_grace": worker.restart_grace,
     }
 
 
@@ -128,9 +132,13 @@ def overrides_from(
     shutdown_grace: float | None,
     sessions: bool | None,
     prefix: str | None,
+    host_id: str | None = None,
+    restart_grace: float | None = None,
 ) -> dict[str, Any]:
     """Worker keyword arguments for the flags that were given (None = not given)."""
     given: dict[str, Any] = {
+        "host_id": host_id,
+        "restart_grace": restart_grace,
         "redis": redis_url,
         "task_queue": task_queue,
         "max_concurrent_activities": concurrency,
@@ -141,6 +149,8 @@ def overrides_from(
         "prefix": prefix,
     }
     out = {key: value for key, value in given.items() if value is not None}
+    if host_id is not None:
+        out.setdefault("enable_sessions", True)
     if max_sessions is not None:
         out["max_concurrent_sessions"] = max_sessions or None  # 0 = unlimited
         out.setdefault("enable_sessions", True)
@@ -168,10 +178,13 @@ class Stopper:
         name = signal.Signals(signum).name
         log.warning(
             "%s: stopping worker %s gracefully (running activities, session ones too, get up to "
-            "%gs to finish and nothing new is taken; then the sessions it holds fail)%s",
+            "%gs to finish and nothing new is taken; then %s)%s",
             name,
             self.worker.worker_id,
             self.worker.shutdown_grace,
+            "the sessions it holds fail"
+            if self.worker.host_id is None
+            else f"host {self.worker.host_id}'s sessions stay open for its other processes",
             "; press Ctrl-C again to exit at once" if signum == signal.SIGINT else "",
         )
         self.worker.stop()
@@ -312,6 +325,30 @@ def run_worker(worker: sessionq.Worker, burst: bool, stop_with_parent: bool, loo
     default=None,
     help="Take worker sessions [default: on for a list of activities, else the Worker's].",
 )
+@click.option(
+    "--host-id",
+    metavar="ID",
+    default=None,
+    help="Join host ID: processes of a task queue with the same host id share one session limit "
+    "(--max-sessions counts the host's sessions) and the host's sessions survive the death or "
+    "restart of any of them [default: none; the machine's hostname with --processes]. Implies --sessions.",
+)
+@click.option(
+    "--restart-grace",
+    type=click.FloatRange(min=0),
+    default=None,
+    metavar="SECONDS",
+    help="With --host-id: how long the host's sessions stay open once none of its processes "
+    "lives, for one to come back [default: 30].",
+)
+@click.option(
+    "--processes",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Run N worker processes of one host (--host-id) under a supervisor that restarts one "
+    "that dies and stops them all gracefully on SIGTERM/Ctrl-C.",
+)
 @click.option("--burst", is_flag=True, help="Exit once the queue is empty and no session is open.")
 @click.option(
     "--loop",
@@ -339,6 +376,9 @@ def worker_command(
     heartbeat_timeout: float | None,
     shutdown_grace: float | None,
     sessions: bool | None,
+    host_id: str | None,
+    restart_grace: float | None,
+    processes: int | None,
     burst: bool,
     loop: str,
     prefix: str | None,
@@ -360,13 +400,21 @@ def worker_command(
     at once.
 
     \b
+    With --host-id the sessions belong to the host, not this process: SIGTERM hands them
+    to the host's other processes (or to the one that replaces this one within
+    --restart-grace) instead of failing them.
+
+    \b
     Examples:
       sessionq worker myapp.worker:worker
       sessionq worker myapp.activities:ALL -Q fileprocessing --max-sessions 4
+      sessionq worker myapp.worker:worker --processes 4 --max-sessions 8
     """
     loaded = load_target(target)
     if cluster or (redis_url is None and not isinstance(loaded, sessionq.Worker)):
         redis_url = redis_url_from(redis_url, cluster)
+    if processes is not None and host_id is None:
+        host_id = socket.gethostname()
     overrides = overrides_from(
         redis_url=redis_url,
         task_queue=task_queue,
@@ -377,7 +425,51 @@ def worker_command(
         shutdown_grace=shutdown_grace,
         sessions=sessions,
         prefix=prefix,
+        host_id=host_id,
+        restart_grace=restart_grace,
     )
-    worker = build_worker(loaded, target, overrides)
+    worker = build_worker(loaded, target, overrides)  # checks the options before any process starts
     configure_logging(log_level, verbose, quiet, default="INFO")  # not before: errors above stay one line
-    run_worker(worker, burst, stop_with_parent, loop)
+    if processes is None:
+        run_worker(worker, burst, stop_with_parent, loop)
+        return
+    if isinstance(worker._redis_target, str):
+        require_redis(worker._redis_target)
+    flags = {
+        "--redis-url": redis_url,
+        "--task-queue": task_queue,
+        "--max-sessions": max_sessions,
+        "--concurrency": concurrency,
+        "--heartbeat-timeout": heartbeat_timeout,
+        "--shutdown-grace": shutdown_grace,
+        "--host-id": worker.host_id,
+        "--restart-grace": restart_grace,
+        "--loop": loop,
+        "--prefix": prefix,
+        "--log-level": log_level,
+    }
+    common = [target]
+    for flag, value in flags.items():
+        if value is not None:
+            common += [flag, str(value)]
+    if cluster:
+        common.append("--cluster")
+    if sessions is not None:
+        common.append("--sessions" if sessions else "--no-sessions")
+    if burst:
+        common.append("--burst")
+    common += ["-v"] * verbose + ["-q"] * quiet + ["--stop-with-parent"]
+
+    def argv_for(number: int) -> list[str]:
+        named = ["--identity", f"{identity}-{number}"] if identity else []
+        return [sys.executable, "-m", "sessionq.cli", "worker", *common, *named]
+
+    log.info(
+        "supervising %d worker processes of host %s on task queue %r",
+        processes,
+        worker.host_id,
+        worker.task_queue,
+    )
+    supervisor = Supervisor(processes, argv_for, worker.shutdown_grace)
+    supervisor.install()
+    sys.exit(supervisor.run())

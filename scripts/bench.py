@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import math
 import os
@@ -431,10 +432,19 @@ async def scenario_drain(bench: Bench, sync: redis.Redis) -> dict[str, Any]:
     }
 
 
-async def scenario_roundtrip(bench: Bench, sync: redis.Redis) -> dict[str, Any]:
+def session_workers(
+    bench: Bench, name: str, host: bool
+) -> contextlib.AbstractContextManager[list[WorkerProcess]]:
+    """One worker process; or, for a host session, the two processes of one host."""
+    if host:
+        return workers_of(bench, f"{name}-a", f"{name}-b", task_queue=TASK_QUEUE, host_id=f"{name}-host")
+    return workers_of(bench, name, task_queue=TASK_QUEUE)
+
+
+async def scenario_roundtrip(bench: Bench, sync: redis.Redis, host: bool = False) -> dict[str, Any]:
     """One caller, one session, sequential no-op activities."""
     n = bench.sizes.roundtrip
-    with workers_of(bench, "rt", task_queue=TASK_QUEUE) as workers:
+    with session_workers(bench, "rt", host) as workers:
         client = bench.client()
         try:
             async with client.create_session(TASK_QUEUE) as session:
@@ -453,10 +463,10 @@ async def scenario_roundtrip(bench: Bench, sync: redis.Redis) -> dict[str, Any]:
     return {**summary, "activities_per_s": round(n / sum(samples)), **cpu}
 
 
-async def scenario_churn(bench: Bench, sync: redis.Redis) -> dict[str, Any]:
+async def scenario_churn(bench: Bench, sync: redis.Redis, host: bool = False) -> dict[str, Any]:
     """create_session + one activity + complete, sequential."""
     n = bench.sizes.churn
-    with workers_of(bench, "churn", task_queue=TASK_QUEUE) as workers:
+    with session_workers(bench, "churn", host) as workers:
         client = bench.client()
         try:
             for _ in range(max(20, bench.sizes.warmup // 5)):
@@ -651,6 +661,8 @@ SCENARIOS: dict[str, Callable[[Bench, redis.Redis], Awaitable[dict[str, Any]]]] 
     "drain": scenario_drain,
     "roundtrip": scenario_roundtrip,
     "churn": scenario_churn,
+    "host_roundtrip": functools.partial(scenario_roundtrip, host=True),
+    "host_churn": functools.partial(scenario_churn, host=True),
     "commands": scenario_commands,
     "capacity": scenario_capacity,
     "concurrency": scenario_concurrency,
@@ -666,6 +678,10 @@ ROWS: list[tuple[str, str, str]] = [
     ("roundtrip", "p99_ms", "2. session round trip p99 (ms)"),
     ("churn", "p50_ms", "3. session churn p50 (ms)"),
     ("churn", "p99_ms", "3. session churn p99 (ms)"),
+    ("host_roundtrip", "p50_ms", "2h. host session round trip p50 (ms)"),
+    ("host_roundtrip", "p99_ms", "2h. host session round trip p99 (ms)"),
+    ("host_churn", "p50_ms", "3h. host session churn p50 (ms)"),
+    ("host_churn", "p99_ms", "3h. host session churn p99 (ms)"),
     ("commands", "session_activity", "4. Redis commands per session activity"),
     ("commands", "plain_activity", "4. Redis commands per plain activity (sequential)"),
     ("commands", "plain_activity_batch", "4. Redis commands per plain activity (batch)"),
@@ -785,6 +801,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     worker.add_argument("--task-queue", default=TASK_QUEUE, help=argparse.SUPPRESS)
     worker.add_argument("--heartbeat-timeout", type=float, default=10.0, help=argparse.SUPPRESS)
     worker.add_argument("--concurrency", type=int, default=100, help=argparse.SUPPRESS)
+    worker.add_argument("--host-id", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -807,6 +824,7 @@ async def worker_main(args: argparse.Namespace) -> None:
         identity=args.identity,
         heartbeat_timeout=args.heartbeat_timeout,
         prefix=args.prefix,
+        host_id=args.host_id,
     )
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, worker.stop)

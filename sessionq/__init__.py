@@ -16,6 +16,12 @@ Reading the code, one path at a time (the wire format: envelope.py; the keys: ke
   stream, and the result comes back as above. `complete()`, the execution timeout, the
   owner's silence or the worker's death (liveness.py, housekeeping.py) end it with the
   end_session or reap_worker script, which hands the slot to the next waiter.
+- A host session: worker processes started with one `host_id` form a host, registered
+  (register_worker script) and placed like one worker under the id ``host=<host_id>``
+  (keys.py); its sessions' activities go to the host's stream, which its processes read
+  through a consumer group (host_queue.py), so one a dead process had read is taken over
+  by another (housekeeping.py); the host is reaped only `restart_grace` after its last
+  process stopped beating (heartbeat script).
 - Faults: every error is classified once (faults.py); worker.py's module docstring maps
   the worker's parts.
 """

@@ -60,23 +60,85 @@ class HeldSessions:
     # -- opening ------------------------------------------------------------------------
     def opened(self, sid: str, fields: dict[bytes, bytes], entry_id: bytes) -> None:
         """A grant opened session `sid` here (an 'o' entry of the worker's own stream)."""
-        if sid in self.open or sid in self.ended:
-            return
-        w = self.worker
-        info = SessionInfo(sid, w.hostname, w.worker_id, w.task_queue, prefix=w.prefix)
         deadline = fields.get(b"d")  # absent in an older version's message: created + execution timeout
         created_ms = int(entry_id.split(b"-")[0])
         deadline_ms = int(deadline) if deadline is not None else created_ms + int(fields[b"x"])
-        held = HeldSession(
-            info,
+        self._hold(
+            sid,
             deadline_ms,
-            info_exec_ms=int(fields.get(b"x") or 0),
-            owner_client=fields.get(b"c", b"").decode(),
-            owner_ms=int(fields.get(b"l") or 0),
+            int(fields.get(b"x") or 0),
+            fields.get(b"c", b"").decode(),
+            int(fields.get(b"l") or 0),
+        )
+
+    def _hold(
+        self, sid: str, deadline_ms: int, exec_ms: int, owner_client: str, owner_ms: int
+    ) -> HeldSession | None:
+        if sid in self.open or sid in self.ended:
+            return self.open.get(sid)
+        w = self.worker
+        info = SessionInfo(sid, w.hostname, w.worker_id, w.task_queue, prefix=w.prefix, host_id=w.host_id)
+        held = HeldSession(
+            info, deadline_ms, info_exec_ms=exec_ms, owner_client=owner_client, owner_ms=owner_ms
         )
         self.open[sid] = held
         self._arm(held, (deadline_ms - w.redis_now_ms()) / 1000)
         log.debug("worker %s: session %s opened", w.worker_id, sid)
+        return held
+
+    # -- a host's sessions ----------------------------------------------------------------
+    _RECORD = ("state", "worker", "deadline", "exec_ms", "client", "owner_ms", "reason")
+
+    def _from_record(self, sid: str, record: list[bytes | None]) -> HeldSession | None:
+        """Hold a session of this process's host from its record in Redis, if it is open."""
+        state, placed_on, deadline, exec_ms, client, owner_ms, reason = record
+        if state is None or placed_on is None or placed_on.decode() != self.worker.host_worker_id:
+            return None
+        if state != b"OPEN":
+            if sid not in self.open:
+                kind = "completed" if state == b"COMPLETED" else "failed"
+                self.ended[sid] = (
+                    kind,
+                    (reason or b"").decode()
+                    or ("session was completed" if kind == "completed" else "session failed"),
+                )
+            return None
+        return self._hold(
+            sid, int(deadline or 0), int(exec_ms or 0), (client or b"").decode(), int(owner_ms or 0)
+        )
+
+    async def adopt(self, sid: str) -> HeldSession | None:
+        """An activity of a host session arrived before the message that it opened (the two
+        come on different streams): read the session's record and hold it if it is open."""
+        w = self.worker
+        record = await w.wire.execute(w.keys.tasks, "HMGET", w.keys.session(sid), *self._RECORD)
+        return self._from_record(sid, record)
+
+    async def load_host(self) -> None:
+        """This process (re)registered as part of a host: hold every session the host has
+        open (those it held before this process started, in its restart grace too), and drop
+        those it no longer has (the host was made anew: its sessions failed)."""
+        w = self.worker
+        k = w.keys
+        before = set(self.open)  # opened before the snapshot below: in it unless they ended
+        members = await w.wire.execute(k.tasks, "SMEMBERS", k.worker_sessions(w.host_worker_id))
+        sids = [m.decode() for m in members]
+        records = (
+            await w.wire.execute_many(k.tasks, [("HMGET", k.session(sid), *self._RECORD) for sid in sids])
+            if sids
+            else []
+        )
+        still_open: set[str] = set()
+        for sid, record in zip(sids, records, strict=True):
+            if self._from_record(sid, record) is not None:
+                still_open.add(sid)
+        taken = len(still_open - before)
+        if taken:
+            log.info("worker %s: holds %d open session(s) of host %s", w.worker_id, taken, w.host_id)
+        for sid in before - still_open:
+            if sid in self.open:
+                log.warning("worker %s: session %s is no longer open on host %s", w.worker_id, sid, w.host_id)
+                self.end(sid, "failed", f"host {w.host_id} no longer holds it (its grace passed)")
 
     def _arm(self, held: HeldSession, seconds: float) -> None:
         sid = held.info.session_id
@@ -217,12 +279,15 @@ class HeldSessions:
                 self.end(sid, "failed" if state != b"COMPLETED" else "completed", why)
 
     async def publish_counts(self) -> None:
-        """Record how many activities each open session ran, for `sessionq inspect`."""
+        """Add what each open session ran here since the last pass to its count in Redis,
+        for `sessionq inspect` (the processes of a host each add their own)."""
         changed = [h for h in self.open.values() if h.activities_run != h.published_run]
         if not changed:
             return
         w = self.worker
         sent = {h.info.session_id: h.activities_run for h in changed}
-        await w.scripts.publish_counts(w.keys, sent)
+        await w.scripts.publish_counts(
+            w.keys, {h.info.session_id: h.activities_run - h.published_run for h in changed}
+        )
         for held in changed:  # what was sent: an activity started meanwhile is published next pass
             held.published_run = sent[held.info.session_id]

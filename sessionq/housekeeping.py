@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from .keys import CONSUMER_GROUP
 from .registration import server_time_ms
 from .replies import field_map
+from .shared_queue import SharedQueue
 
 if TYPE_CHECKING:
     from .worker import Worker
@@ -48,13 +49,16 @@ class Housekeeping:
             await w.sessions.reconcile()
         await self.reap_dead_workers()
         if not w.stopping:
-            try:
-                await self.claim_orphans()
-            except Exception:
-                # A claim whose reply was lost moved entries into our pending list unseen:
-                # walk it again (the next poll does).
-                w.shared_queue.recover_pending()
-                raise
+            for queue in (w.shared_queue, w.host_queue):
+                if queue is None:
+                    continue
+                try:
+                    await self.claim_orphans(queue)
+                except Exception:
+                    # A claim whose reply was lost moved entries into our pending list unseen:
+                    # walk it again (the next poll does).
+                    queue.recover_pending()
+                    raise
         if w.burst and await self.drained():
             log.info("worker %s: burst mode and nothing left to do; stopping", w.worker_id)
             w.stop()
@@ -96,11 +100,12 @@ class Housekeeping:
                     "worker %s: reaped dead worker %s (%d session(s) failed)", w.worker_id, other, reaped - 1
                 )
 
-    async def claim_orphans(self) -> None:
-        """Take over plain activities that dead workers had read but not finished, and drop
-        the consumers of dead workers once nothing of theirs is pending."""
+    async def claim_orphans(self, queue: SharedQueue) -> None:
+        """Take over activities that dead workers had read but not finished (plain ones from
+        the shared stream; a host's session activities from its stream, among its processes),
+        and drop the consumers of dead workers once nothing of theirs is pending."""
         w = self.worker
-        tasks = w.keys.tasks
+        tasks = queue.stream
         consumers = await w.wire.execute(
             tasks, "XINFO", "CONSUMERS", tasks, CONSUMER_GROUP
         )  # NOGROUP: re-created
@@ -114,13 +119,14 @@ class Housekeeping:
                 count = 1 if consumer.get(b"idle", 0) > 2000 * w.heartbeat_timeout else 0
             if count <= 0:
                 continue
-            claimed = await w.scripts.claim_orphans(w.keys, name, w.worker_id, count)
+            claimed = await w.scripts.claim_orphans(w.keys, name, w.worker_id, count, stream=tasks)
             if claimed:
                 log.warning(
-                    "worker %s: took over %d activity(ies) of dead worker %s", w.worker_id, len(claimed), name
-                )
+                    "worker %s: took over %d activity(ies) of %s worker %s",
+                    w.worker_id, len(claimed), "dead" if queue is w.shared_queue else "stopped or dead", name,
+                )  # fmt: skip
             for entry_id, deliveries, flat in claimed:
-                w.shared_queue.start(entry_id, field_map(flat), delivery_count=int(deliveries) + 1)
+                queue.start(entry_id, field_map(flat), delivery_count=int(deliveries) + 1)
 
     async def drained(self) -> bool:
         w = self.worker

@@ -53,7 +53,9 @@ class Heartbeat:
         on_lost: Callable[[], None],
         blame: Callable[[], str],
         stall_limit: float,
+        host_id: str = "",
     ) -> None:
+        self.host_id = host_id
         self.target = target
         self.keys = keys
         self.worker_id = worker_id
@@ -141,7 +143,13 @@ class Heartbeat:
         running, done = self.counts()
         try:
             registered = await scripts.heartbeat(
-                self.keys, self.worker_id, hb_ms=self.hb_ms, running=running, done=done, timeout=self.interval
+                self.keys,
+                self.worker_id,
+                hb_ms=self.hb_ms,
+                running=running,
+                done=done,
+                timeout=self.interval,
+                host_id=self.host_id,
             )
         except Exception as exc:
             if not failing:

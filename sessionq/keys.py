@@ -18,6 +18,19 @@ from .errors import ConfigurationError
 
 DEFAULT_PREFIX = "sq"
 CONSUMER_GROUP = "workers"
+HOST_MARK = "host="
+"""How a host's placement id begins (`host_worker_id`); no worker identity may."""
+
+
+def host_worker_id(host_id: str) -> str:
+    """The id under which a host is placed, counted and watched like one worker: its
+    record, heartbeat key, stream and session set are those of this id."""
+    return HOST_MARK + host_id
+
+
+def host_of(worker_id: str) -> str | None:
+    """The host id of a host's placement id; None for a worker process's id."""
+    return worker_id[len(HOST_MARK) :] if worker_id.startswith(HOST_MARK) else None
 
 
 def validate_name(kind: str, value: str) -> str:
@@ -100,12 +113,23 @@ class QueueKeys:
         return self.base + "alive:" + worker_id
 
     def stream(self, worker_id: str) -> str:
-        """Stream: the worker's own queue (session activities, control messages)."""
+        """Stream: the worker's own queue (session activities, control messages). A host's
+        stream holds its sessions' activities only, read through the consumer group
+        ``workers`` by the host's processes; their control messages go to each process's."""
         return self.base + "w:" + worker_id
 
     def worker_sessions(self, worker_id: str) -> str:
         """Set: ids of the open sessions the worker holds."""
         return self.base + "wsessions:" + worker_id
+
+    def host_procs(self, host_id: str) -> str:
+        """Set: ids of the worker processes registered as part of host `host_id`."""
+        return self.base + "hprocs:" + host_id
+
+    def host_up(self, host_id: str) -> str:
+        """String with a TTL: present while some process of the host heartbeats. The host's
+        own heartbeat key (`alive` of its placement id) outlives it by restart_grace."""
+        return self.base + "up:" + host_id
 
     def worker_tickets(self, worker_id: str) -> str:
         """Set: session ids of tickets waiting for this very worker (recreate_session)."""

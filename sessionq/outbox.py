@@ -1,5 +1,6 @@
-"""What a worker owes Redis: results for its callers' inboxes, and acks of the shared
-stream's entries it finished, written in batches (one round trip per batch).
+"""What a worker owes Redis: results for its callers' inboxes, and acks of the entries it
+finished (of the shared stream, or of its host's), written in batches (one round trip per
+batch).
 
 A reply is queued at once (`reply`) and written by the flush loop: one XADD per caller
 inbox (NOMKSTREAM: an inbox whose client is gone takes nothing), plus XACK and XDEL of the
@@ -21,6 +22,9 @@ from .wire import Wire
 
 log = logging.getLogger("sessionq")
 
+Ack = tuple[str, bytes]
+"""An entry to acknowledge: (stream, entry id)."""
+
 
 class Outbox:
     """Results and acks waiting to be written, and the flush that writes them.
@@ -32,29 +36,37 @@ class Outbox:
     """
 
     def __init__(
-        self, wire: Wire, keys: QueueKeys, worker_id: str, on_acked: Callable[[Iterable[bytes]], None]
+        self,
+        wire: Wire,
+        keys: QueueKeys,
+        worker_id: str,
+        on_acked: Callable[[str, Iterable[bytes]], None],
     ) -> None:
         self.wire = wire
         self.keys = keys
         self.worker_id = worker_id
         self.on_acked = on_acked
-        self._replies: list[tuple[str, bytes, bytes | None]] = []  # (inbox, message, ack after it)
-        self._acks: list[bytes] = []  # acks whose result is written (or that need none)
+        self._replies: list[tuple[str, bytes, Ack | None]] = []  # (inbox, message, ack after it)
+        self._acks: list[Ack] = []  # acks whose result is written (or that need none)
         self._ready = asyncio.Event()
 
     @property
     def empty(self) -> bool:
         return not self._replies and not self._acks
 
-    def reply(self, client_id: str, message: bytes, ack: bytes | None = None) -> None:
-        """Queue `message` for the inbox of `client_id`; `ack` (a shared-stream entry) is
-        acknowledged once the message is written."""
-        self._replies.append((self.keys.inbox(client_id), message, ack))
+    def reply(
+        self, client_id: str, message: bytes, ack: bytes | None = None, stream: str | None = None
+    ) -> None:
+        """Queue `message` for the inbox of `client_id`; `ack` (an entry of `stream`, by
+        default the shared stream) is acknowledged once the message is written."""
+        self._replies.append(
+            (self.keys.inbox(client_id), message, None if ack is None else (stream or self.keys.tasks, ack))
+        )
         self._ready.set()
 
-    def ack(self, entry_id: bytes) -> None:
+    def ack(self, entry_id: bytes, stream: str | None = None) -> None:
         """Queue the ack of an entry that needs no reply (its caller was answered already)."""
-        self._acks.append(entry_id)
+        self._acks.append((stream or self.keys.tasks, entry_id))
         self._ready.set()
 
     async def flush(self) -> None:
@@ -74,9 +86,12 @@ class Outbox:
             for message, _ in batch:
                 fields += (b"r", message)
             commands.append(("XADD", inbox, "NOMKSTREAM", "*", *fields))
-        if acks:
-            commands.append(("XACK", self.keys.tasks, CONSUMER_GROUP, *acks))
-            commands.append(("XDEL", self.keys.tasks, *acks))
+        by_stream: dict[str, list[bytes]] = {}
+        for stream, entry_id in acks:
+            by_stream.setdefault(stream, []).append(entry_id)
+        for stream, ids in by_stream.items():
+            commands.append(("XACK", stream, CONSUMER_GROUP, *ids))
+            commands.append(("XDEL", stream, *ids))
         try:
             outcomes = await self.wire.execute_many(self.keys.tasks, commands, return_exceptions=True)
         except BaseException:
@@ -106,7 +121,7 @@ class Outbox:
             raise lost  # the loop re-creates the group
 
     def _settle_acks(
-        self, acks: list[bytes], outcomes: list[Any], retry: BaseException | None
+        self, acks: list[Ack], outcomes: list[Any], retry: BaseException | None
     ) -> tuple[BaseException | None, BaseException | None]:
         lost: BaseException | None = None
         acked = True
@@ -123,5 +138,9 @@ class Outbox:
         if acks and not acked and retry is not None:
             self._acks[:0] = acks  # XACK and XDEL are idempotent: send both again
         elif acks:
-            self.on_acked(acks)
+            by_stream: dict[str, list[bytes]] = {}
+            for stream, entry_id in acks:
+                by_stream.setdefault(stream, []).append(entry_id)
+            for stream, ids in by_stream.items():
+                self.on_acked(stream, ids)
         return retry, lost

@@ -25,6 +25,7 @@ from .errors import ConfigurationError
 from .faults import describe, error_code, is_transient
 from .keys import CONSUMER_GROUP, queues_index
 from .replies import time_ms
+from .scripts import Registered
 
 if TYPE_CHECKING:
     from .worker import Worker
@@ -67,7 +68,8 @@ class Registration:
                 f"worker just crashed, its heartbeat expires within its heartbeat_timeout)",
             )
         # A registration left by an earlier process with this identity holds sessions this
-        # process knows nothing of: fail them and start clean.
+        # process knows nothing of: fail them and start clean. (A host's sessions are the
+        # host's: an earlier process of it held none, and they stay.)
         await self.deregister(f"worker {w.worker_id} restarted")
         await self.ensure_group()
         await self.register()
@@ -79,28 +81,35 @@ class Registration:
         await w.scripts.reap_worker(w.keys, w.worker_id, reason, force=True, retention_ms=w.retention_ms)
 
     async def ensure_group(self) -> None:
-        tasks = self.worker.keys.tasks
-        try:
-            await self.worker.wire.execute(tasks, "XGROUP", "CREATE", tasks, CONSUMER_GROUP, "0", "MKSTREAM")
-        except ResponseError as exc:
-            if error_code(exc) != "BUSYGROUP":
-                raise
+        w = self.worker
+        streams = [w.keys.tasks]
+        if w.host_queue is not None:
+            streams.append(w.host_queue.stream)  # made with the host; again if Redis lost it
+        for stream in streams:
+            try:
+                await w.wire.execute(stream, "XGROUP", "CREATE", stream, CONSUMER_GROUP, "0", "MKSTREAM")
+            except ResponseError as exc:
+                if error_code(exc) != "BUSYGROUP":
+                    raise
 
     async def register(self) -> None:
         w = self.worker
         cap = (w.max_concurrent_sessions or 0) if w.enable_sessions else -1
-        if w.stopping:
-            cap = -1  # no new sessions for a worker on its way out
+        if w.stopping and w.host_id is None:
+            cap = -1  # no new sessions for a worker on its way out (a host has other processes)
         fields = [
             "host", w.hostname, "pid", os.getpid(), "identity", w.worker_id,
             "concurrency", w.max_concurrent_activities, "activities", ",".join(sorted(w.registry)),
             "running", w.runner.in_use, "done", w.runner.done,
         ]  # fmt: skip
         held = list(w.sessions.open)  # sessions granted while the script runs are new: keep them
-        outcome = await w.scripts.register_worker(
-            w.keys, w.worker_id, hb_ms=int(w.heartbeat_timeout * 1000), max_sessions=cap, fields=fields
-        )
-        if outcome == "FRESH":
+        registered = await self._register_script(cap, fields)
+        if w.host_id is not None:
+            await w.sessions.load_host()
+            if registered.status == "FRESH":
+                w.own_stream.restart()
+            return
+        if registered.status == "FRESH":
             w.own_stream.restart()
             lost = [sid for sid in held if sid in w.sessions.open]
             if lost:
@@ -111,6 +120,37 @@ class Registration:
                 )
                 for sid in lost:
                     w.sessions.end(sid, "failed", "the worker was declared dead (heartbeat expired)")
+
+    async def _register_script(self, cap: int, fields: list[object]) -> Registered:
+        """Run register_worker; for a host's process, refuse a disagreement on the host's
+        settings, and reap the host first if its grace passed (its sessions fail)."""
+        w = self.worker
+        for _ in range(3):
+            registered = await w.scripts.register_worker(
+                w.keys,
+                w.worker_id,
+                hb_ms=int(w.heartbeat_timeout * 1000),
+                max_sessions=cap,
+                fields=fields,
+                host_id=w.host_id or "",
+                grace_ms=int(w.restart_grace * 1000),
+            )
+            if registered.status == "CONFLICT":
+                raise ConfigurationError(
+                    "max_concurrent_sessions",
+                    f"host {w.host_id!r} of task queue {w.task_queue!r} runs with "
+                    f"max_concurrent_sessions={registered.max_sessions or None}, "
+                    f"restart_grace={registered.grace_ms / 1000:g}s, but this process has "
+                    f"max_concurrent_sessions={cap or None}, restart_grace={w.restart_grace:g}s; "
+                    "give every process of a host the same values (or another host_id)",
+                )
+            if registered.status != "REAP":
+                return registered
+            assert w.host_worker_id is not None
+            await w.scripts.reap_worker(
+                w.keys, w.host_worker_id, "", force=False, retention_ms=w.retention_ms
+            )  # the script words the reason for a host
+        raise ConfigurationError("host_id", f"host {w.host_id!r} could not be registered; try again")
 
     async def lost(self) -> None:
         """The heartbeat found the registration gone (declared dead, or Redis lost its data)."""
@@ -142,6 +182,8 @@ class Registration:
         await self.ensure_group()
         await self.register()
         w.shared_queue.recover_pending()
+        if w.host_queue is not None:
+            w.host_queue.recover_pending()
 
     async def drop_consumer(self) -> None:
         """Leave the consumer group, unless entries of ours are pending (another worker takes

@@ -25,6 +25,7 @@ from .threads import DaemonThreadPool
 
 if TYPE_CHECKING:
     from .held import HeldSession
+    from .shared_queue import SharedQueue
     from .worker import Worker
 
 log = logging.getLogger("sessionq")
@@ -55,6 +56,11 @@ class ActivityRunner:
     def reserve(self) -> None:
         """A plain activity was read: count it now, so the next read asks for one fewer."""
         self.reserved += 1
+
+    def unreserve(self) -> None:
+        """A reserved activity will not run here after all."""
+        self.reserved -= 1
+        self._slot_freed.set()
 
     async def wait_for_free_slot(self) -> None:
         while self.free <= 0:
@@ -101,22 +107,26 @@ class ActivityRunner:
             self._seen.popitem(last=False)
         return True
 
-    async def run(self, task: Task, held: HeldSession | None, ack: bytes | None) -> None:
-        """Run one task (a plain one read from the shared stream has `ack`) and queue its reply."""
+    async def run(
+        self, task: Task, held: HeldSession | None, ack: bytes | None, queue: SharedQueue | None = None
+    ) -> None:
+        """Run one task and queue its reply. One read through a consumer group (a plain
+        activity from the shared stream, or a session activity from its host's stream) has
+        `ack`, its entry, and `queue`, where it was read; it reserved its slot then."""
         w = self.worker
-        reserved = held is None  # plain activities reserved their slot when they were read
+        reserved = ack is not None
+        stream = queue.stream if queue is not None else None
         if not self.first_copy(task.activity_id):
             log.info("worker %s: activity %s arrived twice; running it once", w.worker_id, task.activity_id)
             if reserved:
-                self.reserved -= 1
-                self._slot_freed.set()
+                self.unreserve()
             if ack is not None:
-                w.outbox.ack(ack)
+                w.outbox.ack(ack, stream)
             return
         await self._take_slot(reserved)
         execution: Execution | None = None
-        if w.stopping and held is None and task.activity_id not in self._cancelled:
-            self._give_slot()  # not started: left pending for another worker to take over
+        if w.stopping and ack is not None and task.activity_id not in self._cancelled:
+            self._give_slot()  # not started: left pending for another process to take over
             return
         try:
             refusal = self._refusal(task, held)
@@ -126,10 +136,10 @@ class ActivityRunner:
                 execution = Execution(task, _RunningActivity(self._info(task, held)))
                 message = await self._execute(execution, held)
         except asyncio.CancelledError:
-            if held is None:
-                if ack is not None and not w.stopping:  # not a stop: make sure it is found again
+            if ack is not None:
+                if queue is not None and not w.stopping:  # not a stop: make sure it is found again
                     self._seen.pop(task.activity_id, None)  # and that the copy found then runs
-                    w.shared_queue.lost_track_of(ack)
+                    queue.lost_track_of(ack)
                 return  # the worker stops: left pending, a live worker takes it over (at-least-once)
             message = encode_error(
                 w.codec,
@@ -142,7 +152,7 @@ class ActivityRunner:
             )
         finally:
             self._give_slot_after(execution)
-        w.outbox.reply(task.client_id, message, ack)
+        w.outbox.reply(task.client_id, message, ack, stream)
 
     def _give_slot_after(self, execution: Execution | None) -> None:
         """Free the slot now, or, if a thread still runs the activity (it ignored its

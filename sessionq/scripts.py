@@ -52,6 +52,22 @@ class Claim:
 
 
 @dataclass(frozen=True)
+class Registered:
+    """What register_worker answered."""
+
+    status: str
+    """"FRESH" (registered anew: earlier sessions are gone), "KNOWN" (the registration
+    survived), "CONFLICT" (a live process of the host runs with other values) or "REAP"
+    (the host's grace passed: reap it, then register again)."""
+    host_status: str = ""
+    """"" (no host), "NEW" (the host was made anew) or "JOINED"."""
+    max_sessions: int = 0
+    """For CONFLICT: the host's limit (0 = none)."""
+    grace_ms: int = 0
+    """For CONFLICT: the host's restart grace."""
+
+
+@dataclass(frozen=True)
 class Ended:
     """What end_session answered."""
 
@@ -152,7 +168,7 @@ class Scripts:
         )
 
     async def publish_counts(self, k: QueueKeys, counts: dict[str, int]) -> None:
-        """Record each open session's activity count (a lost record is not re-created)."""
+        """Add to each open session's activity count (a lost record is not re-created)."""
         sha = self._shas["publish_count"]
         commands = [("EVALSHA", sha, 1, k.session(sid), count) for sid, count in counts.items()]
         replies = await self.wire.execute_many(commands[0][3], commands, return_exceptions=True)
@@ -173,24 +189,45 @@ class Scripts:
 
     # -- workers ---------------------------------------------------------------------------
     async def register_worker(
-        self, k: QueueKeys, worker_id: str, *, hb_ms: int, max_sessions: int, fields: list[Any]
-    ) -> str:
-        """Register (again); "FRESH" when anew (earlier sessions are gone), else "KNOWN"."""
+        self,
+        k: QueueKeys,
+        worker_id: str,
+        *,
+        hb_ms: int,
+        max_sessions: int,
+        fields: list[Any],
+        host_id: str = "",
+        grace_ms: int = 0,
+    ) -> Registered:
+        """Register (again), and join or make the worker's host when it has one."""
         reply = await self.run(
             "register_worker",
             [k.workers, k.worker(worker_id), k.alive(worker_id), k.stream(worker_id), k.guard],
-            [k.base, worker_id, hb_ms, max_sessions, *fields],
+            [k.base, worker_id, hb_ms, max_sessions, host_id, grace_ms, *fields],
         )
-        return reply.decode()  # type: ignore[no-any-return]
+        status = reply[0].decode()
+        if status == "CONFLICT":
+            return Registered(status, "", int(reply[1] or 0), int(reply[2] or 0))
+        if status == "REAP":
+            return Registered(status)
+        return Registered(status, reply[1].decode())
 
     async def heartbeat(
-        self, k: QueueKeys, worker_id: str, *, hb_ms: int, running: int, done: int, timeout: float | None
+        self,
+        k: QueueKeys,
+        worker_id: str,
+        *,
+        hb_ms: int,
+        running: int,
+        done: int,
+        timeout: float | None,
+        host_id: str = "",
     ) -> bool:
-        """Renew the heartbeat; False when the worker is no longer registered."""
+        """Renew the heartbeat (and its host's); False when the worker is no longer registered."""
         reply = await self.run(
             "heartbeat",
             [k.workers, k.worker(worker_id), k.alive(worker_id), k.waiters, k.guard],
-            [worker_id, hb_ms, running, done, k.base],
+            [worker_id, hb_ms, running, done, k.base, host_id],
             timeout=timeout,
         )
         return bool(reply)
@@ -217,10 +254,13 @@ class Scripts:
             )
         )
 
-    async def claim_orphans(self, k: QueueKeys, consumer: str, me: str, count: int) -> list[Any]:
-        """Take over what a dead consumer had read; [[id, deliveries, [field, value...]], ...]."""
+    async def claim_orphans(
+        self, k: QueueKeys, consumer: str, me: str, count: int, stream: str | None = None
+    ) -> list[Any]:
+        """Take over what a dead consumer had read from `stream` (the task queue's, or a
+        host's); [[id, deliveries, [field, value...]], ...]."""
         reply = await self.run(
-            "claim_orphans", [k.tasks, k.alive(consumer)], [CONSUMER_GROUP, consumer, me, count]
+            "claim_orphans", [stream or k.tasks, k.alive(consumer)], [CONSUMER_GROUP, consumer, me, count]
         )
         return reply or []  # type: ignore[no-any-return]
 

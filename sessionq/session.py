@@ -37,7 +37,7 @@ from .errors import (
 )
 from .faults import describe, is_transient, public, retrying
 from .handle import ActivityHandle
-from .keys import QueueKeys
+from .keys import QueueKeys, host_of
 from .liveness import check_interval, reap
 from .options import SessionOptions
 from .scripts import Claim, Ended
@@ -187,13 +187,23 @@ class Session:
         return time.monotonic() >= self._expires_at
 
     async def _cancel_activity(self, activity_id: str) -> None:
-        stream = self.keys.stream(self.info.worker_id)
-        await self.client.retrying(
-            lambda: self.client.wire.execute(
-                stream, "XADD", stream, "NOMKSTREAM", "*", "t", "x", "i", activity_id
-            ),
-            what="cancelling a session activity",
-        )
+        """Tell the session's worker to cancel the activity (running, waiting for a slot, or
+        not read yet); on a host, every process of it (any may hold it)."""
+        k, wire = self.keys, self.client.wire
+
+        async def send() -> None:
+            host_id = self.info.host_id
+            if host_id is None:
+                targets = [self.info.worker_id]
+            else:
+                targets = [m.decode() for m in await wire.execute(k.tasks, "SMEMBERS", k.host_procs(host_id))]
+            if targets:
+                await wire.execute_many(
+                    k.tasks,
+                    [("XADD", k.stream(w), "NOMKSTREAM", "*", "t", "x", "i", activity_id) for w in targets],
+                )
+
+        await self.client.retrying(send, what="cancelling a session activity")
 
     # -- ending --------------------------------------------------------------------------
     @public("completing a session")
@@ -517,17 +527,21 @@ class SessionOpener:
                 f"no session slot on task queue {self.task_queue!r} within creation_timeout={timeout:g}s "
                 f"(and the workers could not be listed: {describe(exc)})"
             ) from exc
-        session_workers = sum(1 for c in caps if c is not None and int(c) >= 0)
+        placed_on = [w.decode() for w, c in zip(members, caps, strict=True) if c is not None and int(c) >= 0]
+        session_workers = len(placed_on)
+        hosts = sum(1 for w in placed_on if host_of(w) is not None)
         if session_workers == 0:
             raise SessionCreationTimeoutError(
                 f"no worker with sessions enabled polls task queue {self.task_queue!r} (waited "
                 f"{timeout:g}s); start one with Worker(..., enable_sessions=True) or "
                 f"`sessionq worker MODULE:ATTR --task-queue {self.task_queue}`"
             )
+        which = f"{session_workers} session worker(s)"
+        if hosts:
+            which = f"{session_workers - hosts} session worker(s) and {hosts} host(s)"
         raise SessionCreationTimeoutError(
-            f"all {session_workers} session worker(s) of task queue {self.task_queue!r} stayed full "
-            f"for creation_timeout={timeout:g}s; start more workers, raise max_concurrent_sessions, "
-            "or complete sessions sooner"
+            f"all {which} of task queue {self.task_queue!r} stayed full for creation_timeout={timeout:g}s; "
+            "start more workers, raise max_concurrent_sessions, or complete sessions sooner"
         )
 
     async def _session_from(self, grant: Grant) -> Session:
@@ -540,6 +554,7 @@ class SessionOpener:
             worker_id=grant.worker_id,
             task_queue=self.task_queue,
             prefix=self.client.prefix,
+            host_id=host_of(grant.worker_id),
         )
         return Session(self.client, self.keys, info, self.options, grant.deadline_ms, grant.hb_ms)
 

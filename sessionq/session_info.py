@@ -31,7 +31,9 @@ class SessionInfo:
     hostname: str
     """Host name of the worker that runs the session."""
     worker_id: str
-    """Id of the worker process that runs the session."""
+    """Id of the worker process that runs the session. Inside an activity of a host
+    session: the process running that activity; to the caller of a host session: the
+    host's placement id, ``host=<host_id>``."""
     task_queue: str
     """Task queue the session was created on."""
     state: SessionState = SessionState.OPEN
@@ -39,6 +41,9 @@ class SessionInfo:
     failure: str | None = field(default=None, repr=False)
     """Why the session failed, when it did."""
     prefix: str = field(default="sq", repr=False)
+    host_id: str | None = None
+    """The host the session is placed on, for a worker started with `host_id` (its
+    activities run on any live process of that host), else None."""
 
     @property
     def recreate_token(self) -> bytes:

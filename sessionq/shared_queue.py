@@ -34,10 +34,11 @@ POLL_BLOCK_MS = 1000
 class SharedQueue:
     """The worker's reads of the shared stream and the plain activities it started."""
 
-    def __init__(self, worker: Worker) -> None:
+    def __init__(self, worker: Worker, stream: str | None = None) -> None:
         self.worker = worker
+        self.stream = stream or worker.keys.tasks
         self.held: set[bytes] = set()  # ids read and not yet acknowledged
-        self._reader: BlockingRead = worker.wire.blocking(worker.keys.tasks, POLL_BLOCK_MS / 1000)
+        self._reader: BlockingRead = worker.wire.blocking(self.stream, POLL_BLOCK_MS / 1000)
         self._recovering = True  # walk our own pending list before the first read
         self._cursor: bytes = b"0"  # how far that walk has come
 
@@ -55,7 +56,7 @@ class SharedQueue:
         try:
             reply = await self._reader.execute(
                 "XREADGROUP", "GROUP", CONSUMER_GROUP, w.worker_id,
-                "COUNT", runner.free, "BLOCK", POLL_BLOCK_MS, "STREAMS", w.keys.tasks, ">",
+                "COUNT", runner.free, "BLOCK", POLL_BLOCK_MS, "STREAMS", self.stream, ">",
             )  # fmt: skip
         except BaseException:
             # The reply may have been lost after Redis delivered entries to us: they now sit
@@ -77,9 +78,9 @@ class SharedQueue:
         here, until the end: entries that run for long cannot pin it to its first page."""
         w = self.worker
         reply = await w.wire.execute(
-            w.keys.tasks,
+            self.stream,
             "XREADGROUP", "GROUP", CONSUMER_GROUP, w.worker_id,
-            "COUNT", free, "STREAMS", w.keys.tasks, self._cursor,
+            "COUNT", free, "STREAMS", self.stream, self._cursor,
         )  # fmt: skip
         entries = stream_entries(reply)
         if not entries:
@@ -91,7 +92,7 @@ class SharedQueue:
             if entry_id in self.held:
                 continue
             if not fields:  # deleted meanwhile (its caller cancelled it): nothing to run
-                w.outbox.ack(entry_id)
+                w.outbox.ack(entry_id, self.stream)
                 continue
             log.warning(
                 "worker %s: resuming activity %s whose delivery was interrupted",
@@ -101,17 +102,17 @@ class SharedQueue:
             self.start(entry_id, fields)
 
     def start(self, entry_id: bytes, fields: dict[bytes, bytes], delivery_count: int = 1) -> None:
-        """Start a plain activity read from the shared stream (it waits for a free slot)."""
+        """Start an activity read from the stream (it waits for a free slot)."""
         w = self.worker
         if entry_id in self.held:
             return
-        if not fields:  # deleted after it was delivered (its caller cancelled it)
-            w.outbox.ack(entry_id)
+        if not fields or not self.runnable(fields):  # deleted after delivery (its caller cancelled it)
+            w.outbox.ack(entry_id, self.stream)
             return
         try:
             task = decode_task(w.codec, fields[b"d"], entry_id)
         except Exception as exc:
-            w.spawn(w.dead_letters.move_aside(w.keys.tasks, entry_id, fields, exc, ack=True))
+            w.spawn(w.dead_letters.move_aside(self.stream, entry_id, fields, exc, ack=True))
             return
         task.delivery_count = delivery_count
         if delivery_count > task.attempt:
@@ -120,9 +121,13 @@ class SharedQueue:
         w.runner.reserve()
         w.spawn(self._run(task, entry_id))
 
+    def runnable(self, fields: dict[bytes, bytes]) -> bool:
+        """Whether an entry of this stream is an activity to run."""
+        return True
+
     async def _run(self, task: Task, entry_id: bytes) -> None:
         try:
-            await self.worker.runner.run(task, None, ack=entry_id)
+            await self.worker.runner.run(task, None, ack=entry_id, queue=self)
         finally:
             if self.worker.stopping:
                 self.held.discard(entry_id)

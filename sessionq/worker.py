@@ -7,6 +7,8 @@ How it is put together (each part owns its state):
   and making them again when Redis lost them.
 - `SharedQueue` (shared_queue.py): plain activities read from the task queue's stream,
   only as many as there are free slots, and the walk of its own pending list.
+- `HostQueue` (host_queue.py): for a process of a host (`host_id`), its sessions'
+  activities, read the same way from the host's stream.
 - `OwnStream` (own_stream.py): the worker's own stream: sessions opened and ended,
   session activities, cancel requests.
 - `ActivityRunner` (runner.py): the activity slots (a hard limit over plain and session
@@ -40,9 +42,10 @@ from .durations import Duration, seconds
 from .errors import ConfigurationError, SessionqError
 from .faults import Kind, describe, kind_of, public, retrying
 from .held import HeldSessions
+from .host_queue import HostQueue
 from .housekeeping import Housekeeping
 from .keepalive import Heartbeat
-from .keys import DEFAULT_PREFIX, QueueKeys, validate_name
+from .keys import DEFAULT_PREFIX, HOST_MARK, QueueKeys, host_worker_id, validate_name
 from .outbox import Outbox
 from .own_stream import OwnStream
 from .registration import Registration
@@ -79,6 +82,8 @@ class Worker:
         prefix: str = DEFAULT_PREFIX,
         codec: Codec | None = None,
         retention: Duration = 3600.0,
+        host_id: str | None = None,
+        restart_grace: Duration = 30.0,
     ) -> None:
         validate_name("task_queue", task_queue)
         validate_name("prefix", prefix)
@@ -112,6 +117,16 @@ class Worker:
             raise ConfigurationError("activities", "a worker needs at least one activity")
         self.hostname = socket.gethostname()
         self.worker_id = validate_name("identity", identity or f"{os.getpid()}@{self.hostname}")
+        if self.worker_id.startswith(HOST_MARK):
+            raise ConfigurationError("identity", f"must not begin with {HOST_MARK!r} (hosts are named so)")
+        self.host_id = None if host_id is None else validate_name("host_id", host_id)
+        if self.host_id is not None and not enable_sessions:
+            raise ConfigurationError(
+                "host_id", "groups worker processes for sessions; it needs enable_sessions=True"
+            )
+        self.host_worker_id = None if self.host_id is None else host_worker_id(self.host_id)
+        """The id the host is placed under (its sessions' record names it), or None."""
+        self.restart_grace: float = seconds("restart_grace", restart_grace, optional=False)  # type: ignore[assignment]
         self.task_queue = task_queue
         self.enable_sessions = bool(enable_sessions)
         self.max_concurrent_sessions = max_concurrent_sessions
@@ -131,6 +146,7 @@ class Worker:
         self.outbox: Outbox = None  # type: ignore[assignment]
         self.registration: Registration = None  # type: ignore[assignment]
         self.shared_queue: SharedQueue = None  # type: ignore[assignment]
+        self.host_queue: HostQueue | None = None
         self.own_stream: OwnStream = None  # type: ignore[assignment]
         self.dead_letters: DeadLetters = None  # type: ignore[assignment]
         self.heartbeat: Heartbeat | None = None
@@ -173,10 +189,12 @@ class Worker:
         self.runner = ActivityRunner(self, self.max_concurrent_activities)
         self.sessions = HeldSessions(self, self.spawn)
         self.shared_queue = SharedQueue(self)
+        if self.host_worker_id is not None:
+            self.host_queue = HostQueue(self, self.host_worker_id)
         self.own_stream = OwnStream(self)
         self.dead_letters = DeadLetters(self)
         self.registration = Registration(self)
-        self.outbox = Outbox(self.wire, self.keys, self.worker_id, self.shared_queue.acknowledged)
+        self.outbox = Outbox(self.wire, self.keys, self.worker_id, self._acknowledged)
         housekeeping = Housekeeping(self)
         try:
             if self.stopping:  # stop() came before run(): nothing to do
@@ -192,6 +210,7 @@ class Worker:
                 on_lost=lambda: self.spawn(self.registration.lost()),
                 blame=self.runner.blame,
                 stall_limit=max(60.0, 10 * self.heartbeat_timeout),
+                host_id=self.host_id or "",
             )
             await self.heartbeat.start()
             self._tasks = [
@@ -200,12 +219,17 @@ class Worker:
                 asyncio.create_task(self._loop(housekeeping.step), name="sessionq-housekeeping"),
                 asyncio.create_task(self._loop(self.outbox.flush), name="sessionq-flush"),
             ]
+            if self.host_queue is not None:
+                self._tasks.append(
+                    asyncio.create_task(self._loop(self.host_queue.poll), name="sessionq-poll-host")
+                )
             log.info(
-                "worker %s started on task queue %r (sessions %s, max sessions %s, concurrency %d)",
+                "worker %s started on task queue %r (sessions %s, max sessions %s%s, concurrency %d)",
                 self.worker_id,
                 self.task_queue,
                 "on" if self.enable_sessions else "off",
                 self.max_concurrent_sessions or "unlimited",
+                f" per host {self.host_id}, restart_grace {self.restart_grace:g}s" if self.host_id else "",
                 self.max_concurrent_activities,
             )
             await self._stopping.wait()
@@ -310,6 +334,11 @@ class Worker:
                 await asyncio.sleep(backoff * (0.5 + os.urandom(1)[0] / 255))
                 backoff = min(backoff * 2, 2.0)  # short: a failover is over in seconds
 
+    def _acknowledged(self, stream: str, entry_ids: Iterable[bytes]) -> None:
+        """The outbox wrote these entries' acks."""
+        queue = self.host_queue if self.host_queue is not None and stream == self.host_queue.stream else None
+        (queue or self.shared_queue).acknowledged(entry_ids)
+
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Start a background task and keep a reference until it ends."""
         task = asyncio.create_task(coro)
@@ -322,7 +351,11 @@ class Worker:
         session placed here, no session activity started, no dead worker's work taken
         over); what runs, session activities included, gets up to shutdown_grace to finish;
         then what still runs is cancelled, the sessions still held fail, and the worker
-        deregisters. A plain activity cancelled this way is left to another worker."""
+        deregisters. A plain activity cancelled this way is left to another worker.
+
+        A process of a host fails no session: they are the host's, and stay open for its
+        other processes, or for the one that replaces it within restart_grace; a session
+        activity it cancelled is left, like a plain one, to the process that takes over."""
         running = len(self.runner.executions)
         log.info(
             "worker %s stopping: %d running activit%s get up to shutdown_grace=%gs to finish; "
@@ -330,7 +363,7 @@ class Worker:
             self.worker_id, running, "y" if running == 1 else "ies", self.shutdown_grace,
         )  # fmt: skip
         for task in self._tasks:
-            if task.get_name() == "sessionq-poll-shared":
+            if task.get_name() in ("sessionq-poll-shared", "sessionq-poll-host"):
                 task.cancel()
         k = self.keys
         try:
@@ -346,10 +379,11 @@ class Worker:
         self.runner.cancel_all("shutdown", f"worker {self.worker_id} shut down before the activity finished")
         while self.runner.executions and time.monotonic() < deadline + 2:
             await asyncio.sleep(0.01)
-        try:
-            await self.sessions.fail_all(f"worker {self.worker_id} shut down")
-        except Exception as exc:
-            log.warning("worker %s: could not fail its sessions (%s)", self.worker_id, describe(exc))
+        if self.host_id is None:
+            try:
+                await self.sessions.fail_all(f"worker {self.worker_id} shut down")
+            except Exception as exc:
+                log.warning("worker %s: could not fail its sessions (%s)", self.worker_id, describe(exc))
         while not self.outbox.empty and time.monotonic() < deadline + 5:
             await asyncio.sleep(0.01)
         if self.heartbeat is not None:  # no heartbeat may register us again after this

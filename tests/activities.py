@@ -265,3 +265,39 @@ async def slow_then_cancelled(seconds: float) -> None:
 
 
 ALL += [slow_then_cancelled]
+
+
+def host_dir() -> Path:
+    """The host's local disk, as its processes share it: one directory per host (and test
+    prefix), whichever process of the host runs the activity."""
+    info = sessionq.get_session_info()
+    assert info is not None and info.host_id, "a host-session activity"
+    path = Path(tempfile.gettempdir()) / "sessionq-test" / f"host-{info.prefix}-{info.host_id}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@sessionq.activity
+async def host_write(name: str, text: str) -> str:
+    """Write a file on the host's disk; returns the process that wrote it."""
+    (host_dir() / name).write_text(text)
+    return _worker_id()
+
+
+@sessionq.activity
+async def host_read(name: str) -> list[str]:
+    """Read a file from the host's disk: [its text, the process that read it]."""
+    return [(host_dir() / name).read_text(), _worker_id()]
+
+
+@sessionq.activity
+async def attempt_after(seconds: float, marker: str | None = None) -> list[Any]:
+    """Sleep, then answer [attempt, process]; writes ``<marker>.started.<attempt>`` (the
+    process id) as each attempt starts."""
+    info = sessionq.activity_info()
+    _touch(marker, f"started.{info.attempt}", info.worker_id)
+    await asyncio.sleep(seconds)
+    return [info.attempt, info.worker_id]
+
+
+ALL += [host_write, host_read, attempt_after]

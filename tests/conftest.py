@@ -34,7 +34,9 @@ import pytest_asyncio
 import redis
 import redis.asyncio
 
+import sessionq
 from sessionq.connection import is_cluster_url
+from sessionq.keys import QueueKeys
 from tests.cluster import LocalCluster, async_cluster, cluster_tools, delete_cluster_keys, probe_cluster
 from tests.helpers import SpawnWorker, WorkerProcess, start_worker_process
 
@@ -270,6 +272,19 @@ async def redis_client(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
         yield client
     finally:
         await client.aclose()
+
+
+@pytest_asyncio.fixture
+async def client(redis_url: str, key_prefix: str) -> AsyncIterator[sessionq.Client]:
+    """A caller on the per-test prefix, closed at the end of the test."""
+    async with sessionq.Client(redis_url, prefix=key_prefix) as c:
+        yield c
+
+
+@pytest.fixture
+def keys(key_prefix: str, task_queue: str) -> QueueKeys:
+    """The test's task queue's keys."""
+    return QueueKeys(key_prefix, task_queue)
 
 
 # --- worker processes ------------------------------------------------------------------

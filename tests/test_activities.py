@@ -222,12 +222,6 @@ async def start_worker(redis_url: str, key_prefix: str, task_queue: str) -> Asyn
         yield start
 
 
-@pytest_asyncio.fixture
-async def client(redis_url: str, key_prefix: str) -> AsyncIterator[Client]:
-    async with Client(redis_url, prefix=key_prefix) as c:
-        yield c
-
-
 @pytest.fixture
 def marker(tmp_path: Path) -> Iterator[str]:
     yield str(tmp_path / "marker")

@@ -34,7 +34,7 @@ from rich.console import Console
 
 import sessionq
 from sessionq.keys import QueueKeys
-from tests.helpers import wait_for
+from tests.helpers import pid_running, wait_for
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = Path(sys.executable).with_name("sessionq")
@@ -646,17 +646,10 @@ async def run_demo(*flags: str) -> Ran:
     assert ran.code == 0, f"demo failed ({ran.code}):\n{ran.out}\n{ran.err}"
     assert "SessionFailedError" in ran.out
     assert "All 3 files processed" in ran.out
+    assert "The host session survived its process's SIGKILL and restart" in ran.out
     for pid in map(int, re.findall(r"\(pid (\d+)\)", ran.out)):
-        assert not _running(pid), f"the demo left worker pid {pid} running"
+        assert not pid_running(pid), f"the demo left worker pid {pid} running"
     return ran
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="no redis-server binary")

@@ -64,11 +64,6 @@ def client(make_client: MakeClient) -> sessionq.Client:
     return make_client()
 
 
-@pytest.fixture
-def keys(key_prefix: str, task_queue: str) -> QueueKeys:
-    return QueueKeys(key_prefix, task_queue)
-
-
 def options(creation: float = 10.0, execution: float = 600.0) -> sessionq.SessionOptions:
     return sessionq.SessionOptions(creation_timeout=creation, execution_timeout=execution)
 

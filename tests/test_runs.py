@@ -34,12 +34,6 @@ ONCE = RetryPolicy(maximum_attempts=1)
 
 
 @pytest_asyncio.fixture
-async def client(redis_url: str, key_prefix: str) -> AsyncIterator[Client]:
-    async with Client(redis_url, prefix=key_prefix) as c:
-        yield c
-
-
-@pytest_asyncio.fixture
 async def workers(redis_url: str, key_prefix: str, task_queue: str) -> AsyncIterator[Any]:
     async with contextlib.AsyncExitStack() as stack:
 
@@ -52,11 +46,6 @@ async def workers(redis_url: str, key_prefix: str, task_queue: str) -> AsyncIter
             return await stack.enter_async_context(Worker(redis_url, **settings))
 
         yield start
-
-
-@pytest.fixture
-def keys(key_prefix: str, task_queue: str) -> QueueKeys:
-    return QueueKeys(key_prefix, task_queue)
 
 
 def runs(path: Path) -> list[str]:

@@ -9,7 +9,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-IDS = [f"S{n:02d}" for n in range(1, 20)] + [f"D{n:02d}" for n in range(1, 12)]
+IDS = (
+    [f"S{n:02d}" for n in range(1, 20)]
+    + [f"D{n:02d}" for n in range(1, 12)]
+    + [f"H{n:02d}" for n in range(1, 7)]
+)
 TESTS = Path(__file__).parent
 
 
@@ -21,8 +25,8 @@ def named_ids() -> set[str]:
             continue
         text = path.read_text()
         for name in re.findall(r"def (test_\w+)", text):
-            found.update(m.upper() for m in re.findall(r"(?<=_)([sd]\d\d)(?=_)", name))
-        found.update(re.findall(r"#\s*([SD]\d\d)\b", text))
+            found.update(m.upper() for m in re.findall(r"(?<=_)([sdh]\d\d)(?=_)", name))
+        found.update(re.findall(r"#\s*([SDH]\d\d)\b", text))
     return found
 
 

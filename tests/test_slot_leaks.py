@@ -68,11 +68,6 @@ async def relay(redis_url: str) -> AsyncIterator[Relay]:
         yield relay
 
 
-@pytest.fixture
-def keys(key_prefix: str, task_queue: str) -> QueueKeys:
-    return QueueKeys(key_prefix, task_queue)
-
-
 async def open_count(r: redis.asyncio.Redis, keys: QueueKeys, worker_id: str) -> int:
     return int(await r.hget(keys.worker(worker_id), "open") or 0)
 

@@ -45,6 +45,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-sessions", type=int, default=None)
     parser.add_argument("--shutdown-grace", type=float, default=None)
     parser.add_argument("--no-sessions", action="store_true", help="enable_sessions=False")
+    parser.add_argument("--host-id", default=None, help="host_id= (a host's process)")
+    parser.add_argument("--restart-grace", type=float, default=None)
     parser.add_argument(
         "--log-level",
         default=os.environ.get("SESSIONQ_TEST_WORKER_LOG_LEVEL", "INFO"),
@@ -87,6 +89,10 @@ async def run(args: argparse.Namespace, parent_pid: int) -> int:
         options["max_concurrent_sessions"] = args.max_sessions
     if args.shutdown_grace is not None:
         options["shutdown_grace"] = args.shutdown_grace
+    if args.host_id is not None:
+        options["host_id"] = args.host_id
+    if args.restart_grace is not None:
+        options["restart_grace"] = args.restart_grace
     worker = sessionq.Worker(
         args.redis_url,
         task_queue=args.task_queue,

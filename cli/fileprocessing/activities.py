@@ -29,11 +29,14 @@ def work_seconds() -> float:
 
 
 def local_dir() -> Path:
-    """This worker's private directory: stands in for the disk of the worker's host."""
+    """This worker's private directory: stands in for the disk of the worker's host. The
+    processes of one host (`sessionq worker --host-id`) share it, as they share a disk."""
     root = Path(
         os.environ.get("FILEPROCESSING_SCRATCH") or Path(tempfile.gettempdir()) / "sessionq-fileprocessing"
     )
-    path = root / re.sub(r"[^A-Za-z0-9_.@-]", "_", sessionq.activity_info().worker_id)
+    session = sessionq.get_session_info()
+    owner = f"host-{session.host_id}" if session and session.host_id else sessionq.activity_info().worker_id
+    path = root / re.sub(r"[^A-Za-z0-9_.@-]", "_", owner)
     path.mkdir(parents=True, exist_ok=True)
     return path
 

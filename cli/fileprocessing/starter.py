@@ -64,11 +64,12 @@ async def process_in_session(
     attempt: int = 1,
     on_event: EventSink = ignore,
     options: sessionq.SessionOptions | None = None,
+    task_queue: str = TASK_QUEUE,
 ) -> dict[str, Any]:
     """The specification's workflow: download, process and upload, all on one worker."""
     name = Path(url).name
     options = options or sessionq.SessionOptions(creation_timeout=120, execution_timeout=600)
-    async with client.create_session(TASK_QUEUE, options) as session:
+    async with client.create_session(task_queue, options) as session:
         worker = session.info.worker_id
         on_event(Event("session", name, attempt, worker, detail=session.info.session_id))
         path: Any = url

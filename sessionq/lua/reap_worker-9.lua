@@ -2,6 +2,10 @@
 -- fail its open sessions, refuse callers waiting to recreate a session on it, and remove
 -- its registration and stream. Exactly one caller reaps a worker; the others get 0.
 -- Plain activities it held are reclaimed separately (claim_orphans), by live workers.
+-- A host ('host=<id>') is reaped once its heartbeat key lapsed, restart_grace after its
+-- last process stopped beating; reaping one of its processes fails no session (they are
+-- the host's), and what that process had read from the host's stream is claimed by
+-- another process of the host.
 -- KEYS[1] workers    set of registered worker ids
 -- KEYS[2] worker     the worker's hash
 -- KEYS[3] alive      the worker's heartbeat key
@@ -17,12 +21,18 @@
 -- ARGV[4] force         '1' on graceful stop: reap even though the heartbeat is present
 -- ARGV[5] retention_ms  how long ended session records stay for inspect
 -- Returns the number of sessions failed + 1, or 0 when there was nothing to reap.
+-- Cost: O(its sessions + its waiting tickets + processes of its host).
 -- @include slots
 
 local base, w, reason = ARGV[1], ARGV[2], ARGV[3]
 if ARGV[4] ~= '1' and redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+local rec = redis.call('HMGET', KEYS[2], 'hid', 'grace_ms', 'hb_ms')
 if redis.call('SREM', KEYS[1], w) == 0 and redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
 local now = now_ms()
+if is_host(w) and ARGV[4] ~= '1' and rec[2] then
+  reason = 'host ' .. string.sub(w, #HOST_MARK + 1) .. ' had no live worker process for restart_grace='
+    .. tostring(tonumber(rec[2]) / 1000) .. 's (after heartbeat_timeout=' .. tostring((tonumber(rec[3]) or 0) / 1000) .. 's)'
+end
 local failed = 0
 for _, sid in ipairs(redis.call('SMEMBERS', KEYS[5])) do
   local skey = base .. 'session:' .. sid
@@ -41,4 +51,11 @@ for _, sid in ipairs(redis.call('SMEMBERS', KEYS[6])) do
 end
 redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
 redis.call('ZREM', base .. 'free', w)
+if is_host(w) then
+  redis.call('DEL', host_key(base, 'hprocs:', w), host_key(base, 'up:', w))
+elseif rec[1] then
+  local h = HOST_MARK .. rec[1]
+  redis.call('SREM', host_key(base, 'hprocs:', h), w)
+  if not host_has_live_process(base, h, w) then redis.call('DEL', host_key(base, 'up:', h)) end
+end
 return failed + 1

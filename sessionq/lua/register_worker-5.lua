@@ -1,4 +1,6 @@
--- Register a worker (at start, and again after it lost Redis or was declared dead).
+-- Register a worker (at start, and again after it lost Redis or was declared dead). A
+-- worker process that belongs to a host also registers the host, or joins it: the host is
+-- placed, counted and watched like one worker under the id 'host=<host_id>' (slots.lua).
 -- KEYS[1] workers  set of registered worker ids
 -- KEYS[2] worker   this worker's hash
 -- KEYS[3] alive    this worker's heartbeat key
@@ -7,32 +9,91 @@
 -- ARGV[1] base          the task queue's key prefix
 -- ARGV[2] worker_id
 -- ARGV[3] hb_ms         heartbeat timeout: the alive key's TTL
--- ARGV[4] max_sessions  0 = unlimited, -1 = sessions disabled
--- ARGV[5..] field, value pairs describing the worker (host, pid, identity, ...)
--- Returns 'FRESH' when registered anew (any earlier sessions are gone), 'KNOWN' when the
--- registration survived (only the heartbeat was renewed).
+-- ARGV[4] max_sessions  0 = unlimited, -1 = sessions disabled (a host's limit, for a host's process)
+-- ARGV[5] host_id       '' for a worker that is its own host
+-- ARGV[6] grace_ms      the host's restart grace (ignored without host_id)
+-- ARGV[7..] field, value pairs describing the worker (host, pid, identity, ...)
+-- Returns {status, host_status}. status: 'FRESH' when registered anew (any earlier
+-- sessions are gone), 'KNOWN' when the registration survived (only the heartbeat was
+-- renewed). host_status: '' (no host), 'NEW' (the host was made: no session of an earlier
+-- one survives), 'JOINED'. Or {'CONFLICT', max_sessions, grace_ms}: a live process of the
+-- host runs with other values (nothing was written); or {'REAP'}: the host's grace passed
+-- and it awaits its reaper (reap it, then register again).
+-- Cost: O(processes of the host), plus granting waiters (slots.lua).
 -- @include slots
 
 local base, w, hb_ms, cap = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-if redis.call('HEXISTS', KEYS[2], 'max_sessions') == 1 and redis.call('SISMEMBER', KEYS[1], w) == 1 then
-  local was_alive = redis.call('EXISTS', KEYS[3])
-  redis.call('SET', KEYS[3], '1', 'PX', hb_ms)
-  -- Back before anyone reaped it: its free slots are visible again, serve who queued meanwhile.
-  if was_alive == 0 and redis.call('ZCARD', base .. 'waiters') > 0 then grant_waiters(base, now_ms()) end
-  return 'KNOWN'
+local hid, grace_ms = ARGV[5], tonumber(ARGV[6])
+local h = nil
+if hid ~= '' then h = HOST_MARK .. hid end
+local hk = h and (base .. 'worker:' .. h)
+
+local host_known = false
+if h and redis.call('EXISTS', hk) == 1 then
+  if redis.call('EXISTS', base .. 'alive:' .. h) == 0 then return {'REAP'} end
+  host_known = redis.call('HEXISTS', hk, 'max_sessions') == 1 and redis.call('SISMEMBER', KEYS[1], h) == 1
+  if host_known then
+    local was = redis.call('HMGET', hk, 'max_sessions', 'grace_ms')
+    if (tonumber(was[1]) ~= cap or tonumber(was[2]) ~= grace_ms) and host_has_live_process(base, h, w) then
+      return {'CONFLICT', was[1], was[2]}
+    end
+  end
 end
+
 local now = now_ms()
-local fields = {}
-for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
-redis.call('DEL', KEYS[2], KEYS[4], base .. 'wsessions:' .. w)
-redis.call('HSET', KEYS[2], 'max_sessions', cap, 'hb_ms', hb_ms, 'open', 0,
-  'registered', now, 'beat', now, (unpack or table.unpack)(fields))
-redis.call('SADD', KEYS[1], w)
-redis.call('SET', KEYS[3], '1', 'PX', hb_ms)
--- The stream must exist: callers send with NOMKSTREAM, so a reaped worker gets nothing.
-redis.call('XADD', KEYS[4], '*', 't', 'h')
-if cap >= 0 then
-  redis.call('ZADD', base .. 'free', 0, w)
-  if redis.call('ZCARD', base .. 'waiters') > 0 then grant_waiters(base, now) end
+local own_cap = cap
+if h then own_cap = -1 end  -- a host's process is never placed on by itself
+local status = 'KNOWN'
+local serve = false
+if redis.call('HEXISTS', KEYS[2], 'max_sessions') == 1 and redis.call('SISMEMBER', KEYS[1], w) == 1 then
+  -- Back before anyone reaped it: its free slots are visible again, serve who queued meanwhile.
+  serve = redis.call('EXISTS', KEYS[3]) == 0
+  redis.call('SET', KEYS[3], '1', 'PX', hb_ms)
+else
+  status = 'FRESH'
+  local fields = {}
+  for i = 7, #ARGV do fields[#fields + 1] = ARGV[i] end
+  redis.call('DEL', KEYS[2], KEYS[4], base .. 'wsessions:' .. w)
+  redis.call('HSET', KEYS[2], 'max_sessions', own_cap, 'hb_ms', hb_ms, 'open', 0,
+    'registered', now, 'beat', now, (unpack or table.unpack)(fields))
+  if h then redis.call('HSET', KEYS[2], 'hid', hid) end
+  redis.call('SADD', KEYS[1], w)
+  redis.call('SET', KEYS[3], '1', 'PX', hb_ms)
+  -- The stream must exist: callers send with NOMKSTREAM, so a reaped worker gets nothing.
+  redis.call('XADD', KEYS[4], '*', 't', 'h')
+  if own_cap >= 0 then
+    redis.call('ZADD', base .. 'free', 0, w)
+    serve = true
+  end
 end
-return 'FRESH'
+
+local host_status = ''
+if h then
+  if host_known then
+    host_status = 'JOINED'
+    redis.call('HSET', hk, 'max_sessions', cap, 'grace_ms', grace_ms)  -- the same, or no live process disagrees
+  else
+    host_status = 'NEW'
+    local machine = ''
+    for i = 7, #ARGV - 1, 2 do
+      if ARGV[i] == 'host' then machine = ARGV[i + 1] end
+    end
+    redis.call('DEL', hk, base .. 'w:' .. h, base .. 'wsessions:' .. h, host_key(base, 'hprocs:', h))
+    redis.call('HSET', hk, 'max_sessions', cap, 'hb_ms', hb_ms, 'open', 0, 'registered', now, 'beat', now,
+      'grace_ms', grace_ms, 'host', machine, 'host_id', hid, 'identity', h)
+    redis.call('SADD', KEYS[1], h)
+    -- The host's stream: its sessions' activities, read through the group by its processes.
+    redis.call('XGROUP', 'CREATE', base .. 'w:' .. h, 'workers', '0', 'MKSTREAM')
+  end
+  redis.call('SADD', host_key(base, 'hprocs:', h), w)
+  redis.call('SET', base .. 'alive:' .. h, '1', 'PX', hb_ms + grace_ms)
+  redis.call('SET', host_key(base, 'up:', h), '1', 'PX', hb_ms)
+  redis.call('HSET', hk, 'beat', now)
+  if cap >= 0 then
+    local open = tonumber(redis.call('HGET', hk, 'open')) or 0
+    if cap == 0 or open < cap then redis.call('ZADD', base .. 'free', open, h) else redis.call('ZREM', base .. 'free', h) end
+  end
+  serve = true
+end
+if serve and redis.call('ZCARD', base .. 'waiters') > 0 then grant_waiters(base, now) end
+return {status, host_status}

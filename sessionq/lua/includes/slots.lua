@@ -21,11 +21,45 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
+-- A host (several worker processes sharing one session limit) is placed, counted and
+-- watched under the id 'host=<host_id>', like one worker: its record, heartbeat key,
+-- stream and session set are those of that id. Its heartbeat key outlives the last beat of
+-- its processes by restart_grace; 'up:<host_id>' lives only while some process beats.
+local HOST_MARK = 'host='
+
+local function is_host(w)
+  return string.sub(w, 1, #HOST_MARK) == HOST_MARK
+end
+
+local function host_key(base, kind, w)  -- kind: 'up:' or 'hprocs:'
+  return base .. kind .. string.sub(w, #HOST_MARK + 1)
+end
+
+-- Send a control message (session opened, ended) to worker w: to its own stream, or, for
+-- a host, to the own stream of each of its processes. NOMKSTREAM: a worker gone takes nothing.
+local function tell(base, w, fields)
+  local targets = {w}
+  if is_host(w) then targets = redis.call('SMEMBERS', host_key(base, 'hprocs:', w)) end
+  for _, p in ipairs(targets) do
+    redis.call('XADD', base .. 'w:' .. p, 'NOMKSTREAM', '*', (unpack or table.unpack)(fields))
+  end
+end
+
+-- Whether some process of host h has its heartbeat key, other than `except`.
+local function host_has_live_process(base, h, except)
+  for _, p in ipairs(redis.call('SMEMBERS', host_key(base, 'hprocs:', h))) do
+    if p ~= except and redis.call('EXISTS', base .. 'alive:' .. p) == 1 then return true end
+  end
+  return false
+end
+
 -- Whether worker w may take a session now: alive, and its registration whole (a hash
 -- that lost its fields, deleted or evicted, must not pass for "unlimited": it leaves the
--- free set, and its heartbeat makes the worker register again).
+-- free set, and its heartbeat makes the worker register again). A host only while one of
+-- its processes lives: in its restart grace its sessions stay, but no new one comes.
 local function placeable(base, w)
   if redis.call('EXISTS', base .. 'alive:' .. w) == 0 then return false end
+  if is_host(w) and redis.call('EXISTS', host_key(base, 'up:', w)) == 0 then return false end
   if redis.call('HEXISTS', base .. 'worker:' .. w, 'max_sessions') == 0 then
     redis.call('ZREM', base .. 'free', w)
     return false
@@ -108,8 +142,7 @@ local function open_session(base, w, sid, exec_ms, now, owner, client, owner_ms)
     'client', client, 'owner_ms', owner_ms)
   redis.call('SADD', base .. 'wsessions:' .. w, sid)
   redis.call('ZADD', base .. 'deadlines', deadline, 's:' .. sid)
-  redis.call('XADD', base .. 'w:' .. w, 'NOMKSTREAM', '*', 't', 'o', 's', sid, 'x', exec_ms,
-    'd', deadline, 'c', client, 'l', owner_ms)
+  tell(base, w, {'t', 'o', 's', sid, 'x', exec_ms, 'd', deadline, 'c', client, 'l', owner_ms})
   return {info[2] or '', deadline, info[3] or 0}
 end
 
@@ -136,7 +169,7 @@ local function close_session(base, sid, w, new_state, reason, now, retention_ms,
   -- Only a session the worker's registration counted gives a slot back (one of an earlier
   -- registration of the same identity was never counted by this one).
   if redis.call('SREM', base .. 'wsessions:' .. w, sid) == 1 then release_slot(base, w) end
-  redis.call('XADD', base .. 'w:' .. w, 'NOMKSTREAM', '*', 't', 'c', 's', sid, 'r', mode)
+  tell(base, w, {'t', 'c', 's', sid, 'r', mode})
 end
 
 -- Tell a waiting caller, through its inbox stream, that it got a session or why it

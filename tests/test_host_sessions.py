@@ -1,0 +1,373 @@
+"""Host sessions (SEMANTICS H01-H06): worker processes that share a host_id share one
+session limit, and the host's sessions survive the death or restart of its processes.
+
+Every test runs real worker processes; a process death is a SIGKILL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio
+
+from sessionq import (
+    ActivityError,
+    Client,
+    RetryPolicy,
+    SessionCreationTimeoutError,
+    SessionFailedError,
+    SessionOptions,
+    SessionState,
+)
+from sessionq.keys import QueueKeys, host_worker_id
+from tests import activities as acts
+from tests.conftest import REPO_ROOT
+from tests.helpers import SpawnWorker, WorkerProcess, WorkerStartError, pid_running, wait_for
+from tests.test_cli import clean_env, cli_argv, inspect_json, run_cli
+
+HB = 1.0
+"""The processes' heartbeat_timeout: a dead process is noticed within about a second."""
+
+
+def host_args(host: str = "h1", grace: float = 30.0, shutdown_grace: float | None = None) -> list[str]:
+    args = ["--host-id", host, "--restart-grace", str(grace)]
+    if shutdown_grace is not None:
+        args += ["--shutdown-grace", str(shutdown_grace)]
+    return args
+
+
+async def host_process(
+    spawn_worker: SpawnWorker, identity: str, *, max_sessions: int | None = 2, **host: Any
+) -> WorkerProcess:
+    return await spawn_worker(
+        identity=identity, max_sessions=max_sessions, heartbeat_timeout=HB, extra_args=host_args(**host)
+    )
+
+
+async def started(marker: Path, attempt: int = 1) -> str:
+    """Wait until `attempt` of the marked activity started; the process that runs it."""
+    path = Path(f"{marker}.started.{attempt}")
+    await wait_for(path.exists, timeout=15, message=f"attempt {attempt} started")
+    return path.read_text()
+
+
+# --- H01: one session limit for the whole host; processes that disagree are refused ----------
+
+
+async def test_h01_limit_counts_the_sessions_of_the_whole_host(
+    spawn_worker: SpawnWorker, client: Client, task_queue: str
+) -> None:
+    await host_process(spawn_worker, "p1", max_sessions=2)
+    await host_process(spawn_worker, "p2", max_sessions=2)
+    first = await client.create_session(task_queue)
+    second = await client.create_session(task_queue)
+    assert first.info.host_id == second.info.host_id == "h1"
+    assert first.info.worker_id == host_worker_id("h1")
+    with pytest.raises(SessionCreationTimeoutError):  # 2 processes, but one limit of 2
+        await client.create_session(task_queue, SessionOptions(creation_timeout=0.5))
+    waiting = asyncio.create_task(
+        client.create_session(task_queue, SessionOptions(creation_timeout=10)).open()
+    )
+    await first.complete()
+    third = await asyncio.wait_for(waiting, 10)  # the freed slot goes to the waiter
+    assert third.info.host_id == "h1"
+    await second.complete()
+    await third.complete()
+
+
+async def test_h01_processes_that_disagree_on_the_host_settings_are_refused(
+    spawn_worker: SpawnWorker,
+) -> None:
+    await host_process(spawn_worker, "p1", max_sessions=2, grace=30.0)
+    with pytest.raises(WorkerStartError) as refused:
+        await host_process(spawn_worker, "p2", max_sessions=3, grace=30.0)
+    text = str(refused.value)
+    assert "ConfigurationError" in text or "max_concurrent_sessions" in text
+    assert "max_concurrent_sessions=2" in text and "max_concurrent_sessions=3" in text
+    with pytest.raises(WorkerStartError) as refused:
+        await host_process(spawn_worker, "p3", max_sessions=2, grace=5.0)
+    assert "restart_grace=30s" in str(refused.value) and "restart_grace=5s" in str(refused.value)
+    await host_process(spawn_worker, "p4", max_sessions=2, grace=30.0)  # agreeing: joins
+
+
+# --- H02: activities run on any live process of the host, never elsewhere --------------------
+
+
+async def test_h02_activities_spread_over_the_host_and_never_leave_it(
+    spawn_worker: SpawnWorker, client: Client, task_queue: str
+) -> None:
+    procs = {(await host_process(spawn_worker, name, host="h1")).worker_id for name in ("p1", "p2")}
+    other = await host_process(spawn_worker, "q1", host="h2")
+    sessions = [await client.create_session(task_queue) for _ in range(4)]
+    on_h1 = [s for s in sessions if s.info.host_id == "h1"]
+    assert on_h1, "the least loaded host got some of the sessions"
+    ran: set[str] = set()
+    for session in on_h1:
+        ran |= set(await asyncio.gather(*(session.execute_activity(acts.sleep_for, 0.05) for _ in range(12))))
+    assert ran == procs, f"activities of host h1's sessions ran on {ran}, not spread over {procs}"
+    for session in sessions:
+        if session.info.host_id == "h2":
+            assert await session.execute_activity(acts.whoami) == other.worker_id
+        await session.complete()
+
+
+# --- H03: a process death keeps the host's sessions open ----------------------------------
+
+
+async def test_h03_session_survives_sigkill_and_restart_within_the_grace(
+    spawn_worker: SpawnWorker,
+    client: Client,
+    task_queue: str,
+    keys: QueueKeys,
+    redis_client: redis.asyncio.Redis,
+) -> None:
+    first = await host_process(spawn_worker, "p1", grace=20.0)
+    async with client.create_session(task_queue) as session:
+        assert await session.execute_activity(acts.host_write, "scratch.txt", "downloaded") == first.worker_id
+        await first.kill()
+        successor = await host_process(spawn_worker, "p2", grace=20.0)
+        text, reader = await session.execute_activity(acts.host_read, "scratch.txt")
+        assert (text, reader) == ("downloaded", successor.worker_id)
+        assert session.state is SessionState.OPEN
+        assert await redis_client.hget(keys.session(session.session_id), "state") == b"OPEN"
+
+
+async def test_h03_in_flight_activity_is_retried_on_another_process(
+    spawn_worker: SpawnWorker, client: Client, task_queue: str, tmp_path: Path
+) -> None:
+    procs = {p.worker_id: p for p in [await host_process(spawn_worker, n) for n in ("p1", "p2")]}
+    marker = tmp_path / "long"
+    async with client.create_session(task_queue) as session:
+        handle = await session.start_activity(acts.attempt_after, 1.5, str(marker))
+        runner = await started(marker)
+        await procs[runner].kill()
+        attempt, finisher = await asyncio.wait_for(handle.result(), 20)
+        assert attempt == 2 and finisher != runner and finisher in procs
+        assert session.state is SessionState.OPEN
+        assert await session.execute_activity(acts.whoami) in procs
+
+
+async def test_h03_no_attempt_left_gives_activity_error_not_session_failure(
+    spawn_worker: SpawnWorker, client: Client, task_queue: str, tmp_path: Path
+) -> None:
+    procs = {p.worker_id: p for p in [await host_process(spawn_worker, n) for n in ("p1", "p2")]}
+    marker = tmp_path / "once"
+    async with client.create_session(task_queue) as session:
+        handle = await session.start_activity(
+            acts.attempt_after, 30, str(marker), retry_policy=RetryPolicy(maximum_attempts=1)
+        )
+        await procs[await started(marker)].kill()
+        with pytest.raises(ActivityError) as failed:
+            await asyncio.wait_for(handle.result(), 20)
+        assert not isinstance(failed.value, SessionFailedError)
+        assert "no attempt is left" in str(failed.value)
+        assert session.state is SessionState.OPEN
+        assert await session.execute_activity(acts.whoami) in procs
+
+
+# --- H04: after restart_grace with no live process the sessions fail -------------------------
+
+
+async def test_h04_sessions_fail_once_the_grace_passes(
+    spawn_worker: SpawnWorker, client: Client, task_queue: str, tmp_path: Path
+) -> None:
+    grace = 2.0
+    only = await host_process(spawn_worker, "p1", grace=grace)
+    marker = tmp_path / "busy"
+    async with client.create_session(task_queue) as session:
+        handle = await session.start_activity(acts.attempt_after, 60, str(marker))
+        await started(marker)
+        await only.kill()
+        killed = time.monotonic()
+        with pytest.raises(SessionFailedError) as failed:
+            await asyncio.wait_for(handle.result(), grace + HB + 10)
+        took = time.monotonic() - killed
+        assert "restart_grace" in str(failed.value)
+        assert grace <= took <= grace + HB + 1 + 1.5, f"learnt after {took:.2f}s"  # bound + scheduling slack
+        assert session.state is SessionState.FAILED
+    # A process that comes back after the grace starts a new host: the old session stays failed.
+    await host_process(spawn_worker, "p2", grace=grace)
+    fresh = await client.create_session(task_queue)
+    assert fresh.info.host_id == "h1"
+    await fresh.complete()
+
+
+# --- H05: a rolling restart loses no session --------------------------------------------------
+
+
+async def test_h05_rolling_restart_of_a_two_process_host_loses_no_session(
+    spawn_worker: SpawnWorker, client: Client, task_queue: str
+) -> None:
+    current = [await host_process(spawn_worker, n, shutdown_grace=5.0) for n in ("p1", "p2")]
+    sessions = [await client.create_session(task_queue) for _ in range(2)]
+    stop = asyncio.Event()
+    ran: list[str] = []
+
+    async def keep_busy(session: Any) -> None:
+        while not stop.is_set():
+            ran.append(await session.execute_activity(acts.sleep_for, 0.05))
+
+    busy = [asyncio.create_task(keep_busy(s)) for s in sessions]
+    for number, old in enumerate(list(current), start=3):
+        wanted = 10 * (number - 2)
+        await wait_for(lambda: len(ran) >= wanted, timeout=20, message="activities ran")  # noqa: B023
+        old.terminate()
+        assert await old.wait(15) == 0  # a graceful stop
+        current.append(await host_process(spawn_worker, f"p{number}", shutdown_grace=5.0))
+    done_before = len(ran)
+    await wait_for(lambda: len(ran) >= done_before + 10, timeout=20, message="activities ran after")
+    stop.set()
+    await asyncio.gather(*busy)  # raises if any activity failed
+    assert set(ran[done_before:]) <= {current[2].worker_id, current[3].worker_id}
+    for session in sessions:
+        assert session.state is SessionState.OPEN
+        await session.complete()
+
+
+# --- H06: without host_id a process restart fails its sessions, as before ----------------------
+
+
+async def test_h06_without_host_id_a_restart_fails_the_sessions(
+    spawn_worker: SpawnWorker,
+    client: Client,
+    task_queue: str,
+    keys: QueueKeys,
+    redis_client: redis.asyncio.Redis,
+) -> None:
+    worker = await spawn_worker(identity="solo", heartbeat_timeout=HB)
+    session = await client.create_session(task_queue)
+    assert session.info.host_id is None
+    await worker.kill()
+
+    async def lapsed() -> bool:
+        return not await redis_client.exists(keys.alive("solo"))
+
+    await wait_for(lapsed, timeout=10, message="the killed worker's heartbeat lapsed")
+    await spawn_worker(identity="solo", heartbeat_timeout=HB)  # same identity, new process
+    with pytest.raises(SessionFailedError):
+        await session.execute_activity(acts.whoami)
+    assert session.state is SessionState.FAILED
+
+
+# --- `sessionq worker --processes N`: one host under a supervisor ------------------------------
+
+
+def pid_of(worker_id: str) -> int:
+    return int(worker_id.split("@", 1)[0])
+
+
+async def test_cli_processes_2_runs_one_host_restarts_a_killed_process_and_stops_gracefully(
+    redis_url: str,
+    key_prefix: str,
+    task_queue: str,
+    client: Client,
+    keys: QueueKeys,
+    redis_client: redis.asyncio.Redis,
+    tmp_path: Path,
+) -> None:
+    log_file = tmp_path / "supervisor.log"
+    argv = cli_argv(
+        "worker", "tests.activities:ALL", "--redis-url", redis_url, "--prefix", key_prefix,
+        "-Q", task_queue, "--processes", "2", "--host-id", "hx", "--max-sessions", "2",
+        "--heartbeat-timeout", str(HB), "--shutdown-grace", "5",
+    )  # fmt: skip
+    with open(log_file, "wb") as sink:
+        supervisor = await asyncio.create_subprocess_exec(
+            *argv, cwd=REPO_ROOT, env=clean_env(), stdin=asyncio.subprocess.DEVNULL, stdout=sink, stderr=sink
+        )
+
+    async def live_processes() -> set[str]:
+        if supervisor.returncode is not None:
+            raise AssertionError(f"supervisor exited with {supervisor.returncode}:\n{log_file.read_text()}")
+        members = [m.decode() for m in await redis_client.smembers(keys.host_procs("hx"))]
+        return {m for m in members if await redis_client.exists(keys.alive(m))}
+
+    seen: set[str] = set()
+    try:
+        first = await wait_for(
+            lambda: _exactly(live_processes, 2), timeout=30, message="2 processes of host hx registered"
+        )
+        seen |= first
+        session = await client.create_session(task_queue, SessionOptions(creation_timeout=10))
+        assert session.info.host_id == "hx"
+        ran = set(await asyncio.gather(*(session.execute_activity(acts.sleep_for, 0.05) for _ in range(20))))
+        assert ran and ran <= first
+        victim = sorted(ran)[0]
+        os.kill(pid_of(victim), signal.SIGKILL)
+
+        async def replaced() -> set[str] | None:
+            now = await live_processes()
+            return now if len(now) == 2 and victim not in now else None
+
+        after = await wait_for(replaced, timeout=30, message="the supervisor started another process")
+        seen |= after
+        assert await session.execute_activity(acts.whoami) in after  # the session carried on
+        supervisor.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(supervisor.wait(), 30) == 0
+        assert not [p for p in map(pid_of, seen) if pid_running(p)], "every worker process stopped"
+        assert await redis_client.hget(keys.session(session.session_id), "state") == b"OPEN"  # in its grace
+        log_text = log_file.read_text()
+        assert "was killed by SIGKILL" in log_text and "starting another" in log_text
+    finally:
+        if supervisor.returncode is None:
+            supervisor.kill()
+            await supervisor.wait()
+        for pid in map(pid_of, seen):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+async def _exactly(probe: Any, count: int) -> Any:
+    found = await probe()
+    return found if len(found) == count else None
+
+
+async def test_h02_recreate_session_targets_the_host(
+    spawn_worker: SpawnWorker, client: Client, task_queue: str
+) -> None:
+    h1 = {(await host_process(spawn_worker, n, host="h1", max_sessions=4)).worker_id for n in ("p1", "p2")}
+    await host_process(spawn_worker, "q1", host="h2", max_sessions=4)
+    sessions = [await client.create_session(task_queue) for _ in range(2)]
+    on_h1 = next(s for s in sessions if s.info.host_id == "h1")
+    token = on_h1.info.recreate_token
+    await on_h1.complete()
+    for _ in range(3):  # h2 is now the less loaded host; recreate goes to h1 all the same
+        again = await client.recreate_session(token)
+        assert again.info.host_id == "h1"
+        assert await again.execute_activity(acts.whoami) in h1
+        await again.complete()
+    for session in sessions:
+        await session.complete()
+
+
+async def test_h04_inspect_shows_a_host_in_its_grace(
+    spawn_worker: SpawnWorker, client: Client, task_queue: str, redis_url: str, key_prefix: str
+) -> None:
+    procs = [await host_process(spawn_worker, n, grace=30.0) for n in ("p1", "p2")]
+    session = await client.create_session(task_queue)
+    doc = await inspect_json(redis_url, key_prefix, "-Q", task_queue)
+    (host,) = doc["hosts"]
+    assert host["host_id"] == "h1" and host["processes_alive"] == 2 and not host["in_grace"]
+    assert host["open_sessions"] == 1 and host["max_sessions"] == 2
+    assert {w["host_id"] for w in doc["workers"]} == {"h1"}
+    assert [s["worker"] for s in doc["sessions"]] == [host_worker_id("h1")]
+    for proc in procs:
+        await proc.kill()
+
+    async def in_grace() -> dict[str, Any] | None:
+        (row,) = (await inspect_json(redis_url, key_prefix, "hosts", "-Q", task_queue))["hosts"]
+        return row if row["in_grace"] else None
+
+    host = await wait_for(in_grace, timeout=15, message="the host shown in its grace")
+    assert host["alive"] and host["processes_alive"] == 0 and host["no_live_process_s"] is not None
+    assert 0 <= host["no_live_process_s"] <= host["restart_grace_s"] == 30.0
+    ran = await run_cli("inspect", "hosts", "--redis-url", redis_url, "--prefix", key_prefix)
+    assert "no live process for" in ran.out and "of 30.0s" in ran.out
+    assert session.state is SessionState.OPEN
