@@ -43,6 +43,12 @@ def strings(raw: dict[bytes, bytes]) -> dict[str, str]:
     return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in raw.items()}
 
 
+def activities_run(record: dict[str, str]) -> int | None:
+    """A session's activity count: one field, or one per process of its host, added up."""
+    counts = [number(v) for k, v in record.items() if k == "activities" or k.startswith("activities:")]
+    return sum(c for c in counts if c is not None) if counts else None
+
+
 def glob_escape(value: str) -> str:
     """Escape Redis glob metacharacters so a prefix or queue name matches literally."""
     return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in value)
@@ -287,7 +293,7 @@ class Reader:
             "execution_timeout_s": exec_ms / 1000 if exec_ms is not None else None,
             "ended_ms": number(record.get("ended")),
             "reason": record.get("reason") or None,
-            "activities_run": number(record.get("activities")),
+            "activities_run": activities_run(record),
             "queued": len(items),
             "queued_activities": [{k: v for k, v in item.items() if k != "session_id"} for item in items],
         }

@@ -7,7 +7,9 @@ when one dies, and on SIGTERM or Ctrl-C stops them all gracefully (each lets its
 activities finish within --shutdown-grace). A second Ctrl-C kills them at once. If the
 supervisor itself is killed, its processes notice and stop gracefully.
 
-A process that exits with a usage or configuration error (exit code 2, say the host's
+A process stopped gracefully by someone else (`kill -TERM`, a rolling restart) is
+replaced at once; with --burst one that finished its work is not. A process that exits
+with a usage or configuration error (exit code 2, say the host's
 other processes run with another session limit) is not started again: the supervisor
 stops the others and exits with that code. One that keeps dying soon after it started is
 started again after a growing pause (up to MAX_RESTART_DELAY), so a crash loop does not
@@ -42,6 +44,8 @@ class Child:
     """One worker process slot: what runs in it now, and its restart pacing."""
 
     number: int
+    generation: int = 0
+    """How many processes this slot started (a restarted one gets a new identity)."""
     process: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
     delay: float = MIN_RESTART_DELAY
@@ -51,10 +55,18 @@ class Child:
 class Supervisor:
     """Keeps `count` worker processes running (argv from `argv_for(number)`) until a signal."""
 
-    def __init__(self, count: int, argv_for: Callable[[int], Sequence[str]], shutdown_grace: float) -> None:
+    def __init__(
+        self,
+        count: int,
+        argv_for: Callable[[int, int], Sequence[str]],
+        shutdown_grace: float,
+        burst: bool = False,
+    ) -> None:
         self.children = [Child(number) for number in range(1, count + 1)]
         self.argv_for = argv_for
+        """(slot number, generation) -> the process's argv."""
         self.shutdown_grace = shutdown_grace
+        self.burst = burst
         self.stopping = False
         self.interrupts = 0
         self.exit_code = 0
@@ -128,8 +140,13 @@ class Supervisor:
             self.stopping = True
             self._signal_all(signal.SIGTERM)
             return
-        if code == 0:  # it finished (--burst): nothing to restart
+        if code == 0 and self.burst:  # it finished its work: nothing to restart
             log.info("worker process %d (pid %d) finished", child.number, pid)
+            return
+        if code == 0:  # stopped gracefully by someone else (a rolling restart): replace it
+            log.info("worker process %d (pid %d) stopped; starting another", child.number, pid)
+            child.delay = MIN_RESTART_DELAY
+            child.restart_at = now
             return
         ran = now - child.started_at
         child.delay = MIN_RESTART_DELAY if ran >= STABLE_AFTER else min(child.delay * 2, MAX_RESTART_DELAY)
@@ -148,9 +165,15 @@ class Supervisor:
     def _start(self, child: Child) -> None:
         # A session of its own: a Ctrl-C at the terminal reaches only the supervisor, which
         # stops the processes gracefully (SIGTERM); a second one kills them.
+        child.generation += 1
         child.process = subprocess.Popen(
-            list(self.argv_for(child.number)), stdin=subprocess.DEVNULL, start_new_session=True
+            list(self.argv_for(child.number, child.generation)),
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
         child.started_at = time.monotonic()
         child.restart_at = None
         log.info("started worker process %d (pid %d)", child.number, child.process.pid)
+        if self.stopping:  # a signal came while it started: it stops with the others
+            with contextlib.suppress(ProcessLookupError):
+                child.process.send_signal(signal.SIGTERM)

@@ -460,9 +460,11 @@ def worker_command(
         common.append("--burst")
     common += ["-v"] * verbose + ["-q"] * quiet + ["--stop-with-parent"]
 
-    def argv_for(number: int) -> list[str]:
-        named = ["--identity", f"{identity}-{number}"] if identity else []
-        return [sys.executable, "-m", "sessionq.cli", "worker", *common, *named]
+    def argv_for(number: int, generation: int) -> list[str]:
+        # A replacement gets an identity of its own: its predecessor's heartbeat key may
+        # still be alive (a SIGKILLed process's lives on for its heartbeat_timeout).
+        named = ["--identity", f"{identity}-{number}" + (f".{generation}" if generation > 1 else "")]
+        return [sys.executable, "-m", "sessionq.cli", "worker", *common, *(named if identity else [])]
 
     log.info(
         "supervising %d worker processes of host %s on task queue %r",
@@ -470,6 +472,6 @@ def worker_command(
         worker.host_id,
         worker.task_queue,
     )
-    supervisor = Supervisor(processes, argv_for, worker.shutdown_grace)
+    supervisor = Supervisor(processes, argv_for, worker.shutdown_grace, burst=burst)
     supervisor.install()
     sys.exit(supervisor.run())

@@ -21,7 +21,7 @@ from .errors import ConfigurationError, SessionqError
 from .faults import DEFAULT_UNAVAILABLE_TIMEOUT, describe, public, retrying
 from .handle import ActivityHandle
 from .inbox import Inbox
-from .keys import DEFAULT_PREFIX, QueueKeys, validate_name
+from .keys import DEFAULT_PREFIX, QueueKeys, host_of, validate_name
 from .lease import LeaseKeeper
 from .liveness import LivenessMonitor
 from .options import ActivityOptions, SessionOptions
@@ -241,12 +241,15 @@ class Client:
 
         async def broadcast() -> None:
             await self.wire.execute(keys.tasks, "XDEL", keys.tasks, entry_id)
-            workers = await self.wire.execute(keys.tasks, "SMEMBERS", keys.workers)
+            members = await self.wire.execute(keys.tasks, "SMEMBERS", keys.workers)
+            workers = [
+                w for w in (m.decode() for m in members) if host_of(w) is None
+            ]  # hosts run no plain ones
             if workers:
                 await self.wire.execute_many(
                     keys.tasks,
                     [
-                        ("XADD", keys.stream(w.decode()), "NOMKSTREAM", "*", "t", "x", "i", activity_id)
+                        ("XADD", keys.stream(w), "NOMKSTREAM", "*", "t", "x", "i", activity_id)
                         for w in workers
                     ],
                 )

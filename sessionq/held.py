@@ -109,36 +109,61 @@ class HeldSessions:
 
     async def adopt(self, sid: str) -> HeldSession | None:
         """An activity of a host session arrived before the message that it opened (the two
-        come on different streams): read the session's record and hold it if it is open."""
+        come on different streams): read the session's record and hold it if it is open and
+        counted on this process's host."""
         w = self.worker
-        record = await w.wire.execute(w.keys.tasks, "HMGET", w.keys.session(sid), *self._RECORD)
+        k = w.keys
+        assert w.host_worker_id is not None
+        record, counted = await w.wire.execute_many(
+            k.tasks,
+            [
+                ("HMGET", k.session(sid), *self._RECORD),
+                ("SISMEMBER", k.worker_sessions(w.host_worker_id), sid),
+            ],
+        )
+        if not counted and record[0] == b"OPEN":
+            return None  # not (or no longer) one of the host's sessions
         return self._from_record(sid, record)
 
     async def load_host(self) -> None:
         """This process (re)registered as part of a host: hold every session the host has
-        open (those it held before this process started, in its restart grace too), and drop
-        those it no longer has (the host was made anew: its sessions failed)."""
+        open (those it held before this process started, in its restart grace too), and end
+        here those it no longer has, as their records say they ended (the host was made
+        anew after its grace: they failed)."""
         w = self.worker
         k = w.keys
+        assert w.host_worker_id is not None
         before = set(self.open)  # opened before the snapshot below: in it unless they ended
         members = await w.wire.execute(k.tasks, "SMEMBERS", k.worker_sessions(w.host_worker_id))
-        sids = [m.decode() for m in members]
+        sids = sorted({m.decode() for m in members} | before)
         records = (
             await w.wire.execute_many(k.tasks, [("HMGET", k.session(sid), *self._RECORD) for sid in sids])
             if sids
             else []
         )
-        still_open: set[str] = set()
+        counted = {m.decode() for m in members}
+        taken = 0
         for sid, record in zip(sids, records, strict=True):
-            if self._from_record(sid, record) is not None:
-                still_open.add(sid)
-        taken = len(still_open - before)
+            if sid in counted:
+                was_held = sid in self.open
+                if self._from_record(sid, record) is not None and not was_held:
+                    taken += 1
+                    continue
+            if sid not in before or sid not in self.open:
+                continue
+            state, reason = record[0], (record[6] or b"").decode()
+            if state == b"COMPLETED":
+                self.end(sid, "completed", "session was completed")
+            elif state == b"OPEN" and sid in counted:
+                continue
+            else:
+                why = reason or f"host {w.host_id} no longer holds it (its restart grace passed)"
+                log.warning(
+                    "worker %s: session %s is no longer open on host %s: %s", w.worker_id, sid, w.host_id, why
+                )
+                self.end(sid, "failed", why)
         if taken:
             log.info("worker %s: holds %d open session(s) of host %s", w.worker_id, taken, w.host_id)
-        for sid in before - still_open:
-            if sid in self.open:
-                log.warning("worker %s: session %s is no longer open on host %s", w.worker_id, sid, w.host_id)
-                self.end(sid, "failed", f"host {w.host_id} no longer holds it (its grace passed)")
 
     def _arm(self, held: HeldSession, seconds: float) -> None:
         sid = held.info.session_id
@@ -279,15 +304,14 @@ class HeldSessions:
                 self.end(sid, "failed" if state != b"COMPLETED" else "completed", why)
 
     async def publish_counts(self) -> None:
-        """Add what each open session ran here since the last pass to its count in Redis,
-        for `sessionq inspect` (the processes of a host each add their own)."""
+        """Record how many activities each open session ran here, for `sessionq inspect`
+        (the processes of a host each in a field of their own, which inspect adds up)."""
         changed = [h for h in self.open.values() if h.activities_run != h.published_run]
         if not changed:
             return
         w = self.worker
         sent = {h.info.session_id: h.activities_run for h in changed}
-        await w.scripts.publish_counts(
-            w.keys, {h.info.session_id: h.activities_run - h.published_run for h in changed}
-        )
+        field = "activities" if w.host_id is None else f"activities:{w.worker_id}"
+        await w.scripts.publish_counts(w.keys, sent, field)
         for held in changed:  # what was sent: an activity started meanwhile is published next pass
             held.published_run = sent[held.info.session_id]

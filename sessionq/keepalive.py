@@ -56,6 +56,8 @@ class Heartbeat:
         host_id: str = "",
     ) -> None:
         self.host_id = host_id
+        self.stopping = False
+        """Set when a host's process stops gracefully: it beats on, but takes no new session."""
         self.target = target
         self.keys = keys
         self.worker_id = worker_id
@@ -150,6 +152,7 @@ class Heartbeat:
                 done=done,
                 timeout=self.interval,
                 host_id=self.host_id,
+                stopping=self.stopping,
             )
         except Exception as exc:
             if not failing:

@@ -80,11 +80,12 @@ class Registration:
         w = self.worker
         await w.scripts.reap_worker(w.keys, w.worker_id, reason, force=True, retention_ms=w.retention_ms)
 
-    async def ensure_group(self) -> None:
+    async def ensure_group(self, host: bool = False) -> None:
+        """Make the task stream's consumer group (with `host`, the host stream's instead:
+        made with the host, and again only once the host is registered, so the stream
+        always has an owner)."""
         w = self.worker
-        streams = [w.keys.tasks]
-        if w.host_queue is not None:
-            streams.append(w.host_queue.stream)  # made with the host; again if Redis lost it
+        streams = [w.host_queue.stream] if host and w.host_queue is not None else [w.keys.tasks]
         for stream in streams:
             try:
                 await w.wire.execute(stream, "XGROUP", "CREATE", stream, CONSUMER_GROUP, "0", "MKSTREAM")
@@ -134,15 +135,18 @@ class Registration:
                 fields=fields,
                 host_id=w.host_id or "",
                 grace_ms=int(w.restart_grace * 1000),
+                retention_ms=w.retention_ms,
             )
             if registered.status == "CONFLICT":
                 raise ConfigurationError(
                     "max_concurrent_sessions",
                     f"host {w.host_id!r} of task queue {w.task_queue!r} runs with "
                     f"max_concurrent_sessions={registered.max_sessions or None}, "
-                    f"restart_grace={registered.grace_ms / 1000:g}s, but this process has "
-                    f"max_concurrent_sessions={cap or None}, restart_grace={w.restart_grace:g}s; "
-                    "give every process of a host the same values (or another host_id)",
+                    f"restart_grace={registered.grace_ms / 1000:g}s, "
+                    f"heartbeat_timeout={registered.hb_ms / 1000:g}s, but this process has "
+                    f"max_concurrent_sessions={cap or None}, restart_grace={w.restart_grace:g}s, "
+                    f"heartbeat_timeout={w.heartbeat_timeout:g}s; give every process of a host the "
+                    "same values (or another host_id)",
                 )
             if registered.status != "REAP":
                 return registered
@@ -180,9 +184,15 @@ class Registration:
             w.worker_id,
         )
         await self.ensure_group()
-        await self.register()
+        try:
+            await self.register()
+        except ConfigurationError as exc:  # the host's other processes now run with other settings
+            log.error("worker %s cannot register again, so it stops: %s", w.worker_id, exc)
+            w.stop()
+            raise
         w.shared_queue.recover_pending()
         if w.host_queue is not None:
+            await self.ensure_group(host=True)
             w.host_queue.recover_pending()
 
     async def drop_consumer(self) -> None:

@@ -65,6 +65,8 @@ class Registered:
     """For CONFLICT: the host's limit (0 = none)."""
     grace_ms: int = 0
     """For CONFLICT: the host's restart grace."""
+    hb_ms: int = 0
+    """For CONFLICT: the heartbeat timeout of the host's processes."""
 
 
 @dataclass(frozen=True)
@@ -167,14 +169,14 @@ class Scripts:
             )
         )
 
-    async def publish_counts(self, k: QueueKeys, counts: dict[str, int]) -> None:
-        """Add to each open session's activity count (a lost record is not re-created)."""
+    async def publish_counts(self, k: QueueKeys, counts: dict[str, int], field: str = "activities") -> None:
+        """Record each open session's activity count in `field` (a lost record is not re-created)."""
         sha = self._shas["publish_count"]
-        commands = [("EVALSHA", sha, 1, k.session(sid), count) for sid, count in counts.items()]
+        commands = [("EVALSHA", sha, 1, k.session(sid), count, field) for sid, count in counts.items()]
         replies = await self.wire.execute_many(commands[0][3], commands, return_exceptions=True)
         if any(_no_script(r) for r in replies):
             for sid, count in counts.items():
-                await self.run("publish_count", [k.session(sid)], [count])
+                await self.run("publish_count", [k.session(sid)], [count, field])
             return
         for reply in replies:
             if isinstance(reply, Exception):
@@ -198,16 +200,17 @@ class Scripts:
         fields: list[Any],
         host_id: str = "",
         grace_ms: int = 0,
+        retention_ms: int = 3_600_000,
     ) -> Registered:
         """Register (again), and join or make the worker's host when it has one."""
         reply = await self.run(
             "register_worker",
             [k.workers, k.worker(worker_id), k.alive(worker_id), k.stream(worker_id), k.guard],
-            [k.base, worker_id, hb_ms, max_sessions, host_id, grace_ms, *fields],
+            [k.base, worker_id, hb_ms, max_sessions, host_id, grace_ms, retention_ms, *fields],
         )
         status = reply[0].decode()
         if status == "CONFLICT":
-            return Registered(status, "", int(reply[1] or 0), int(reply[2] or 0))
+            return Registered(status, "", int(reply[1] or 0), int(reply[2] or 0), int(reply[3] or 0))
         if status == "REAP":
             return Registered(status)
         return Registered(status, reply[1].decode())
@@ -222,12 +225,14 @@ class Scripts:
         done: int,
         timeout: float | None,
         host_id: str = "",
+        stopping: bool = False,
     ) -> bool:
-        """Renew the heartbeat (and its host's); False when the worker is no longer registered."""
+        """Renew the heartbeat (and its host's); False when the worker is no longer registered.
+        A host's process that is `stopping` keeps the host's sessions alive but takes no new one."""
         reply = await self.run(
             "heartbeat",
             [k.workers, k.worker(worker_id), k.alive(worker_id), k.waiters, k.guard],
-            [worker_id, hb_ms, running, done, k.base, host_id],
+            [worker_id, hb_ms, running, done, k.base, host_id, "1" if stopping else "0"],
             timeout=timeout,
         )
         return bool(reply)

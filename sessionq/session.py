@@ -138,7 +138,7 @@ class Session:
             inbox=self._inbox,
             schedule_to_close=opts.schedule_to_close_timeout,  # type: ignore[arg-type]
             on_done=self._forget,
-            cancel=lambda: self._cancel_activity(activity_id),
+            cancel=lambda: self._cancel_activity(activity_id, sent),
         )
 
     start_activity = public("starting a session activity")(_start_activity)
@@ -186,22 +186,25 @@ class Session:
     def past_deadline(self) -> bool:
         return time.monotonic() >= self._expires_at
 
-    async def _cancel_activity(self, activity_id: str) -> None:
+    async def _cancel_activity(self, activity_id: str, entry_id: bytes) -> None:
         """Tell the session's worker to cancel the activity (running, waiting for a slot, or
-        not read yet); on a host, every process of it (any may hold it)."""
+        not read yet). On a host: delete its entry from the host's stream (so no process,
+        not even one that starts later, ever runs it) and tell every process (one may run it)."""
         k, wire = self.keys, self.client.wire
 
         async def send() -> None:
             host_id = self.info.host_id
+            commands: list[tuple[object, ...]] = []
             if host_id is None:
                 targets = [self.info.worker_id]
             else:
+                commands.append(("XDEL", k.stream(self.info.worker_id), entry_id))
                 targets = [m.decode() for m in await wire.execute(k.tasks, "SMEMBERS", k.host_procs(host_id))]
-            if targets:
-                await wire.execute_many(
-                    k.tasks,
-                    [("XADD", k.stream(w), "NOMKSTREAM", "*", "t", "x", "i", activity_id) for w in targets],
-                )
+            commands += [
+                ("XADD", k.stream(w), "NOMKSTREAM", "*", "t", "x", "i", activity_id) for w in targets
+            ]
+            if commands:
+                await wire.execute_many(k.tasks, commands)
 
         await self.client.retrying(send, what="cancelling a session activity")
 

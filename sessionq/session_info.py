@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import msgpack
 
 from .errors import ConfigurationError
+from .keys import host_worker_id
 
 
 class SessionState(str, enum.Enum):
@@ -47,8 +48,10 @@ class SessionInfo:
 
     @property
     def recreate_token(self) -> bytes:
-        """Opaque bytes that let `recreate_session` open a new session on the same worker."""
-        return encode_token(self.prefix, self.task_queue, self.worker_id, self.hostname)
+        """Opaque bytes that let `recreate_session` open a new session on the same worker
+        (for a host session: on the same host, whichever of its processes live)."""
+        target = self.worker_id if self.host_id is None else host_worker_id(self.host_id)
+        return encode_token(self.prefix, self.task_queue, target, self.hostname)
 
     def get_recreate_token(self) -> bytes:
         """Alias of `recreate_token`, named as in the Go SDK."""

@@ -52,11 +52,15 @@ class SharedQueue:
         if self._recovering:
             await self._recover_own_pending(runner.free)
             return
+        # A host's process reads two streams (plain activities, its host's session ones) at
+        # once: each asks for half the free slots, so together they read at most one more
+        # than fit (one waits here for a slot, where an idle sibling cannot take it).
+        count = runner.free if w.host_queue is None else max(1, runner.free // 2)
         started = time.monotonic()
         try:
             reply = await self._reader.execute(
                 "XREADGROUP", "GROUP", CONSUMER_GROUP, w.worker_id,
-                "COUNT", runner.free, "BLOCK", POLL_BLOCK_MS, "STREAMS", self.stream, ">",
+                "COUNT", count, "BLOCK", POLL_BLOCK_MS, "STREAMS", self.stream, ">",
             )  # fmt: skip
         except BaseException:
             # The reply may have been lost after Redis delivered entries to us: they now sit

@@ -334,6 +334,28 @@ class Worker:
                 await asyncio.sleep(backoff * (0.5 + os.urandom(1)[0] / 255))
                 backoff = min(backoff * 2, 2.0)  # short: a failover is over in seconds
 
+    async def _withdraw(self) -> None:
+        """Take no new session: a worker leaves placement; a host's process stops counting as
+        one of the host's serving processes (the host takes none once all of them stop)."""
+        k = self.keys
+        if self.heartbeat is not None and self.host_id is not None:
+            self.heartbeat.stopping = True
+            await self.scripts.heartbeat(
+                k,
+                self.worker_id,
+                hb_ms=int(self.heartbeat_timeout * 1000),
+                running=self.runner.in_use,
+                done=self.runner.done,
+                timeout=None,
+                host_id=self.host_id,
+                stopping=True,
+            )
+            return
+        await self.wire.execute_many(
+            k.tasks,
+            [("HSET", k.worker(self.worker_id), "max_sessions", -1), ("ZREM", k.free, self.worker_id)],
+        )
+
     def _acknowledged(self, stream: str, entry_ids: Iterable[bytes]) -> None:
         """The outbox wrote these entries' acks."""
         queue = self.host_queue if self.host_queue is not None and stream == self.host_queue.stream else None
@@ -365,12 +387,8 @@ class Worker:
         for task in self._tasks:
             if task.get_name() in ("sessionq-poll-shared", "sessionq-poll-host"):
                 task.cancel()
-        k = self.keys
         try:
-            await self.wire.execute_many(
-                k.tasks,
-                [("HSET", k.worker(self.worker_id), "max_sessions", -1), ("ZREM", k.free, self.worker_id)],
-            )  # no new sessions
+            await self._withdraw()  # no new sessions
         except Exception as exc:
             log.warning("worker %s: could not withdraw from placement (%s)", self.worker_id, describe(exc))
         deadline = time.monotonic() + self.shutdown_grace

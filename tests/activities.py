@@ -300,4 +300,12 @@ async def attempt_after(seconds: float, marker: str | None = None) -> list[Any]:
     return [info.attempt, info.worker_id]
 
 
-ALL += [host_write, host_read, attempt_after]
+@sessionq.activity
+async def session_token() -> bytes:
+    """The recreate token of the session this activity runs in, as the activity sees it."""
+    info = sessionq.get_session_info()
+    assert info is not None
+    return info.recreate_token
+
+
+ALL += [host_write, host_read, attempt_after, session_token]

@@ -18,6 +18,7 @@ import pytest
 import redis.asyncio
 
 from sessionq import (
+    ActivityCancelledError,
     ActivityError,
     Client,
     RetryPolicy,
@@ -94,7 +95,13 @@ async def test_h01_processes_that_disagree_on_the_host_settings_are_refused(
     with pytest.raises(WorkerStartError) as refused:
         await host_process(spawn_worker, "p3", max_sessions=2, grace=5.0)
     assert "restart_grace=30s" in str(refused.value) and "restart_grace=5s" in str(refused.value)
-    await host_process(spawn_worker, "p4", max_sessions=2, grace=30.0)  # agreeing: joins
+    with pytest.raises(WorkerStartError) as refused:  # its beats would shorten the host's grace
+        await spawn_worker(
+            identity="p4", max_sessions=2, heartbeat_timeout=2 * HB, extra_args=host_args(grace=30.0)
+        )
+    assert f"heartbeat_timeout={HB:g}s" in str(refused.value)
+    assert f"heartbeat_timeout={2 * HB:g}s" in str(refused.value)
+    await host_process(spawn_worker, "p5", max_sessions=2, grace=30.0)  # agreeing: joins
 
 
 # --- H02: activities run on any live process of the host, never elsewhere --------------------
@@ -259,11 +266,7 @@ async def test_h06_without_host_id_a_restart_fails_the_sessions(
 # --- `sessionq worker --processes N`: one host under a supervisor ------------------------------
 
 
-def pid_of(worker_id: str) -> int:
-    return int(worker_id.split("@", 1)[0])
-
-
-async def test_cli_processes_2_runs_one_host_restarts_a_killed_process_and_stops_gracefully(
+async def test_cli_processes_2_runs_one_host_replaces_killed_and_stopped_processes_and_stops_gracefully(
     redis_url: str,
     key_prefix: str,
     task_queue: str,
@@ -272,54 +275,66 @@ async def test_cli_processes_2_runs_one_host_restarts_a_killed_process_and_stops
     redis_client: redis.asyncio.Redis,
     tmp_path: Path,
 ) -> None:
+    """Named processes (-n sup: sup-1, sup-2) with a heartbeat timeout longer than the
+    restart pause: a replacement must not collide with its predecessor's live heartbeat."""
     log_file = tmp_path / "supervisor.log"
     argv = cli_argv(
         "worker", "tests.activities:ALL", "--redis-url", redis_url, "--prefix", key_prefix,
-        "-Q", task_queue, "--processes", "2", "--host-id", "hx", "--max-sessions", "2",
-        "--heartbeat-timeout", str(HB), "--shutdown-grace", "5",
+        "-Q", task_queue, "--processes", "2", "--host-id", "hx", "--max-sessions", "2", "-n", "sup",
+        "--heartbeat-timeout", "3", "--shutdown-grace", "5",
     )  # fmt: skip
     with open(log_file, "wb") as sink:
         supervisor = await asyncio.create_subprocess_exec(
             *argv, cwd=REPO_ROOT, env=clean_env(), stdin=asyncio.subprocess.DEVNULL, stdout=sink, stderr=sink
         )
 
-    async def live_processes() -> set[str]:
+    async def live_processes() -> dict[str, int]:
+        """The host's live processes: identity -> pid."""
         if supervisor.returncode is not None:
             raise AssertionError(f"supervisor exited with {supervisor.returncode}:\n{log_file.read_text()}")
         members = [m.decode() for m in await redis_client.smembers(keys.host_procs("hx"))]
-        return {m for m in members if await redis_client.exists(keys.alive(m))}
+        return {
+            m: int(await redis_client.hget(keys.worker(m), "pid") or 0)
+            for m in members
+            if await redis_client.exists(keys.alive(m))
+        }
 
-    seen: set[str] = set()
+    async def replaced(gone: str) -> dict[str, int] | None:
+        now = await live_processes()
+        return now if len(now) == 2 and gone not in now else None
+
+    seen: set[int] = set()
     try:
         first = await wait_for(
             lambda: _exactly(live_processes, 2), timeout=30, message="2 processes of host hx registered"
         )
-        seen |= first
+        assert set(first) == {"sup-1", "sup-2"}
+        seen |= set(first.values())
         session = await client.create_session(task_queue, SessionOptions(creation_timeout=10))
         assert session.info.host_id == "hx"
         ran = set(await asyncio.gather(*(session.execute_activity(acts.sleep_for, 0.05) for _ in range(20))))
-        assert ran and ran <= first
-        victim = sorted(ran)[0]
-        os.kill(pid_of(victim), signal.SIGKILL)
-
-        async def replaced() -> set[str] | None:
-            now = await live_processes()
-            return now if len(now) == 2 and victim not in now else None
-
-        after = await wait_for(replaced, timeout=30, message="the supervisor started another process")
-        seen |= after
+        assert ran and ran <= set(first)
+        os.kill(first["sup-1"], signal.SIGKILL)
+        after = await wait_for(lambda: replaced("sup-1"), timeout=30, message="sup-1 replaced")
+        seen |= set(after.values())
+        assert "sup-1.2" in after
         assert await session.execute_activity(acts.whoami) in after  # the session carried on
+        os.kill(after["sup-2"], signal.SIGTERM)  # a rolling restart, one process at a time
+        after = await wait_for(lambda: replaced("sup-2"), timeout=30, message="sup-2 replaced")
+        seen |= set(after.values())
+        assert set(after) == {"sup-1.2", "sup-2.2"}
+        assert await session.execute_activity(acts.whoami) in after
         supervisor.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(supervisor.wait(), 30) == 0
-        assert not [p for p in map(pid_of, seen) if pid_running(p)], "every worker process stopped"
+        assert not [p for p in seen if pid_running(p)], "every worker process stopped"
         assert await redis_client.hget(keys.session(session.session_id), "state") == b"OPEN"  # in its grace
         log_text = log_file.read_text()
-        assert "was killed by SIGKILL" in log_text and "starting another" in log_text
+        assert "was killed by SIGKILL" in log_text and "stopped; starting another" in log_text
     finally:
         if supervisor.returncode is None:
             supervisor.kill()
             await supervisor.wait()
-        for pid in map(pid_of, seen):
+        for pid in seen:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
@@ -342,6 +357,7 @@ async def test_h02_recreate_session_targets_the_host(
         again = await client.recreate_session(token)
         assert again.info.host_id == "h1"
         assert await again.execute_activity(acts.whoami) in h1
+        token = await again.execute_activity(acts.session_token)  # as an activity sees it: the host too
         await again.complete()
     for session in sessions:
         await session.complete()
@@ -371,3 +387,69 @@ async def test_h04_inspect_shows_a_host_in_its_grace(
     ran = await run_cli("inspect", "hosts", "--redis-url", redis_url, "--prefix", key_prefix)
     assert "no live process for" in ran.out and "of 30.0s" in ran.out
     assert session.state is SessionState.OPEN
+
+
+async def test_h05_a_host_whose_processes_all_stop_takes_no_new_session(
+    spawn_worker: SpawnWorker, client: Client, task_queue: str, keys: QueueKeys,
+    redis_client: redis.asyncio.Redis, tmp_path: Path,
+) -> None:  # fmt: skip
+    """A stopping process keeps its host's sessions alive while its activities finish, but
+    once every process of the host is stopping, new sessions go elsewhere."""
+    only = await host_process(spawn_worker, "p1", shutdown_grace=30.0)
+    plain = await spawn_worker(identity="w1", heartbeat_timeout=HB)  # a worker that is its own host
+    busy = await client.create_session(task_queue)  # equal loads: "host=h1" sorts before "w1"
+    assert busy.info.host_id == "h1"
+    marker = tmp_path / "long"
+    await busy.start_activity(acts.attempt_after, 60, str(marker))
+    await started(marker)
+    elsewhere = await client.create_session(task_queue)
+    assert elsewhere.info.worker_id == plain.worker_id
+    only.terminate()  # its activity runs on, for up to 30 s
+
+    async def withdrawn() -> bool:
+        return not await redis_client.exists(keys.host_up("h1"))
+
+    await wait_for(withdrawn, timeout=10, message="the stopping host withdrew from placement")
+    third = await client.create_session(task_queue)  # equal loads again: without the withdrawal, h1
+    assert third.info.worker_id == plain.worker_id
+    assert busy.state is SessionState.OPEN and only.returncode is None
+
+
+async def test_h03_an_activity_cancelled_while_no_process_lives_never_runs(
+    spawn_worker: SpawnWorker, client: Client, task_queue: str, tmp_path: Path
+) -> None:
+    first = await spawn_worker(
+        identity="p1", max_sessions=2, heartbeat_timeout=HB, concurrency=1, extra_args=host_args()
+    )
+    session = await client.create_session(task_queue)
+    long_marker, queued_marker = tmp_path / "long", tmp_path / "queued"
+    long = await session.start_activity(acts.attempt_after, 1.0, str(long_marker))
+    await started(long_marker)
+    queued = await session.start_activity(acts.sleep_for, 0.1, str(queued_marker))  # p1's one slot is busy
+    await first.kill()
+    await queued.cancel()  # no process of the host lives to be told
+    with pytest.raises(ActivityCancelledError):
+        await queued.result()
+    await host_process(spawn_worker, "p2")
+    attempt, _ = await asyncio.wait_for(long.result(), 20)
+    assert attempt == 2  # the successor took over the host's work...
+    assert not Path(f"{queued_marker}.started").exists()  # ...but not the cancelled activity
+
+
+async def test_h04_a_lost_host_record_fails_its_sessions_instead_of_leaking_them(
+    spawn_worker: SpawnWorker, client: Client, task_queue: str, keys: QueueKeys,
+    redis_client: redis.asyncio.Redis,
+) -> None:  # fmt: skip
+    await host_process(spawn_worker, "p1")
+    session = await client.create_session(task_queue)
+    await redis_client.hdel(keys.worker(host_worker_id("h1")), "max_sessions")  # evicted, deleted by hand...
+
+    async def failed() -> bool:
+        return bool(await redis_client.hget(keys.session(session.session_id), "state") == b"FAILED")
+
+    await wait_for(failed, timeout=10, message="the uncounted session failed")
+    with pytest.raises(SessionFailedError):
+        await session.execute_activity(acts.whoami)
+    fresh = await client.create_session(task_queue)  # the host registered again, counting from 0
+    assert fresh.info.host_id == "h1"
+    assert await redis_client.hget(keys.worker(host_worker_id("h1")), "open") == b"1"

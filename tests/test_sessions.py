@@ -922,8 +922,8 @@ async def test_s15_activity_started_while_counts_are_published_is_counted(
     ):
         publish = worker.scripts.publish_counts
 
-        async def held_publish(k: QueueKeys, counts: dict[str, int]) -> None:
-            await publish(k, counts)
+        async def held_publish(k: QueueKeys, counts: dict[str, int], field: str = "activities") -> None:
+            await publish(k, counts, field)
             if not go_on.is_set():  # hold the first publish open until an activity started
                 publishing.set()
                 await go_on.wait()

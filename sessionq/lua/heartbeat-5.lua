@@ -14,11 +14,13 @@
 -- ARGV[4] done      activities finished since start (for inspect)
 -- ARGV[5] base      the task queue's key prefix
 -- ARGV[6] host_id   '' for a worker that is its own host
+-- ARGV[7] stopping  '1' once a host's process stops gracefully: it keeps the host's sessions
+--                   alive while its activities finish, but no new session is placed for it
 -- Returns 1, or 0 when the worker (or its host, past its grace) is no longer registered
 -- (or its registration lost its fields) and must register afresh. Cost: O(1).
 -- @include slots
 
-local base, hb_ms, hid = ARGV[5], tonumber(ARGV[2]), ARGV[6] or ''
+local base, hb_ms, hid, stopping = ARGV[5], tonumber(ARGV[2]), ARGV[6] or '', ARGV[7] == '1'
 if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 or redis.call('HEXISTS', KEYS[2], 'max_sessions') == 0 then
   return 0
 end
@@ -40,8 +42,13 @@ if h then
   local grace_ms = tonumber(redis.call('HGET', hk, 'grace_ms')) or 0
   redis.call('SET', base .. 'alive:' .. h, '1', 'PX', hb_ms + grace_ms)
   local up = host_key(base, 'up:', h)
-  if redis.call('EXISTS', up) == 0 then serve = true end
-  redis.call('SET', up, '1', 'PX', hb_ms)
+  if stopping then
+    redis.call('HSET', KEYS[2], 'stopping', 1)
+    if not host_has_live_process(base, h, ARGV[1], true) then redis.call('DEL', up) end
+  else
+    if redis.call('EXISTS', up) == 0 then serve = true end
+    redis.call('SET', up, '1', 'PX', hb_ms)
+  end
   redis.call('SADD', host_key(base, 'hprocs:', h), ARGV[1])
   redis.call('HSET', hk, 'beat', now)
 end

@@ -33,16 +33,7 @@ if is_host(w) and ARGV[4] ~= '1' and rec[2] then
   reason = 'host ' .. string.sub(w, #HOST_MARK + 1) .. ' had no live worker process for restart_grace='
     .. tostring(tonumber(rec[2]) / 1000) .. 's (after heartbeat_timeout=' .. tostring((tonumber(rec[3]) or 0) / 1000) .. 's)'
 end
-local failed = 0
-for _, sid in ipairs(redis.call('SMEMBERS', KEYS[5])) do
-  local skey = base .. 'session:' .. sid
-  if redis.call('HGET', skey, 'state') == 'OPEN' then
-    redis.call('HSET', skey, 'state', 'FAILED', 'reason', reason, 'ended', now)
-    redis.call('PEXPIRE', skey, tonumber(ARGV[5]))
-    failed = failed + 1
-  end
-  redis.call('ZREM', KEYS[8], 's:' .. sid)
-end
+local failed = fail_open_sessions(base, w, reason, now, tonumber(ARGV[5]))
 -- Callers waiting for a slot on this very worker (recreate_session) will never get one.
 for _, sid in ipairs(redis.call('SMEMBERS', KEYS[6])) do
   local client = redis.call('HGET', KEYS[7], sid .. ':c')
@@ -56,6 +47,6 @@ if is_host(w) then
 elseif rec[1] then
   local h = HOST_MARK .. rec[1]
   redis.call('SREM', host_key(base, 'hprocs:', h), w)
-  if not host_has_live_process(base, h, w) then redis.call('DEL', host_key(base, 'up:', h)) end
+  if not host_has_live_process(base, h, w, true) then redis.call('DEL', host_key(base, 'up:', h)) end
 end
 return failed + 1

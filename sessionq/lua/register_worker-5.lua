@@ -12,18 +12,19 @@
 -- ARGV[4] max_sessions  0 = unlimited, -1 = sessions disabled (a host's limit, for a host's process)
 -- ARGV[5] host_id       '' for a worker that is its own host
 -- ARGV[6] grace_ms      the host's restart grace (ignored without host_id)
--- ARGV[7..] field, value pairs describing the worker (host, pid, identity, ...)
+-- ARGV[7] retention_ms  how long ended session records stay (for a host whose record was lost)
+-- ARGV[8..] field, value pairs describing the worker (host, pid, identity, ...)
 -- Returns {status, host_status}. status: 'FRESH' when registered anew (any earlier
 -- sessions are gone), 'KNOWN' when the registration survived (only the heartbeat was
 -- renewed). host_status: '' (no host), 'NEW' (the host was made: no session of an earlier
--- one survives), 'JOINED'. Or {'CONFLICT', max_sessions, grace_ms}: a live process of the
--- host runs with other values (nothing was written); or {'REAP'}: the host's grace passed
--- and it awaits its reaper (reap it, then register again).
+-- one survives), 'JOINED'. Or {'CONFLICT', max_sessions, grace_ms, hb_ms}: a live process
+-- of the host runs with other values (nothing was written); or {'REAP'}: the host's grace
+-- passed and it awaits its reaper (reap it, then register again).
 -- Cost: O(processes of the host), plus granting waiters (slots.lua).
 -- @include slots
 
 local base, w, hb_ms, cap = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-local hid, grace_ms = ARGV[5], tonumber(ARGV[6])
+local hid, grace_ms, retention_ms = ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7])
 local h = nil
 if hid ~= '' then h = HOST_MARK .. hid end
 local hk = h and (base .. 'worker:' .. h)
@@ -33,9 +34,10 @@ if h and redis.call('EXISTS', hk) == 1 then
   if redis.call('EXISTS', base .. 'alive:' .. h) == 0 then return {'REAP'} end
   host_known = redis.call('HEXISTS', hk, 'max_sessions') == 1 and redis.call('SISMEMBER', KEYS[1], h) == 1
   if host_known then
-    local was = redis.call('HMGET', hk, 'max_sessions', 'grace_ms')
-    if (tonumber(was[1]) ~= cap or tonumber(was[2]) ~= grace_ms) and host_has_live_process(base, h, w) then
-      return {'CONFLICT', was[1], was[2]}
+    local was = redis.call('HMGET', hk, 'max_sessions', 'grace_ms', 'hb_ms')
+    if (tonumber(was[1]) ~= cap or tonumber(was[2]) ~= grace_ms or tonumber(was[3]) ~= hb_ms)
+        and host_has_live_process(base, h, w) then
+      return {'CONFLICT', was[1], was[2], was[3]}
     end
   end
 end
@@ -52,7 +54,7 @@ if redis.call('HEXISTS', KEYS[2], 'max_sessions') == 1 and redis.call('SISMEMBER
 else
   status = 'FRESH'
   local fields = {}
-  for i = 7, #ARGV do fields[#fields + 1] = ARGV[i] end
+  for i = 8, #ARGV do fields[#fields + 1] = ARGV[i] end
   redis.call('DEL', KEYS[2], KEYS[4], base .. 'wsessions:' .. w)
   redis.call('HSET', KEYS[2], 'max_sessions', own_cap, 'hb_ms', hb_ms, 'open', 0,
     'registered', now, 'beat', now, (unpack or table.unpack)(fields))
@@ -71,13 +73,16 @@ local host_status = ''
 if h then
   if host_known then
     host_status = 'JOINED'
-    redis.call('HSET', hk, 'max_sessions', cap, 'grace_ms', grace_ms)  -- the same, or no live process disagrees
+    -- The same values, or no live process disagrees.
+    redis.call('HSET', hk, 'max_sessions', cap, 'grace_ms', grace_ms, 'hb_ms', hb_ms)
   else
     host_status = 'NEW'
     local machine = ''
-    for i = 7, #ARGV - 1, 2 do
+    for i = 8, #ARGV - 1, 2 do
       if ARGV[i] == 'host' then machine = ARGV[i + 1] end
     end
+    -- A record that lost its fields (evicted, deleted by hand) leaves sessions nobody counts.
+    fail_open_sessions(base, h, 'the record of host ' .. hid .. ' was lost from Redis', now, retention_ms)
     redis.call('DEL', hk, base .. 'w:' .. h, base .. 'wsessions:' .. h, host_key(base, 'hprocs:', h))
     redis.call('HSET', hk, 'max_sessions', cap, 'hb_ms', hb_ms, 'open', 0, 'registered', now, 'beat', now,
       'grace_ms', grace_ms, 'host', machine, 'host_id', hid, 'identity', h)

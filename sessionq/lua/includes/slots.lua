@@ -45,10 +45,15 @@ local function tell(base, w, fields)
   end
 end
 
--- Whether some process of host h has its heartbeat key, other than `except`.
-local function host_has_live_process(base, h, except)
+-- Whether some process of host h has its heartbeat key, other than `except`; with
+-- `serving`, only one that is not stopping (a stopping process keeps the host's sessions
+-- alive while its running activities finish, but takes no new session).
+local function host_has_live_process(base, h, except, serving)
   for _, p in ipairs(redis.call('SMEMBERS', host_key(base, 'hprocs:', h))) do
-    if p ~= except and redis.call('EXISTS', base .. 'alive:' .. p) == 1 then return true end
+    if p ~= except and redis.call('EXISTS', base .. 'alive:' .. p) == 1
+        and not (serving and redis.call('HGET', base .. 'worker:' .. p, 'stopping') == '1') then
+      return true
+    end
   end
   return false
 end
@@ -170,6 +175,23 @@ local function close_session(base, sid, w, new_state, reason, now, retention_ms,
   -- registration of the same identity was never counted by this one).
   if redis.call('SREM', base .. 'wsessions:' .. w, sid) == 1 then release_slot(base, w) end
   tell(base, w, {'t', 'c', 's', sid, 'r', mode})
+end
+
+-- Fail every OPEN session worker w holds (it was declared dead, or its host's record was
+-- lost): they end FAILED with `reason`; a host's processes are told. Returns how many.
+local function fail_open_sessions(base, w, reason, now, retention_ms)
+  local failed = 0
+  for _, sid in ipairs(redis.call('SMEMBERS', base .. 'wsessions:' .. w)) do
+    local skey = base .. 'session:' .. sid
+    if redis.call('HGET', skey, 'state') == 'OPEN' then
+      redis.call('HSET', skey, 'state', 'FAILED', 'reason', reason, 'ended', now)
+      redis.call('PEXPIRE', skey, retention_ms)
+      failed = failed + 1
+      if is_host(w) then tell(base, w, {'t', 'c', 's', sid, 'r', 'fail'}) end
+    end
+    redis.call('ZREM', base .. 'deadlines', 's:' .. sid)
+  end
+  return failed
 end
 
 -- Tell a waiting caller, through its inbox stream, that it got a session or why it
