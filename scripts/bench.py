@@ -11,6 +11,8 @@ deleted at the end; without --redis-url a private redis-server runs on a free po
                started: activities/s from the first result reaching the caller to the last.
 2. roundtrip   one caller, one session, sequential no-op activities: p50/p90/p99 ms.
 3. churn       create session + one activity + complete, sequential: p50/p99 ms.
+2h, 3h.       host_roundtrip, host_churn: the same on a host session (two worker processes
+               of one host, Worker(host_id=...)), next to the plain ones in the same run.
 4. commands    Redis commands per activity from INFO commandstats deltas (commands run
                inside Lua scripts count), on a private redis-server so no other client's
                traffic is counted; the idle background rate (heartbeats, poll timeouts) is

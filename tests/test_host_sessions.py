@@ -62,6 +62,7 @@ async def started(marker: Path, attempt: int = 1) -> str:
 # --- H01: one session limit for the whole host; processes that disagree are refused ----------
 
 
+@pytest.mark.cluster
 async def test_h01_limit_counts_the_sessions_of_the_whole_host(
     spawn_worker: SpawnWorker, client: Client, task_queue: str
 ) -> None:
@@ -128,18 +129,26 @@ async def test_h02_activities_spread_over_the_host_and_never_leave_it(
 # --- H03: a process death keeps the host's sessions open ----------------------------------
 
 
+@pytest.mark.cluster
 async def test_h03_session_survives_sigkill_and_restart_within_the_grace(
     spawn_worker: SpawnWorker,
     client: Client,
     task_queue: str,
     keys: QueueKeys,
     redis_client: redis.asyncio.Redis,
+    tmp_path: Path,
 ) -> None:
     first = await host_process(spawn_worker, "p1", grace=20.0)
+    marker = tmp_path / "in-flight"
     async with client.create_session(task_queue) as session:
         assert await session.execute_activity(acts.host_write, "scratch.txt", "downloaded") == first.worker_id
+        in_flight = await session.start_activity(acts.attempt_after, 1.0, str(marker))
+        assert await started(marker) == first.worker_id
         await first.kill()
         successor = await host_process(spawn_worker, "p2", grace=20.0)
+        # The activity the killed process ran is retried on its successor, as its next attempt...
+        assert await asyncio.wait_for(in_flight.result(), 20) == [2, successor.worker_id]
+        # ...and the file the first activity wrote is there for the next one.
         text, reader = await session.execute_activity(acts.host_read, "scratch.txt")
         assert (text, reader) == ("downloaded", successor.worker_id)
         assert session.state is SessionState.OPEN
@@ -182,6 +191,7 @@ async def test_h03_no_attempt_left_gives_activity_error_not_session_failure(
 # --- H04: after restart_grace with no live process the sessions fail -------------------------
 
 
+@pytest.mark.cluster
 async def test_h04_sessions_fail_once_the_grace_passes(
     spawn_worker: SpawnWorker, client: Client, task_queue: str, tmp_path: Path
 ) -> None:
@@ -209,6 +219,7 @@ async def test_h04_sessions_fail_once_the_grace_passes(
 # --- H05: a rolling restart loses no session --------------------------------------------------
 
 
+@pytest.mark.cluster
 async def test_h05_rolling_restart_of_a_two_process_host_loses_no_session(
     spawn_worker: SpawnWorker, client: Client, task_queue: str
 ) -> None:
