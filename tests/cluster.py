@@ -175,7 +175,7 @@ class LocalCluster:
             "redis-server", "--port", str(port), "--bind", "127.0.0.1",
             "--cluster-enabled", "yes", "--cluster-config-file", str(self.dir / f"nodes-{port}.conf"),
             "--cluster-node-timeout", str(self.node_timeout_ms),
-            "--save", "", "--appendonly", "no", "--daemonize", "no",
+            "--save", "", "--appendonly", "no", "--daemonize", "no", "--repl-diskless-sync-delay", "0",
             "--dir", str(self.dir), "--logfile", str(self.dir / f"redis-{port}.log"),
         ]  # fmt: skip
         return subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True)

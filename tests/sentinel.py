@@ -57,14 +57,24 @@ class LocalSentinel:
             self._wait(
                 lambda: _info(self.replica_port).get("master_link_status") == "up", "the replica to sync"
             )
+            # Each sentinel is told its own id and the others' (and the replica) up front, so
+            # the set-up is whole at once instead of after rounds of hello messages (seconds).
+            ids = {port: f"{port:040x}" for port in self.sentinel_ports}
             for port in self.sentinel_ports:
                 conf = self.dir / f"sentinel-{port}.conf"
+                known = "".join(
+                    f"sentinel known-sentinel {SERVICE} 127.0.0.1 {other} {ids[other]}\n"
+                    for other in self.sentinel_ports
+                    if other != port
+                )
                 conf.write_text(
                     f"port {port}\nbind 127.0.0.1\ndir {self.dir}\n"
+                    f"sentinel myid {ids[port]}\n"
                     f"sentinel monitor {SERVICE} 127.0.0.1 {self.primary_port} 2\n"
                     f"sentinel down-after-milliseconds {SERVICE} {self.down_after_ms}\n"
                     f"sentinel failover-timeout {SERVICE} 5000\n"
                     f"sentinel parallel-syncs {SERVICE} 1\n"
+                    f"sentinel known-replica {SERVICE} 127.0.0.1 {self.replica_port}\n" + known
                 )
                 self._spawn(
                     port, [str(conf), "--sentinel", "--logfile", str(self.dir / f"sentinel-{port}.log")]
@@ -90,6 +100,7 @@ class LocalSentinel:
             port,
             [
                 "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                "--repl-diskless-sync-delay", "0",  # a replica syncs at once, not after 5 s
                 "--dir", str(self.dir), "--logfile", str(self.dir / f"redis-{port}.log"), *extra,
             ],
         )  # fmt: skip
