@@ -9,6 +9,7 @@ The optional ``marker`` arguments are file paths the activity writes at known mo
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import tempfile
 import time
@@ -23,8 +24,11 @@ def _worker_id() -> str:
 
 
 def _touch(marker: str | None, suffix: str, text: str = "") -> None:
+    """Write ``<marker>.<suffix>`` whole or not at all (a test may read it the moment it exists)."""
     if marker:
-        Path(f"{marker}.{suffix}").write_text(text)
+        partial = Path(f"{marker}.{suffix}.partial")
+        partial.write_text(text)
+        os.replace(partial, f"{marker}.{suffix}")
 
 
 def local_dir() -> Path:
