@@ -57,6 +57,12 @@ class LocalSentinel:
             self._wait(
                 lambda: _info(self.replica_port).get("master_link_status") == "up", "the replica to sync"
             )
+            # Back to Redis' default for what follows: a node demoted by a failover resyncs after
+            # the usual 5 s (resyncing at once from a promoted node whose promotion not every
+            # sentinel knows yet let a flip-flop lose writes, seen with redis-py 5.0.8's client).
+            for port in (self.primary_port, self.replica_port):
+                with redis.Redis(port=port, socket_timeout=5) as conn:
+                    conn.config_set("repl-diskless-sync-delay", 5)
             # Each sentinel is told its own id and the others' (and the replica) up front, so
             # the set-up is whole at once instead of after rounds of hello messages (seconds).
             ids = {port: f"{port:040x}" for port in self.sentinel_ports}
@@ -87,20 +93,25 @@ class LocalSentinel:
         return self.url
 
     def _sees_everyone(self, port: int) -> bool:
+        """Whether sentinel `port` is in touch with the replica (its link up) and with every
+        other sentinel: entries known from the configuration count only once contacted."""
         try:
-            with redis.Redis(port=port, socket_timeout=2) as conn:
-                replicas = conn.execute_command("SENTINEL", "REPLICAS", SERVICE)
-                others = conn.execute_command("SENTINEL", "SENTINELS", SERVICE)
+            replicas = _entries(port, "REPLICAS")
+            others = _entries(port, "SENTINELS")
         except redis.RedisError:
             return False
-        return len(replicas) >= 1 and len(others) >= len(self.sentinel_ports) - 1
+        in_touch = [r for r in replicas if r.get("flags") == "slave" and r.get("master-link-status") == "ok"]
+        heard = [
+            o for o in others if o.get("flags") == "sentinel" and int(o.get("last-hello-message", -1)) >= 0
+        ]
+        return len(in_touch) >= 1 and len(heard) >= len(self.sentinel_ports) - 1
 
     def _data_node(self, port: int, *extra: str) -> None:
         self._spawn(
             port,
             [
                 "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                "--repl-diskless-sync-delay", "0",  # a replica syncs at once, not after 5 s
+                "--repl-diskless-sync-delay", "0",  # the first sync at once, not after 5 s (see start)
                 "--dir", str(self.dir), "--logfile", str(self.dir / f"redis-{port}.log"), *extra,
             ],
         )  # fmt: skip
@@ -168,6 +179,25 @@ class LocalSentinel:
         stop_processes(list(self.by_port.values()))
         self.by_port.clear()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _entries(port: int, what: str) -> list[dict[str, str]]:
+    """SENTINEL REPLICAS|SENTINELS as dicts, read raw (redis-py versions parse them apart)."""
+    connection = redis.Connection(port=port, socket_timeout=2)
+    try:
+        connection.send_command("SENTINEL", what, SERVICE)
+        reply = connection.read_response()
+    finally:
+        connection.disconnect()
+    out = []
+    for entry in reply:  # a map (RESP3) or a flat field, value list (RESP2)
+        pairs = entry.items() if isinstance(entry, dict) else zip(entry[::2], entry[1::2], strict=False)
+        out.append({_text(k): _text(v) for k, v in pairs})
+    return out
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _ping(port: int) -> bool:
