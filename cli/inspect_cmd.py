@@ -53,6 +53,7 @@ Worker::
     queued              int   session activities waiting in its own stream
     registered_age_s    float|null  since it registered
     activities          [str] activity names it runs
+    resources           {name: {"used": int, "total": int}}  session resources it offers
 
 Host (worker processes of one task queue sharing a host_id: one session limit, and sessions
 that outlive any one process)::
@@ -92,6 +93,7 @@ Session::
     ended_ms            int|null
     reason              str|null  why it failed
     activities_run      int|null  null: not recorded by this version of the worker
+    resources           {name: int}  session resources it holds (WAITING: asks for)
     queued              int   its activities waiting in the worker's own stream (0 once ended)
     queued_activities   [{"activity_id": str, "name": str, "attempt": int, "age_s": float}]
 
@@ -185,6 +187,11 @@ def queues_table(rows: list[dict[str, Any]]) -> Table:
     return table
 
 
+def offered(res: dict[str, dict[str, int]]) -> str:
+    """Session resources as used/total, e.g. "gpu 1/2, scratch_gb 100/500"."""
+    return ", ".join(f"{name} {v['used']}/{v['total']}" for name, v in res.items()) or "-"
+
+
 def worker_sessions(w: dict[str, Any]) -> str:
     if w.get("kind") == "worker" and w.get("host_id"):
         return f"host {w['host_id']}"
@@ -203,6 +210,7 @@ def workers_table(rows: list[dict[str, Any]]) -> Table:
             ("pid", "right", lambda w: fmt(w["pid"])),
             ("sessions", "right", worker_sessions),
             ("running", "right", lambda w: f"{w['running_activities']}/{fmt(w['concurrency'])}"),
+            ("resources", "left", lambda w: offered(w["resources"])),
             ("pending", "right", lambda w: str(w["pending"])),
             ("queued", "right", lambda w: str(w["queued"])),
             ("heartbeat", "right", lambda w: fmt_age(w["last_heartbeat_age_s"]) + " ago"),
@@ -233,6 +241,7 @@ def hosts_table(rows: list[dict[str, Any]]) -> Table:
                 p["identity"] + ("" if p["alive"] else " [red](dead)[/]") for p in h["processes"]
             ) or "-"),
             ("sessions", "right", worker_sessions),
+            ("resources", "left", lambda h: offered(h["resources"])),
             ("pending", "right", lambda h: str(h["pending"])),
             ("queued", "right", lambda h: str(h["queued"])),
             ("grace", "right", lambda h: fmt_age(h["restart_grace_s"])),
@@ -280,6 +289,7 @@ def sessions_table(rows: list[dict[str, Any]]) -> Table:
             ("age", "right", lambda s: fmt_age(s["age_s"])),
             ("deadline", "right", lambda s: "in " + fmt_age(s["deadline_in_s"])),
             ("run", "right", lambda s: fmt(s["activities_run"])),
+            ("resources", "left", lambda s: ", ".join(f"{k}={v}" for k, v in s["resources"].items()) or "-"),
             ("queued", "right", lambda s: str(s["queued"])),
             ("owner lease", "right", owner_lease),
             ("note", "left", session_note),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from sessionq import resources
 from sessionq.codec import default_codec
 from sessionq.envelope import decode_task
 from sessionq.keys import CONSUMER_GROUP, QueueKeys, host_of, host_worker_id, queues_index
@@ -199,6 +200,12 @@ class Reader:
             "queued": len(queued),
             "registered_age_s": age_s(self.now_ms, number(record.get("registered"))),
             "activities": [a for a in record.get("activities", "").split(",") if a],
+            "resources": {  # a host's process: its host's (the host's row shows them)
+                name: {"used": number(record.get(f"u:{name}")) or 0, "total": total}
+                for name, total in resources.decode(record.get("res")).items()
+            }
+            if not record.get("hid")
+            else {},
         }
 
     def own_stream(self, k: QueueKeys, w: str) -> list[dict[str, Any]]:
@@ -294,6 +301,7 @@ class Reader:
             "ended_ms": number(record.get("ended")),
             "reason": record.get("reason") or None,
             "activities_run": activities_run(record),
+            "resources": resources.decode(record.get("res")),
             "queued": len(items),
             "queued_activities": [{k: v for k, v in item.items() if k != "session_id"} for item in items],
         }
@@ -303,13 +311,13 @@ class Reader:
         k = QueueKeys(self.prefix, queue)
         rows = []
         sids = [m.decode(errors="replace") for m in self.r.zrange(k.waiters, 0, -1)]
-        fields = ("c", "x", "d", "t", "o", "l")
+        fields = ("c", "x", "d", "t", "o", "l", "r")
         with self.r.pipeline(transaction=False) as pipe:
             for sid in sids:
                 pipe.hmget(k.tickets, [f"{sid}:{f}" for f in fields])
             tickets = pipe.execute()
         for sid, ticket in zip(sids, tickets, strict=True):
-            client, exec_ms, wait_until, target, owner, owner_ms = (text(v) or "" for v in ticket)
+            client, exec_ms, wait_until, target, owner, owner_ms, asked = (text(v) or "" for v in ticket)
             until = number(wait_until)
             renewed = number(text(self.r.get(k.lease(client)))) if client else None
             rows.append(
@@ -332,6 +340,7 @@ class Reader:
                     "ended_ms": None,
                     "reason": None,
                     "activities_run": None,
+                    "resources": resources.decode(asked),
                     "queued": 0,
                     "queued_activities": [],
                 }

@@ -17,6 +17,7 @@ import click
 from redis.exceptions import RedisError
 
 import sessionq
+from sessionq import resources as sessionq_resources
 from sessionq.errors import ConfigurationError
 
 from .common import (
@@ -118,6 +119,7 @@ def settings_of(worker: sessionq.Worker) -> dict[str, Any]:
         "retention": worker.retention_ms / 1000,
         "host_id": worker.host_id,
         "restart_grace": worker.restart_grace,
+        "session_resources": worker.session_resources,
     }
 
 
@@ -134,9 +136,11 @@ def overrides_from(
     prefix: str | None,
     host_id: str | None = None,
     restart_grace: float | None = None,
+    session_resources: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """Worker keyword arguments for the flags that were given (None = not given)."""
     given: dict[str, Any] = {
+        "session_resources": session_resources,
         "host_id": host_id,
         "restart_grace": restart_grace,
         "redis": redis_url,
@@ -149,7 +153,7 @@ def overrides_from(
         "prefix": prefix,
     }
     out = {key: value for key, value in given.items() if value is not None}
-    if host_id is not None:
+    if host_id is not None or session_resources:
         out.setdefault("enable_sessions", True)
     if max_sessions is not None:
         out["max_concurrent_sessions"] = max_sessions or None  # 0 = unlimited
@@ -342,6 +346,14 @@ def run_worker(worker: sessionq.Worker, burst: bool, stop_with_parent: bool, loo
     "lives, for one to come back [default: 30].",
 )
 @click.option(
+    "--resource",
+    "resource_flags",
+    metavar="NAME=AMOUNT",
+    multiple=True,
+    help="Session resources this worker (or its host) offers, e.g. --resource gpu=2 --resource "
+    "scratch_gb=500 (repeatable); sessions asking for them are placed where they fit. Implies --sessions.",
+)
+@click.option(
     "--processes",
     type=click.IntRange(min=1),
     default=None,
@@ -378,6 +390,7 @@ def worker_command(
     sessions: bool | None,
     host_id: str | None,
     restart_grace: float | None,
+    resource_flags: tuple[str, ...],
     processes: int | None,
     burst: bool,
     loop: str,
@@ -415,6 +428,10 @@ def worker_command(
         redis_url = redis_url_from(redis_url, cluster)
     if processes is not None and host_id is None:
         host_id = socket.gethostname()
+    try:
+        offered = sessionq_resources.parse_flag("--resource", resource_flags) if resource_flags else None
+    except ConfigurationError as exc:
+        raise CliError(f"invalid worker option {exc}", 2) from None
     overrides = overrides_from(
         redis_url=redis_url,
         task_queue=task_queue,
@@ -427,6 +444,7 @@ def worker_command(
         prefix=prefix,
         host_id=host_id,
         restart_grace=restart_grace,
+        session_resources=offered,
     )
     worker = build_worker(loaded, target, overrides)  # checks the options before any process starts
     configure_logging(log_level, verbose, quiet, default="INFO")  # not before: errors above stay one line
@@ -454,6 +472,8 @@ def worker_command(
             common += [flag, str(value)]
     if cluster:
         common.append("--cluster")
+    for item in resource_flags:
+        common += ["--resource", item]
     if sessions is not None:
         common.append("--sessions" if sessions else "--no-sessions")
     if burst:

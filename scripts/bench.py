@@ -13,6 +13,8 @@ deleted at the end; without --redis-url a private redis-server runs on a free po
 3. churn       create session + one activity + complete, sequential: p50/p99 ms.
 2h, 3h.       host_roundtrip, host_churn: the same on a host session (two worker processes
                of one host, Worker(host_id=...)), next to the plain ones in the same run.
+3r. resources  create + complete over 100 registered workers offering three resource types,
+               a session asking for all three interleaved with one asking for none.
 4. commands    Redis commands per activity from INFO commandstats deltas (commands run
                inside Lua scripts count), on a private redis-server so no other client's
                traffic is counted; the idle background rate (heartbeats, poll timeouts) is
@@ -486,6 +488,49 @@ async def scenario_churn(bench: Bench, sync: redis.Redis, host: bool = False) ->
     return {**latency_summary(samples), "sessions_per_s": round(n / sum(samples)), **cpu}
 
 
+RESOURCE_FLEET = 4, 25
+"""Worker processes x Worker objects each for the resources scenario: 100 registered workers."""
+OFFERED = "gpu=4,scratch_gb=1000,licence=2"
+ASKED = {"gpu": 1, "scratch_gb": 100, "licence": 1}
+
+
+async def scenario_resources(bench: Bench, sync: redis.Redis) -> dict[str, Any]:
+    """create_session + complete over 100 registered workers that offer three resource types:
+    a session asking for all three next to one asking for none, interleaved in one run."""
+    n = bench.sizes.churn
+    processes, per_process = RESOURCE_FLEET
+    names = [f"fleet{i}" for i in range(processes)]
+    with workers_of(bench, *names, task_queue=TASK_QUEUE, fleet=per_process, resources=OFFERED) as workers:
+        client = bench.client()
+        asked = sessionq.SessionOptions(resources=ASKED)
+        try:
+            for _ in range(max(20, bench.sizes.warmup // 5)):
+                await (await client.create_session(TASK_QUEUE)).complete()
+                await (await client.create_session(TASK_QUEUE, asked)).complete()
+            plain: list[float] = []
+            with_resources: list[float] = []
+            meter = CpuMeter(sync, workers)
+            for _ in range(n):
+                t = time.perf_counter()
+                await (await client.create_session(TASK_QUEUE)).complete()
+                plain.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                await (await client.create_session(TASK_QUEUE, asked)).complete()
+                with_resources.append(time.perf_counter() - t)
+            cpu = meter.per_activity_us(2 * n)
+        finally:
+            await client.close()
+    a, b = latency_summary(plain), latency_summary(with_resources)
+    return {
+        "workers": processes * per_process,
+        "plain_p50_ms": a["p50_ms"],
+        "plain_p99_ms": a["p99_ms"],
+        "resources_p50_ms": b["p50_ms"],
+        "resources_p99_ms": b["p99_ms"],
+        **cpu,
+    }
+
+
 def commandstats(sync: redis.Redis) -> dict[str, int]:
     """Calls per command since the last CONFIG RESETSTAT, without our own INFO/CONFIG."""
     stats = sync.info("commandstats")
@@ -665,6 +710,7 @@ SCENARIOS: dict[str, Callable[[Bench, redis.Redis], Awaitable[dict[str, Any]]]] 
     "churn": scenario_churn,
     "host_roundtrip": functools.partial(scenario_roundtrip, host=True),
     "host_churn": functools.partial(scenario_churn, host=True),
+    "resources": scenario_resources,
     "commands": scenario_commands,
     "capacity": scenario_capacity,
     "concurrency": scenario_concurrency,
@@ -684,6 +730,10 @@ ROWS: list[tuple[str, str, str]] = [
     ("host_roundtrip", "p99_ms", "2h. host session round trip p99 (ms)"),
     ("host_churn", "p50_ms", "3h. host session churn p50 (ms)"),
     ("host_churn", "p99_ms", "3h. host session churn p99 (ms)"),
+    ("resources", "plain_p50_ms", "3r. create + complete, 100 workers, no resources p50 (ms)"),
+    ("resources", "plain_p99_ms", "3r. create + complete, 100 workers, no resources p99 (ms)"),
+    ("resources", "resources_p50_ms", "3r. create + complete, 100 workers, 3 resource types p50 (ms)"),
+    ("resources", "resources_p99_ms", "3r. create + complete, 100 workers, 3 resource types p99 (ms)"),
     ("commands", "session_activity", "4. Redis commands per session activity"),
     ("commands", "plain_activity", "4. Redis commands per plain activity (sequential)"),
     ("commands", "plain_activity_batch", "4. Redis commands per plain activity (batch)"),
@@ -804,6 +854,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     worker.add_argument("--heartbeat-timeout", type=float, default=10.0, help=argparse.SUPPRESS)
     worker.add_argument("--concurrency", type=int, default=100, help=argparse.SUPPRESS)
     worker.add_argument("--host-id", default=None, help=argparse.SUPPRESS)
+    worker.add_argument("--fleet", type=int, default=1, help=argparse.SUPPRESS)
+    worker.add_argument("--resources", default="", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -815,27 +867,36 @@ def use_uvloop(wanted: bool) -> None:
 
 
 async def worker_main(args: argparse.Namespace) -> None:
-    """Run one worker until SIGTERM, or until the benchmark process is gone."""
+    """Run one worker (or --fleet N of them, each its own identity) until SIGTERM, or until
+    the benchmark process is gone."""
     parent = os.getppid()
-    worker = sessionq.Worker(
-        args.redis_url,
-        task_queue=args.task_queue,
-        activities=[noop],
-        enable_sessions=True,
-        max_concurrent_activities=args.concurrency,
-        identity=args.identity,
-        heartbeat_timeout=args.heartbeat_timeout,
-        prefix=args.prefix,
-        host_id=args.host_id,
-    )
+    offered = {k: int(v) for k, _, v in (p.partition("=") for p in args.resources.split(",") if p)}
+    workers = [
+        sessionq.Worker(
+            args.redis_url,
+            task_queue=args.task_queue,
+            activities=[noop],
+            enable_sessions=True,
+            max_concurrent_activities=args.concurrency,
+            identity=args.identity if args.fleet == 1 else f"{args.identity}-{k}",
+            heartbeat_timeout=args.heartbeat_timeout,
+            prefix=args.prefix,
+            host_id=args.host_id,
+            session_resources=offered or None,
+        )
+        for k in range(args.fleet)
+    ]
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, worker.stop)
-    loop.add_signal_handler(signal.SIGINT, worker.stop)
-    async with worker:
-        print("READY", worker.worker_id, flush=True)
-        watcher = asyncio.create_task(watch_parent(worker, parent))
-        await worker.wait_stopped()
-        watcher.cancel()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, lambda: [w.stop() for w in workers])
+    async with contextlib.AsyncExitStack() as stack:
+        for worker in workers:
+            await stack.enter_async_context(worker)
+        print("READY", args.identity, flush=True)
+        watchers = [asyncio.create_task(watch_parent(w, parent)) for w in workers]
+        await asyncio.gather(*(w.wait_stopped() for w in workers))
+        for watcher in watchers:
+            watcher.cancel()
 
 
 async def watch_parent(worker: sessionq.Worker, parent: int) -> None:

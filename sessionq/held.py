@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from . import resources
 from .execution import Execution
 from .faults import describe
 from .replies import time_ms
@@ -69,15 +70,30 @@ class HeldSessions:
             int(fields.get(b"x") or 0),
             fields.get(b"c", b"").decode(),
             int(fields.get(b"l") or 0),
+            resources.decode(fields.get(b"r")),
         )
 
     def _hold(
-        self, sid: str, deadline_ms: int, exec_ms: int, owner_client: str, owner_ms: int
+        self,
+        sid: str,
+        deadline_ms: int,
+        exec_ms: int,
+        owner_client: str,
+        owner_ms: int,
+        held_resources: dict[str, int] | None = None,
     ) -> HeldSession | None:
         if sid in self.open or sid in self.ended:
             return self.open.get(sid)
         w = self.worker
-        info = SessionInfo(sid, w.hostname, w.worker_id, w.task_queue, prefix=w.prefix, host_id=w.host_id)
+        info = SessionInfo(
+            sid,
+            w.hostname,
+            w.worker_id,
+            w.task_queue,
+            prefix=w.prefix,
+            host_id=w.host_id,
+            resources=held_resources or {},
+        )
         held = HeldSession(
             info, deadline_ms, info_exec_ms=exec_ms, owner_client=owner_client, owner_ms=owner_ms
         )
@@ -87,11 +103,11 @@ class HeldSessions:
         return held
 
     # -- a host's sessions ----------------------------------------------------------------
-    _RECORD = ("state", "worker", "deadline", "exec_ms", "client", "owner_ms", "reason")
+    _RECORD = ("state", "worker", "deadline", "exec_ms", "client", "owner_ms", "reason", "res")
 
     def _from_record(self, sid: str, record: list[bytes | None]) -> HeldSession | None:
         """Hold a session of this process's host from its record in Redis, if it is open."""
-        state, placed_on, deadline, exec_ms, client, owner_ms, reason = record
+        state, placed_on, deadline, exec_ms, client, owner_ms, reason, held_resources = record
         if state is None or placed_on is None or placed_on.decode() != self.worker.host_worker_id:
             return None
         if state != b"OPEN":
@@ -104,7 +120,12 @@ class HeldSessions:
                 )
             return None
         return self._hold(
-            sid, int(deadline or 0), int(exec_ms or 0), (client or b"").decode(), int(owner_ms or 0)
+            sid,
+            int(deadline or 0),
+            int(exec_ms or 0),
+            (client or b"").decode(),
+            int(owner_ms or 0),
+            resources.decode(held_resources),
         )
 
     async def adopt(self, sid: str) -> HeldSession | None:

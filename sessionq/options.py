@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from . import resources
 from .durations import Duration, seconds
 from .errors import ConfigurationError
 from .keys import validate_name
@@ -134,6 +135,11 @@ class SessionOptions:
     not per session); if the client stays silent this long (it crashed, or was killed), the
     session fails with "its owner went away" and its slot frees within owner_timeout plus
     one heartbeat interval of its worker. None: no lease (the execution timeout still holds)."""
+    resources: Mapping[str, int] | None = None
+    """Session resources the session takes on its worker, e.g. {"gpu": 1, "scratch_gb": 100}:
+    it is placed only on a worker (host) whose free capacity (Worker(session_resources=...))
+    covers every amount, and gives them back when it ends. None: none (for recreate_session:
+    the same as the session that gave the token)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(
@@ -147,5 +153,7 @@ class SessionOptions:
             seconds("execution_timeout", self.execution_timeout, optional=False),
         )
         object.__setattr__(self, "owner_timeout", seconds("owner_timeout", self.owner_timeout))
+        if self.resources is not None:
+            object.__setattr__(self, "resources", resources.validate("resources", self.resources))
         if not isinstance(self.activity_options, ActivityOptions):
             raise ConfigurationError("activity_options", "must be a sessionq.ActivityOptions")

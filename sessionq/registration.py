@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from redis.exceptions import ResponseError
 
+from . import resources
 from .errors import ConfigurationError
 from .faults import describe, error_code, is_transient
 from .keys import CONSUMER_GROUP, queues_index
@@ -102,6 +103,7 @@ class Registration:
             "host", w.hostname, "pid", os.getpid(), "identity", w.worker_id,
             "concurrency", w.max_concurrent_activities, "activities", ",".join(sorted(w.registry)),
             "running", w.runner.in_use, "done", w.runner.done,
+            "res", resources.encode(w.session_resources),
         ]  # fmt: skip
         held = list(w.sessions.open)  # sessions granted while the script runs are new: keep them
         registered = await self._register_script(cap, fields)
@@ -143,10 +145,11 @@ class Registration:
                     f"host {w.host_id!r} of task queue {w.task_queue!r} runs with "
                     f"max_concurrent_sessions={registered.max_sessions or None}, "
                     f"restart_grace={registered.grace_ms / 1000:g}s, "
-                    f"heartbeat_timeout={registered.hb_ms / 1000:g}s, but this process has "
+                    f"heartbeat_timeout={registered.hb_ms / 1000:g}s, "
+                    f"session_resources={resources.decode(registered.resources)}, but this process has "
                     f"max_concurrent_sessions={cap or None}, restart_grace={w.restart_grace:g}s, "
-                    f"heartbeat_timeout={w.heartbeat_timeout:g}s; give every process of a host the "
-                    "same values (or another host_id)",
+                    f"heartbeat_timeout={w.heartbeat_timeout:g}s, session_resources={w.session_resources}; "
+                    "give every process of a host the same values (or another host_id)",
                 )
             if registered.status != "REAP":
                 return registered

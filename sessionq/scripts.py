@@ -67,6 +67,8 @@ class Registered:
     """For CONFLICT: the host's restart grace."""
     hb_ms: int = 0
     """For CONFLICT: the heartbeat timeout of the host's processes."""
+    resources: str = ""
+    """For CONFLICT: the host's session resources (text form, resources.py)."""
 
 
 @dataclass(frozen=True)
@@ -130,11 +132,12 @@ class Scripts:
         owner: str,
         owner_ms: int,
         lease_ms: int,
+        resources: str = "",
     ) -> Claim:
         reply = await self.run(
             "create_session",
             [k.free, k.waiters, k.tickets, k.deadlines, k.session(session_id), k.lease(client_id), k.guard],
-            [k.base, session_id, client_id, exec_ms, wait_ms, target, owner, owner_ms, lease_ms],
+            [k.base, session_id, client_id, exec_ms, wait_ms, target, owner, owner_ms, lease_ms, resources],
         )
         status = reply[0].decode()
         if status != "OK":
@@ -210,7 +213,9 @@ class Scripts:
         )
         status = reply[0].decode()
         if status == "CONFLICT":
-            return Registered(status, "", int(reply[1] or 0), int(reply[2] or 0), int(reply[3] or 0))
+            return Registered(
+                status, "", int(reply[1] or 0), int(reply[2] or 0), int(reply[3] or 0), reply[4].decode()
+            )
         if status == "REAP":
             return Registered(status)
         return Registered(status, reply[1].decode())

@@ -22,6 +22,7 @@ import uuid
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from . import resources
 from .durations import to_ms
 from .envelope import Grant, Refusal, Result
 from .errors import (
@@ -318,6 +319,10 @@ class SessionOpener:
         self.task_queue = task_queue
         self.options = options
         self.token = token
+        self.resources: dict[str, int] = dict(
+            options.resources if options.resources is not None else (token.resources if token else {})
+        )
+        """What the session asks for: its options', else (recreate) the token's session's."""
         self._session: Session | None = None
 
     def __await__(self) -> Generator[Any, None, Session]:
@@ -358,6 +363,7 @@ class SessionOpener:
         """Claim a slot now, or queue for one and wait for its grant until `deadline`."""
         client, opts = self.client, self.options
         target = self.token.worker_id if self.token else ""
+        asked = self.resources
         inbox = client.inbox(self.task_queue)
         grant_future = await inbox.expect(sid)
         owner_ms = to_ms(opts.owner_timeout)  # type: ignore[arg-type]
@@ -373,6 +379,7 @@ class SessionOpener:
                     owner=client.identity,
                     owner_ms=owner_ms,
                     lease_ms=client.leases.ttl_ms(self.task_queue, owner_ms),
+                    resources=resources.encode(asked),
                 ),
                 what="creating a session",
             )
@@ -518,9 +525,11 @@ class SessionOpener:
         try:
             wire = self.client.wire
             members = await wire.execute(k.tasks, "SMEMBERS", k.workers)
-            caps = (
+            rows = (
                 await wire.execute_many(
-                    k.tasks, [("HGET", k.worker(w.decode()), "max_sessions") for w in members]
+                    k.tasks,
+                    [("HMGET", k.worker(w.decode()), "max_sessions", "res") for w in members]
+                    + [("EXISTS", k.alive(w.decode())) for w in members],
                 )
                 if members
                 else []
@@ -530,22 +539,55 @@ class SessionOpener:
                 f"no session slot on task queue {self.task_queue!r} within creation_timeout={timeout:g}s "
                 f"(and the workers could not be listed: {describe(exc)})"
             ) from exc
-        placed_on = [w.decode() for w, c in zip(members, caps, strict=True) if c is not None and int(c) >= 0]
+        records, alive = rows[: len(members)], rows[len(members) :]
+        placed_on = [
+            (w.decode(), resources.decode(res), bool(up))
+            for w, (cap, res), up in zip(members, records, alive, strict=True)
+            if cap is not None and int(cap) >= 0
+        ]
         session_workers = len(placed_on)
-        hosts = sum(1 for w in placed_on if host_of(w) is not None)
+        hosts = sum(1 for w, _, _ in placed_on if host_of(w) is not None)
         if session_workers == 0:
             raise SessionCreationTimeoutError(
                 f"no worker with sessions enabled polls task queue {self.task_queue!r} (waited "
                 f"{timeout:g}s); start one with Worker(..., enable_sessions=True) or "
                 f"`sessionq worker MODULE:ATTR --task-queue {self.task_queue}`"
             )
+        if self.resources:
+            short = self._resources_nobody_has([offer for _, offer, up in placed_on if up])
+            if short:
+                raise SessionCreationTimeoutError(
+                    f"no live worker of task queue {self.task_queue!r} could ever hold this session "
+                    f"(waited {timeout:g}s): {short}; start a worker with "
+                    "Worker(session_resources=...) (`sessionq worker --resource NAME=AMOUNT`) that offers "
+                    "it, or ask for less"
+                )
         which = f"{session_workers} session worker(s)"
         if hosts:
             which = f"{session_workers - hosts} session worker(s) and {hosts} host(s)"
+        if self.resources:
+            raise SessionCreationTimeoutError(
+                f"none of the {which} of task queue {self.task_queue!r} had a free slot with "
+                f"{resources.encode(self.resources)} free within creation_timeout={timeout:g}s (its "
+                "resources stayed taken); start more workers that offer them, or complete sessions sooner"
+            )
         raise SessionCreationTimeoutError(
             f"all {which} of task queue {self.task_queue!r} stayed full for creation_timeout={timeout:g}s; "
             "start more workers, raise max_concurrent_sessions, or complete sessions sooner"
         )
+
+    def _resources_nobody_has(self, offers: list[dict[str, int]]) -> str:
+        """Which asked resource no live worker offers enough of, and the most one offers."""
+        problems = []
+        for name, amount in self.resources.items():
+            most = max((offer.get(name, 0) for offer in offers), default=0)
+            if most == 0:
+                problems.append(f"no live worker offers resource {name!r} (asked: {amount})")
+            elif most < amount:
+                problems.append(
+                    f"it asks for {name}={amount}, but the most any live worker offers is {name}={most}"
+                )
+        return "; ".join(problems)
 
     async def _session_from(self, grant: Grant) -> Session:
         if self.client.closing:  # the client closed while this claim ran: give the slot back
@@ -558,6 +600,7 @@ class SessionOpener:
             task_queue=self.task_queue,
             prefix=self.client.prefix,
             host_id=host_of(grant.worker_id),
+            resources=dict(self.resources),
         )
         return Session(self.client, self.keys, info, self.options, grant.deadline_ms, grant.hb_ms)
 

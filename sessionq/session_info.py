@@ -20,7 +20,8 @@ class SessionState(str, enum.Enum):
     FAILED = "FAILED"
 
 
-_TOKEN_VERSION = 1
+_TOKEN_VERSION = 2
+"""2 adds the session's resources; tokens of version 1 (none) are still read."""
 
 
 @dataclass
@@ -45,13 +46,15 @@ class SessionInfo:
     host_id: str | None = None
     """The host the session is placed on, for a worker started with `host_id` (its
     activities run on any live process of that host), else None."""
+    resources: dict[str, int] = field(default_factory=dict)
+    """The session resources it holds on its worker, e.g. {"gpu": 1} ({}: none)."""
 
     @property
     def recreate_token(self) -> bytes:
         """Opaque bytes that let `recreate_session` open a new session on the same worker
         (for a host session: on the same host, whichever of its processes live)."""
         target = self.worker_id if self.host_id is None else host_worker_id(self.host_id)
-        return encode_token(self.prefix, self.task_queue, target, self.hostname)
+        return encode_token(self.prefix, self.task_queue, target, self.hostname, self.resources)
 
     def get_recreate_token(self) -> bytes:
         """Alias of `recreate_token`, named as in the Go SDK."""
@@ -64,25 +67,29 @@ class RecreateToken:
     task_queue: str
     worker_id: str
     hostname: str
+    resources: dict[str, int] = field(default_factory=dict)
 
 
-def encode_token(prefix: str, task_queue: str, worker_id: str, hostname: str) -> bytes:
-    return msgpack.packb([_TOKEN_VERSION, prefix, task_queue, worker_id, hostname])
+def encode_token(
+    prefix: str, task_queue: str, worker_id: str, hostname: str, resources: dict[str, int] | None = None
+) -> bytes:
+    return msgpack.packb([_TOKEN_VERSION, prefix, task_queue, worker_id, hostname, resources or {}])
 
 
 def decode_token(token: bytes) -> RecreateToken:
     """Parse a recreate token, or raise ConfigurationError saying what to pass instead."""
     try:
         data = msgpack.unpackb(bytes(token), raw=False)
-        version, prefix, task_queue, worker_id, hostname = data
-        if version != _TOKEN_VERSION:
+        version, prefix, task_queue, worker_id, hostname, *rest = data
+        if version not in (1, _TOKEN_VERSION) or len(rest) != version - 1:
             raise ValueError(f"token version {version}")
+        held = {str(k): int(v) for k, v in (rest[0] if rest else {}).items()}
     except Exception:
         raise ConfigurationError(
             "recreate_token",
             "is not a sessionq recreate token; pass session.info.recreate_token unchanged",
         ) from None
-    return RecreateToken(prefix, task_queue, worker_id, hostname)
+    return RecreateToken(prefix, task_queue, worker_id, hostname, held)
 
 
 #: The caller-side session of the current context (set inside `async with session`).

@@ -31,9 +31,10 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from typing import Any
 
+from . import resources
 from .activity import ActivityDefinition, definition_of
 from .codec import Codec, default_codec
 from .connection import connect, resolve_url
@@ -84,6 +85,7 @@ class Worker:
         retention: Duration = 3600.0,
         host_id: str | None = None,
         restart_grace: Duration = 30.0,
+        session_resources: Mapping[str, int] | None = None,
     ) -> None:
         validate_name("task_queue", task_queue)
         validate_name("prefix", prefix)
@@ -127,6 +129,10 @@ class Worker:
         self.host_worker_id = None if self.host_id is None else host_worker_id(self.host_id)
         """The id the host is placed under (its sessions' record names it), or None."""
         self.restart_grace: float = seconds("restart_grace", restart_grace, optional=False)  # type: ignore[assignment]
+        self.session_resources = resources.validate("session_resources", session_resources)
+        """Typed capacity for sessions (the host's, with host_id), e.g. {"gpu": 2}."""
+        if self.session_resources and not enable_sessions:
+            raise ConfigurationError("session_resources", "are for sessions; they need enable_sessions=True")
         self.task_queue = task_queue
         self.enable_sessions = bool(enable_sessions)
         self.max_concurrent_sessions = max_concurrent_sessions

@@ -312,4 +312,11 @@ async def session_token() -> bytes:
     return info.recreate_token
 
 
-ALL += [host_write, host_read, attempt_after, session_token]
+@sessionq.activity
+async def session_resources() -> dict[str, int] | None:
+    """The session resources of the session this activity runs in, as the activity sees them."""
+    info = sessionq.get_session_info()
+    return info.resources if info is not None else None
+
+
+ALL += [host_write, host_read, attempt_after, session_token, session_resources]

@@ -104,3 +104,31 @@ async def test_fileprocessing_example_by_hand_from_examples(
         assert await asyncio.wait_for(worker.wait(), 20) == 0, worker_out.read_text()
     shims = (EXAMPLES / "fileprocessing").glob("*.py")
     assert all("from sessionq.cli.fileprocessing" in shim.read_text() for shim in shims)
+
+
+async def test_gpu_example_runs_two_jobs_at_once_and_the_third_when_a_gpu_frees(
+    redis_url: str, key_prefix: str, redis_client: redis.asyncio.Redis, tmp_path: Path
+) -> None:
+    """examples/gpu: a worker offering 2 GPUs, three sessions asking for one each."""
+    env = example_env(redis_url, key_prefix)
+    worker_out, client_out = tmp_path / "worker.out", tmp_path / "client.out"
+    alive = QueueKeys(key_prefix, "gpu").alive("gpu-box")
+    async with running([str(EXAMPLES / "gpu" / "worker.py")], env, worker_out) as worker:
+        await wait_for(
+            lambda: worker.returncode is not None or redis_client.exists(alive),
+            20,
+            message="the gpu worker never registered",
+        )
+        assert worker.returncode is None, worker_out.read_text()
+        async with running([str(EXAMPLES / "gpu" / "client.py")], env, client_out) as client:
+            code = await asyncio.wait_for(client.wait(), 60)
+        output = client_out.read_text()
+        assert code == 0, output + worker_out.read_text()
+        lines = output.splitlines()
+        got = [line.split(":")[0] for line in lines if "got a gpu" in line]
+        assert got == ["job-1", "job-2", "job-3"], output  # first come, first served
+        done_1 = next(i for i, line in enumerate(lines) if line.startswith("job-1: trained"))
+        assert lines.index(next(line for line in lines if line.startswith("job-3: got"))) > done_1, output
+        assert "job-3: trained 1 epoch(s) on 1 gpu(s) of gpu-box" in output
+        worker.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(worker.wait(), 20) == 0, worker_out.read_text()

@@ -13,6 +13,7 @@ IDS = (
     [f"S{n:02d}" for n in range(1, 20)]
     + [f"D{n:02d}" for n in range(1, 12)]
     + [f"H{n:02d}" for n in range(1, 7)]
+    + [f"R{n:02d}" for n in range(1, 5)]
 )
 TESTS = Path(__file__).parent
 
@@ -25,8 +26,8 @@ def named_ids() -> set[str]:
             continue
         text = path.read_text()
         for name in re.findall(r"def (test_\w+)", text):
-            found.update(m.upper() for m in re.findall(r"(?<=_)([sdh]\d\d)(?=_)", name))
-        found.update(re.findall(r"#\s*([SDH]\d\d)\b", text))
+            found.update(m.upper() for m in re.findall(r"(?<=_)([sdhr]\d\d)(?=_)", name))
+        found.update(re.findall(r"#\s*([SDHR]\d\d)\b", text))
     return found
 
 

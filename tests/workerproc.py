@@ -47,6 +47,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-sessions", action="store_true", help="enable_sessions=False")
     parser.add_argument("--host-id", default=None, help="host_id= (a host's process)")
     parser.add_argument("--restart-grace", type=float, default=None)
+    parser.add_argument("--resource", action="append", default=[], help="NAME=AMOUNT (repeatable)")
     parser.add_argument(
         "--log-level",
         default=os.environ.get("SESSIONQ_TEST_WORKER_LOG_LEVEL", "INFO"),
@@ -93,6 +94,8 @@ async def run(args: argparse.Namespace, parent_pid: int) -> int:
         options["host_id"] = args.host_id
     if args.restart_grace is not None:
         options["restart_grace"] = args.restart_grace
+    if args.resource:
+        options["session_resources"] = {k: int(v) for k, _, v in (r.partition("=") for r in args.resource)}
     worker = sessionq.Worker(
         args.redis_url,
         task_queue=args.task_queue,

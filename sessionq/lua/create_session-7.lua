@@ -1,4 +1,5 @@
--- Claim a session slot atomically, or join the FIFO line of waiting callers.
+-- Claim a session slot (and the resources the session asks for) atomically, or join the
+-- FIFO line of waiting callers.
 -- Idempotent per session id: a retried call (its reply was lost) gets the session it made,
 -- or its place in the line, never a second ticket.
 -- KEYS[1] free       sorted set of session workers with a free slot (score = open sessions)
@@ -17,12 +18,15 @@
 -- ARGV[7] owner       caller description, for inspect
 -- ARGV[8] owner_ms    the session's owner timeout (0 = no owner lease)
 -- ARGV[9] lease_ms    TTL of the client's lease key
+-- ARGV[10] resources  what the session asks for, "name=amount,..." ('' for none)
 -- Returns {'OK', worker, host, deadline_ms, hb_ms} | {'WAIT', session_id} | {'FULL'} | {'DEAD'}
 -- @include slots
 
 local base, sid, client = ARGV[1], ARGV[2], ARGV[3]
 local exec_ms, wait_ms, target, owner = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6], ARGV[7]
 local owner_ms = tonumber(ARGV[8])
+local res = ARGV[10] or ''
+local req = parse_resources(res)
 local now = now_ms()
 redis.call('SET', KEYS[6], now, 'PX', tonumber(ARGV[9]))  -- the caller is alive: it is calling
 
@@ -38,19 +42,21 @@ if target ~= '' then
 end
 
 -- Earlier waiters go first: serve them before this caller.
-if redis.call('ZCARD', KEYS[2]) > 0 then grant_waiters(base, now) end
+local held = nil
+if redis.call('ZCARD', KEYS[2]) > 0 then held = grant_waiters(base, now) end
 
--- Any waiter still queued is blocked (no free slot fits it), so a free slot here is fair game.
+-- Any waiter still queued is blocked (nothing free fits it), so what is free here is fair
+-- game, except the resources kept for an earlier request that fits nowhere yet.
 local w = nil
 if target == '' then
-  w = pick_worker(base)
-elseif free_load(base, target) then
+  w = pick_worker(base, req, held)
+elseif free_load(base, target) and resource_load(base, target, req) then
   w = target
 end
 if w then
-  local opened = open_session(base, w, sid, exec_ms, now, owner, client, owner_ms)
+  local opened = open_session(base, w, sid, exec_ms, now, owner, client, owner_ms, res)
   return {'OK', w, opened[1], opened[2], opened[3]}
 end
 if wait_ms <= 0 then return {'FULL'} end
-queue_ticket(base, sid, client, exec_ms, now + wait_ms, target, owner, owner_ms, now)
+queue_ticket(base, sid, client, exec_ms, now + wait_ms, target, owner, owner_ms, now, res)
 return {'WAIT', sid}

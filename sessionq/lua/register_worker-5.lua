@@ -17,7 +17,7 @@
 -- Returns {status, host_status}. status: 'FRESH' when registered anew (any earlier
 -- sessions are gone), 'KNOWN' when the registration survived (only the heartbeat was
 -- renewed). host_status: '' (no host), 'NEW' (the host was made: no session of an earlier
--- one survives), 'JOINED'. Or {'CONFLICT', max_sessions, grace_ms, hb_ms}: a live process
+-- one survives), 'JOINED'. Or {'CONFLICT', max_sessions, grace_ms, hb_ms, res}: a live process
 -- of the host runs with other values (nothing was written); or {'REAP'}: the host's grace
 -- passed and it awaits its reaper (reap it, then register again).
 -- Cost: O(processes of the host), plus granting waiters (slots.lua).
@@ -29,15 +29,23 @@ local h = nil
 if hid ~= '' then h = HOST_MARK .. hid end
 local hk = h and (base .. 'worker:' .. h)
 
+-- A field of the worker's description (ARGV[8..]), or ''.
+local function field_of(name)
+  for i = 8, #ARGV - 1, 2 do
+    if ARGV[i] == name then return ARGV[i + 1] end
+  end
+  return ''
+end
+
 local host_known = false
 if h and redis.call('EXISTS', hk) == 1 then
   if redis.call('EXISTS', base .. 'alive:' .. h) == 0 then return {'REAP'} end
   host_known = redis.call('HEXISTS', hk, 'max_sessions') == 1 and redis.call('SISMEMBER', KEYS[1], h) == 1
   if host_known then
-    local was = redis.call('HMGET', hk, 'max_sessions', 'grace_ms', 'hb_ms')
-    if (tonumber(was[1]) ~= cap or tonumber(was[2]) ~= grace_ms or tonumber(was[3]) ~= hb_ms)
-        and host_has_live_process(base, h, w) then
-      return {'CONFLICT', was[1], was[2], was[3]}
+    local was = redis.call('HMGET', hk, 'max_sessions', 'grace_ms', 'hb_ms', 'res')
+    if (tonumber(was[1]) ~= cap or tonumber(was[2]) ~= grace_ms or tonumber(was[3]) ~= hb_ms
+        or (was[4] or '') ~= field_of('res')) and host_has_live_process(base, h, w) then
+      return {'CONFLICT', was[1], was[2], was[3], was[4] or ''}
     end
   end
 end
@@ -74,18 +82,15 @@ if h then
   if host_known then
     host_status = 'JOINED'
     -- The same values, or no live process disagrees.
-    redis.call('HSET', hk, 'max_sessions', cap, 'grace_ms', grace_ms, 'hb_ms', hb_ms)
+    redis.call('HSET', hk, 'max_sessions', cap, 'grace_ms', grace_ms, 'hb_ms', hb_ms, 'res', field_of('res'))
   else
     host_status = 'NEW'
-    local machine = ''
-    for i = 8, #ARGV - 1, 2 do
-      if ARGV[i] == 'host' then machine = ARGV[i + 1] end
-    end
+    local machine = field_of('host')
     -- A record that lost its fields (evicted, deleted by hand) leaves sessions nobody counts.
     fail_open_sessions(base, h, 'the record of host ' .. hid .. ' was lost from Redis', now, retention_ms)
     redis.call('DEL', hk, base .. 'w:' .. h, base .. 'wsessions:' .. h, host_key(base, 'hprocs:', h))
     redis.call('HSET', hk, 'max_sessions', cap, 'hb_ms', hb_ms, 'open', 0, 'registered', now, 'beat', now,
-      'grace_ms', grace_ms, 'host', machine, 'host_id', hid, 'identity', h)
+      'grace_ms', grace_ms, 'host', machine, 'host_id', hid, 'identity', h, 'res', field_of('res'))
     redis.call('SADD', KEYS[1], h)
     -- The host's stream: its sessions' activities, read through the group by its processes.
     redis.call('XGROUP', 'CREATE', base .. 'w:' .. h, 'workers', '0', 'MKSTREAM')

@@ -14,7 +14,8 @@
 -- never granted (the caller crashed: its session would have nobody to complete it).
 
 local WAITER_WINDOW_MS = 5000
-local TICKET_FIELDS = {'c', 'x', 'd', 't', 'o', 'l'}  -- client, exec_ms, wait deadline, target, owner, owner_ms
+-- client, exec_ms, wait deadline, target, owner, owner_ms, resources asked
+local TICKET_FIELDS = {'c', 'x', 'd', 't', 'o', 'l', 'r'}
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -79,17 +80,95 @@ local function free_load(base, w)
   return tonumber(load)
 end
 
--- The least loaded live worker with a free slot, else nil. Workers whose heartbeat is gone
--- but who are not reaped yet are skipped, however many there are.
-local function pick_worker(base)
+-- Session resources. A worker's (or host's) record holds 'res', its capacity, as
+-- "name=amount,..." (names are [a-z0-9_.-]+), and a field 'u:<name>' per resource with the
+-- amount its open sessions hold; a session's record ('res') and a ticket ('r') hold what
+-- they asked for, in the same form. `req` below is the parsed form: {{name, amount}, ...}.
+local function parse_resources(text)
+  local out = {}
+  if not text or text == '' then return out end
+  for name, amount in string.gmatch(text, '([^,=]+)=(%d+)') do out[#out + 1] = {name, tonumber(amount)} end
+  return out
+end
+
+local function capacity(base, w)
+  local total = {}
+  for _, pair in ipairs(parse_resources(redis.call('HGET', base .. 'worker:' .. w, 'res'))) do
+    total[pair[1]] = pair[2]
+  end
+  return total
+end
+
+-- If worker w can hold `req` now, its load for it: the largest share of an asked resource
+-- already taken (0 for a request without resources); else nil.
+local function resource_load(base, w, req)
+  if #req == 0 then return 0 end
+  local total = capacity(base, w)
+  local load = 0
+  for _, ask in ipairs(req) do
+    local t = total[ask[1]]
+    if not t then return nil end
+    local used = tonumber(redis.call('HGET', base .. 'worker:' .. w, 'u:' .. ask[1])) or 0
+    if t - used < ask[2] then return nil end
+    if used / t > load then load = used / t end
+  end
+  return load
+end
+
+-- Whether worker w could ever hold `req` (its capacity covers every amount).
+local function could_hold(base, w, req)
+  local total = capacity(base, w)
+  for _, ask in ipairs(req) do
+    if (total[ask[1]] or 0) < ask[2] then return false end
+  end
+  return true
+end
+
+-- `held`: the resources of workers kept for earlier waiting requests that fit nowhere yet
+-- ({worker = {name = true}}): a later request asking for any of them there must not take
+-- them, so a large request is never starved by a stream of smaller ones.
+local function held_against(held, w, req)
+  local kept = held and held[w]
+  if not kept then return false end
+  for _, ask in ipairs(req) do
+    if kept[ask[1]] then return true end
+  end
+  return false
+end
+
+-- The live worker with a free slot to place a session asking for `req` on, else nil: the
+-- first in the free set's order (fewest open sessions) without resources; with resources,
+-- the one whose asked resources are least taken among those they fit now. Workers whose
+-- heartbeat is gone but who are not reaped yet are skipped, however many there are.
+-- Cost: O(workers with a free slot) at worst.
+local function pick_worker(base, req, held)
+  req = req or {}
+  local best, best_load = nil, nil
   local offset = 0
   while true do
     local candidates = redis.call('ZRANGE', base .. 'free', offset, offset + 63)
-    if #candidates == 0 then return nil end
+    if #candidates == 0 then return best end
     for _, w in ipairs(candidates) do
-      if placeable(base, w) then return w end
+      if placeable(base, w) and not held_against(held, w, req) then
+        if #req == 0 then return w end
+        local load = resource_load(base, w, req)
+        if load and (best == nil or load < best_load) then
+          best, best_load = w, load
+          if load == 0 then return best end
+        end
+      end
     end
     offset = offset + 64
+  end
+end
+
+-- Keep, on every live worker that could ever hold `req`, the resources it asks for.
+local function hold_for(base, req, held)
+  for _, w in ipairs(redis.call('SMEMBERS', base .. 'workers')) do
+    if redis.call('EXISTS', base .. 'alive:' .. w) == 1 and could_hold(base, w, req) then
+      held[w] = held[w] or {}
+      for _, ask in ipairs(req) do held[w][ask[1]] = true end
+    end
   end
 end
 
@@ -99,7 +178,7 @@ local function lease_fresh(base, client, now, window)
   return renewed ~= nil and now - renewed <= window
 end
 
--- A ticket's attributes: {client, exec_ms, wait_deadline, target, owner, owner_ms}.
+-- A ticket's attributes: {client, exec_ms, wait_deadline, target, owner, owner_ms, resources}.
 local function read_ticket(base, sid)
   local names = {}
   for i, f in ipairs(TICKET_FIELDS) do names[i] = sid .. ':' .. f end
@@ -116,22 +195,24 @@ local function drop_ticket(base, sid, target)
 end
 
 -- Queue a ticket at the end of the line.
-local function queue_ticket(base, sid, client, exec_ms, deadline, target, owner, owner_ms, now)
+local function queue_ticket(base, sid, client, exec_ms, deadline, target, owner, owner_ms, now, res)
   local waiters = base .. 'waiters'
   local score = now * 1000
   local last = redis.call('ZRANGE', waiters, -1, -1, 'WITHSCORES')
   if last[2] and tonumber(last[2]) >= score then score = tonumber(last[2]) + 1 end
   redis.call('ZADD', waiters, score, sid)
   redis.call('HSET', base .. 'tickets', sid .. ':c', client, sid .. ':x', exec_ms, sid .. ':d', deadline,
-    sid .. ':t', target, sid .. ':o', owner, sid .. ':l', owner_ms)
+    sid .. ':t', target, sid .. ':o', owner, sid .. ':l', owner_ms, sid .. ':r', res or '')
   redis.call('ZADD', base .. 'deadlines', deadline, 't:' .. sid)
   if target ~= '' then redis.call('SADD', base .. 'wtickets:' .. target, sid) end
 end
 
--- Open session sid on worker w: count the slot, write the record, tell the worker.
--- Returns {host, deadline, hb_ms}.
-local function open_session(base, w, sid, exec_ms, now, owner, client, owner_ms)
+-- Open session sid on worker w: count the slot, claim the resources asked (`res`, text),
+-- write the record, tell the worker. Returns {host, deadline, hb_ms}.
+local function open_session(base, w, sid, exec_ms, now, owner, client, owner_ms, res)
   local wk = base .. 'worker:' .. w
+  res = res or ''
+  for _, ask in ipairs(parse_resources(res)) do redis.call('HINCRBY', wk, 'u:' .. ask[1], ask[2]) end
   local info = redis.call('HMGET', wk, 'max_sessions', 'host', 'hb_ms')
   local cap = tonumber(info[1]) or 0
   local open = redis.call('HINCRBY', wk, 'open', 1)
@@ -144,17 +225,21 @@ local function open_session(base, w, sid, exec_ms, now, owner, client, owner_ms)
   redis.call('HSET', base .. 'session:' .. sid,
     'worker', w, 'host', info[2] or '', 'state', 'OPEN', 'created', now,
     'deadline', deadline, 'exec_ms', exec_ms, 'hb_ms', info[3] or 0, 'owner', owner,
-    'client', client, 'owner_ms', owner_ms)
+    'client', client, 'owner_ms', owner_ms, 'res', res)
   redis.call('SADD', base .. 'wsessions:' .. w, sid)
   redis.call('ZADD', base .. 'deadlines', deadline, 's:' .. sid)
-  tell(base, w, {'t', 'o', 's', sid, 'x', exec_ms, 'd', deadline, 'c', client, 'l', owner_ms})
+  tell(base, w, {'t', 'o', 's', sid, 'x', exec_ms, 'd', deadline, 'c', client, 'l', owner_ms, 'r', res})
   return {info[2] or '', deadline, info[3] or 0}
 end
 
--- Give a slot back on worker w (if it is still registered).
-local function release_slot(base, w)
+-- Give a slot back on worker w (if it is still registered), and the resources session
+-- sid held there.
+local function release_slot(base, w, sid)
   local wk = base .. 'worker:' .. w
   if redis.call('EXISTS', wk) == 0 then return end
+  for _, ask in ipairs(parse_resources(redis.call('HGET', base .. 'session:' .. sid, 'res'))) do
+    if redis.call('HINCRBY', wk, 'u:' .. ask[1], -ask[2]) < 0 then redis.call('HSET', wk, 'u:' .. ask[1], 0) end
+  end
   local open = redis.call('HINCRBY', wk, 'open', -1)
   if open < 0 then
     redis.call('HSET', wk, 'open', 0)
@@ -173,7 +258,7 @@ local function close_session(base, sid, w, new_state, reason, now, retention_ms,
   redis.call('ZREM', base .. 'deadlines', 's:' .. sid)
   -- Only a session the worker's registration counted gives a slot back (one of an earlier
   -- registration of the same identity was never counted by this one).
-  if redis.call('SREM', base .. 'wsessions:' .. w, sid) == 1 then release_slot(base, w) end
+  if redis.call('SREM', base .. 'wsessions:' .. w, sid) == 1 then release_slot(base, w, sid) end
   tell(base, w, {'t', 'c', 's', sid, 'r', mode})
 end
 
@@ -202,15 +287,21 @@ local function notify(base, client, fields)
 end
 
 -- Hand free slots to waiting callers, first come first served, over the whole line.
--- Stops as soon as no live worker has a free slot (then no ticket can be served).
+-- A request for resources that fit nowhere now waits without blocking later requests
+-- that fit elsewhere, but keeps what it asks for on every live worker that could ever
+-- hold it (`held`), so later requests cannot starve it. Stops as soon as no live worker
+-- has a free slot (then no ticket can be served). Returns `held`, for the caller's own
+-- request (create_session). Cost: O(tickets x workers with a free slot) at worst.
 local function grant_waiters(base, now)
+  local held = {}
   local offset = 0
   while true do
     local sids = redis.call('ZRANGE', base .. 'waiters', offset, offset + 99)
-    if #sids == 0 then return end
+    if #sids == 0 then return held end
     for _, sid in ipairs(sids) do
       local t = read_ticket(base, sid)
       local client, exec_ms, deadline, target = t[1], tonumber(t[2]), tonumber(t[3]), t[4]
+      local req = parse_resources(t[7])
       if not client or not exec_ms or not deadline or deadline < now then
         drop_ticket(base, sid, target)  -- expired (its caller gives up by itself) or broken
       elseif not lease_fresh(base, client, now, WAITER_WINDOW_MS) then
@@ -220,19 +311,22 @@ local function grant_waiters(base, now)
       else
         local w = nil
         if target == '' then
-          w = pick_worker(base)
-          if not w then return end  -- no free slot anywhere: nobody further back can be served
-        elseif free_load(base, target) then
+          w = pick_worker(base, req, held)
+          if not w then
+            if #req == 0 or not pick_worker(base) then return held end  -- no free slot anywhere
+            hold_for(base, req, held)
+          end
+        elseif free_load(base, target) and resource_load(base, target, req) then
           w = target
         elseif not pick_worker(base) then
-          return
+          return held
         end
         if w then
-          local opened = open_session(base, w, sid, exec_ms, now, t[5] or '', client, tonumber(t[6]) or 0)
+          local opened = open_session(base, w, sid, exec_ms, now, t[5] or '', client, tonumber(t[6]) or 0, t[7])
           drop_ticket(base, sid, target)
           notify(base, client, {'g', sid, 'w', w, 'h', opened[1], 'd', opened[2], 'b', opened[3]})
         else
-          offset = offset + 1  -- waits for its own worker; later tickets may still be served
+          offset = offset + 1  -- waits (for its own worker, or for resources); later tickets may be served
         end
       end
     end
