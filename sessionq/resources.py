@@ -63,5 +63,7 @@ def parse_flag(field: str, items: tuple[str, ...] | list[str]) -> Resources:
         name, sep, amount = item.partition("=")
         if not sep or not amount.strip().lstrip("-").isdigit():
             raise ConfigurationError(field, f"expected NAME=AMOUNT (e.g. gpu=2); got {item!r}")
+        if name.strip() in out:
+            raise ConfigurationError(field, f"{name.strip()!r} is given twice; give each resource once")
         out[name.strip()] = int(amount)
     return validate(field, out)

@@ -518,9 +518,22 @@ class SessionOpener:
         k = self.keys
         timeout = float(self.options.creation_timeout)  # type: ignore[arg-type]
         if self.token is not None:
+            wanted = f" with {resources.encode(self.resources)} free" if self.resources else ""
+            short = ""
+            if self.resources:
+                with contextlib.suppress(Exception):
+                    offer = await self.client.wire.execute(
+                        k.tasks, "HGET", k.worker(self.token.worker_id), "res"
+                    )
+                    short = self._resources_nobody_has([resources.decode(offer)])
             raise SessionCreationTimeoutError(
-                f"worker {self.token.worker_id} had no free session slot within creation_timeout="
-                f"{timeout:g}s; complete sessions on it sooner, or raise creation_timeout"
+                f"worker {self.token.worker_id} had no free session slot{wanted} within creation_timeout="
+                f"{timeout:g}s"
+                + (
+                    f" and never could: {short}; ask for less with SessionOptions(resources=...)"
+                    if short
+                    else "; complete sessions on it sooner, or raise creation_timeout"
+                )
             )
         try:
             wire = self.client.wire
@@ -577,7 +590,10 @@ class SessionOpener:
         )
 
     def _resources_nobody_has(self, offers: list[dict[str, int]]) -> str:
-        """Which asked resource no live worker offers enough of, and the most one offers."""
+        """Why no live worker could ever hold what this session asks for ("" if one could):
+        a resource nobody offers, more than anyone offers, or no one worker offering it all."""
+        if any(all(offer.get(n, 0) >= a for n, a in self.resources.items()) for offer in offers):
+            return ""
         problems = []
         for name, amount in self.resources.items():
             most = max((offer.get(name, 0) for offer in offers), default=0)
@@ -587,6 +603,12 @@ class SessionOpener:
                 problems.append(
                     f"it asks for {name}={amount}, but the most any live worker offers is {name}={most}"
                 )
+        if not problems:  # each is offered somewhere, but never all of them together
+            each = ", ".join(f"{name} up to {max(o.get(name, 0) for o in offers)}" for name in self.resources)
+            problems.append(
+                f"no single live worker offers all of {resources.encode(self.resources)} "
+                f"(offered apart: {each})"
+            )
         return "; ".join(problems)
 
     async def _session_from(self, grant: Grant) -> Session:

@@ -10,6 +10,7 @@ import msgpack
 
 from .errors import ConfigurationError
 from .keys import host_worker_id
+from .resources import validate as validate_resources
 
 
 class SessionState(str, enum.Enum):
@@ -73,7 +74,9 @@ class RecreateToken:
 def encode_token(
     prefix: str, task_queue: str, worker_id: str, hostname: str, resources: dict[str, int] | None = None
 ) -> bytes:
-    return msgpack.packb([_TOKEN_VERSION, prefix, task_queue, worker_id, hostname, resources or {}])
+    if not resources:  # version 1, which releases before session resources read too
+        return msgpack.packb([1, prefix, task_queue, worker_id, hostname])
+    return msgpack.packb([_TOKEN_VERSION, prefix, task_queue, worker_id, hostname, dict(resources)])
 
 
 def decode_token(token: bytes) -> RecreateToken:
@@ -83,7 +86,7 @@ def decode_token(token: bytes) -> RecreateToken:
         version, prefix, task_queue, worker_id, hostname, *rest = data
         if version not in (1, _TOKEN_VERSION) or len(rest) != version - 1:
             raise ValueError(f"token version {version}")
-        held = {str(k): int(v) for k, v in (rest[0] if rest else {}).items()}
+        held = validate_resources("recreate_token", rest[0] if rest else {})
     except Exception:
         raise ConfigurationError(
             "recreate_token",

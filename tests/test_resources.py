@@ -274,3 +274,72 @@ async def test_r01_a_hosts_resources_belong_to_the_host_not_to_each_process(
             identity="p3", heartbeat_timeout=HB, extra_args=["--host-id", "h1", "--resource", "gpu=2"]
         )
     await first.complete()
+
+
+async def test_r03_what_a_request_kept_goes_to_the_next_when_it_leaves_the_line(
+    spawn_worker: SpawnWorker, client: Client, task_queue: str, keys: QueueKeys,
+    redis_client: redis.asyncio.Redis,
+) -> None:  # fmt: skip
+    """A request held back only by an earlier one's keep is served when that one gives up,
+    with no other event on the queue."""
+    await offering(spawn_worker, "w1", "gpu=2")
+    holder = await client.create_session(task_queue, asking(gpu=1))
+    big = creator(client, task_queue, asking(creation_timeout=1.0, gpu=2))  # gives up after 1 s
+    await queued(redis_client, keys, 1)
+    small = creator(client, task_queue, asking(creation_timeout=15, gpu=1))
+    await queued(redis_client, keys, 2)
+    with pytest.raises(SessionCreationTimeoutError):
+        await big
+    got = await asyncio.wait_for(small, 5)  # at once, not at its own timeout
+    assert got.info.worker_id == "w1"
+    for session in (got, holder):
+        await session.complete()
+
+
+async def test_r03_a_recreate_neither_takes_what_an_earlier_request_keeps_nor_is_starved(
+    spawn_worker: SpawnWorker, client: Client, task_queue: str, keys: QueueKeys,
+    redis_client: redis.asyncio.Redis,
+) -> None:  # fmt: skip
+    await offering(spawn_worker, "w1", "gpu=2")
+    first = await client.create_session(task_queue, asking(gpu=1))
+    token = first.info.recreate_token
+    big = creator(client, task_queue, asking(gpu=2))
+    await queued(redis_client, keys, 1)
+    with pytest.raises(SessionCreationTimeoutError):  # the free gpu is kept for `big`
+        await client.recreate_session(token, asking(creation_timeout=0.5, gpu=1))
+    await first.complete()
+    got_big = await asyncio.wait_for(big, 5)
+    recreated = asyncio.create_task(client.recreate_session(token, asking(gpu=2)).open())
+    await queued(redis_client, keys, 1)
+    with pytest.raises(SessionCreationTimeoutError):  # nor may a newcomer take what the recreate waits for
+        await client.create_session(task_queue, asking(creation_timeout=0.5, gpu=1))
+    await got_big.complete()
+    assert (await asyncio.wait_for(recreated, 5)).info.resources == {"gpu": 2}
+
+
+async def test_r03_a_keep_covers_only_what_the_oldest_request_asked_for(
+    spawn_worker: SpawnWorker, client: Client, task_queue: str, keys: QueueKeys,
+    redis_client: redis.asyncio.Redis,
+) -> None:  # fmt: skip
+    await offering(spawn_worker, "w1", "cpu=4", "gpu=2")
+    holder = await client.create_session(task_queue, asking(gpu=1))
+    big = creator(client, task_queue, asking(gpu=2))
+    await queued(redis_client, keys, 1)
+    mixed = creator(client, task_queue, asking(cpu=1, gpu=1))  # held back: it wants a kept gpu
+    await queued(redis_client, keys, 2)
+    cpu_only = await asyncio.wait_for(client.create_session(task_queue, asking(cpu=1)).open(), 5)
+    assert cpu_only.info.worker_id == "w1"  # nobody earlier asked for cpu: it is not kept
+    assert not big.done() and not mixed.done()
+    for session in (cpu_only, holder):
+        await session.complete()
+    for waiting in (big, mixed):
+        await (await asyncio.wait_for(waiting, 5)).complete()
+
+
+async def test_r04_a_request_no_single_worker_could_hold_says_so(
+    spawn_worker: SpawnWorker, client: Client, task_queue: str
+) -> None:
+    await offering(spawn_worker, "gpus", "gpu=2")
+    await offering(spawn_worker, "disks", "scratch_gb=500")
+    with pytest.raises(SessionCreationTimeoutError, match="no single live worker offers all of"):
+        await client.create_session(task_queue, asking(creation_timeout=0.3, gpu=1, scratch_gb=100))

@@ -1,5 +1,6 @@
 -- A waiting caller gives up (creation timeout or cancellation): leave the line, unless
 -- a slot was already granted, in which case the caller takes the session after all.
+-- Leaving hands what it kept (session resources) to the requests behind it.
 -- KEYS[1] waiters    sorted set of waiting session ids
 -- KEYS[2] tickets    hash of the waiting tickets' attributes
 -- KEYS[3] deadlines  sorted set of session and ticket deadlines
@@ -13,7 +14,10 @@
 
 local base, sid = ARGV[1], ARGV[2]
 if redis.call('ZSCORE', KEYS[1], sid) then
+  local asked = redis.call('HGET', KEYS[2], sid .. ':r')
   drop_ticket(base, sid, redis.call('HGET', KEYS[2], sid .. ':t'))
+  -- What it kept for itself (session resources) is free for the requests behind it now.
+  if asked and asked ~= '' and redis.call('ZCARD', KEYS[1]) > 0 then grant_waiters(base, now_ms()) end
   return 'LEFT'
 end
 if redis.call('EXISTS', KEYS[4]) == 1 then return 'GRANTED' end

@@ -50,7 +50,7 @@ if redis.call('ZCARD', KEYS[2]) > 0 then held = grant_waiters(base, now) end
 local w = nil
 if target == '' then
   w = pick_worker(base, req, held)
-elseif free_load(base, target) and resource_load(base, target, req) then
+elseif free_load(base, target) and resource_load(base, target, req) and not held_against(held, target, req) then
   w = target
 end
 if w then

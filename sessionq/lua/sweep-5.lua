@@ -15,6 +15,7 @@
 local base = ARGV[1]
 local now = now_ms()
 local expired = 0
+local released = false
 for _, item in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[3]))) do
   local kind, sid = string.sub(item, 1, 1), string.sub(item, 3)
   redis.call('ZREM', KEYS[1], item)
@@ -25,8 +26,10 @@ for _, item in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT',
       expired = expired + 1
     end
   elseif redis.call('ZSCORE', KEYS[3], sid) then
+    local asked = redis.call('HGET', KEYS[4], sid .. ':r')
     drop_ticket(base, sid, redis.call('HGET', KEYS[4], sid .. ':t'))
+    if asked and asked ~= '' then released = true end  -- what it kept is free for others
   end
 end
-if expired > 0 and redis.call('ZCARD', KEYS[3]) > 0 then grant_waiters(base, now) end
+if (expired > 0 or released) and redis.call('ZCARD', KEYS[3]) > 0 then grant_waiters(base, now) end
 return expired

@@ -162,14 +162,22 @@ local function pick_worker(base, req, held)
   end
 end
 
--- Keep, on every live worker that could ever hold `req`, the resources it asks for.
+-- Keep the resources `req` asks for on the workers that could ever hold it, for as long as
+-- the pass lasts (a later request may only take what nobody earlier needs). Only workers
+-- with a free slot count: nobody can take anything on the others in this pass, and every
+-- pass starts afresh. Cost: O(workers with a free slot).
 local function hold_for(base, req, held)
-  for _, w in ipairs(redis.call('SMEMBERS', base .. 'workers')) do
-    if redis.call('EXISTS', base .. 'alive:' .. w) == 1 and could_hold(base, w, req) then
+  for _, w in ipairs(redis.call('ZRANGE', base .. 'free', 0, -1)) do
+    if could_hold(base, w, req) then
       held[w] = held[w] or {}
       for _, ask in ipairs(req) do held[w][ask[1]] = true end
     end
   end
+end
+
+local function hold_on(held, w, req)
+  held[w] = held[w] or {}
+  for _, ask in ipairs(req) do held[w][ask[1]] = true end
 end
 
 -- Whether client has renewed its lease within `window` ms.
@@ -288,12 +296,16 @@ end
 
 -- Hand free slots to waiting callers, first come first served, over the whole line.
 -- A request for resources that fit nowhere now waits without blocking later requests
--- that fit elsewhere, but keeps what it asks for on every live worker that could ever
--- hold it (`held`), so later requests cannot starve it. Stops as soon as no live worker
+-- that fit elsewhere, but keeps what it asks for on every worker that could ever hold it
+-- (`held`), so later requests cannot starve it; a recreate ticket keeps what it asks for on
+-- its own worker, and respects what earlier ones keep. Stops as soon as no live worker
 -- has a free slot (then no ticket can be served). Returns `held`, for the caller's own
--- request (create_session). Cost: O(tickets x workers with a free slot) at worst.
+-- request (create_session). Cost: O(tickets) plus, per distinct request that waits,
+-- O(workers with a free slot): requests already found to fit nowhere in this pass are
+-- not looked at again (granting only takes capacity, so they still fit nowhere).
 local function grant_waiters(base, now)
   local held = {}
+  local nowhere = {}  -- request texts that fit on no worker in this pass
   local offset = 0
   while true do
     local sids = redis.call('ZRANGE', base .. 'waiters', offset, offset + 99)
@@ -311,15 +323,24 @@ local function grant_waiters(base, now)
       else
         local w = nil
         if target == '' then
-          w = pick_worker(base, req, held)
-          if not w then
-            if #req == 0 or not pick_worker(base) then return held end  -- no free slot anywhere
-            hold_for(base, req, held)
+          if not nowhere[t[7]] then
+            w = pick_worker(base, req, held)
+            if not w then
+              if #req == 0 or not pick_worker(base) then return held end  -- no free slot anywhere
+              -- Only a request that fits nowhere keeps anything (one held back by an earlier
+              -- request's keep does not extend it to what that request never asked for).
+              if not pick_worker(base, req, nil) then
+                nowhere[t[7]] = true
+                hold_for(base, req, held)
+              end
+            end
           end
-        elseif free_load(base, target) and resource_load(base, target, req) then
+        elseif free_load(base, target) and resource_load(base, target, req) and not held_against(held, target, req) then
           w = target
         elseif not pick_worker(base) then
           return held
+        else
+          hold_on(held, target, req)  -- what it waits for on its worker is not for later requests
         end
         if w then
           local opened = open_session(base, w, sid, exec_ms, now, t[5] or '', client, tonumber(t[6]) or 0, t[7])
