@@ -165,24 +165,21 @@ class HeldSessions:
         counted = {m.decode() for m in members}
         taken = 0
         for sid, record in zip(sids, records, strict=True):
-            if sid in counted:
-                was_held = sid in self.open
-                if self._from_record(sid, record) is not None and not was_held:
+            state = record[0]
+            if sid in counted and state == b"OPEN":
+                if sid not in self.open and self._from_record(sid, record) is not None:
                     taken += 1
-                    continue
+                continue
             if sid not in before or sid not in self.open:
                 continue
-            state, reason = record[0], (record[6] or b"").decode()
-            if state == b"COMPLETED":
+            if state == b"COMPLETED":  # held here, but the host no longer has it open
                 self.end(sid, "completed", "session was completed")
-            elif state == b"OPEN" and sid in counted:
                 continue
-            else:
-                why = reason or f"host {w.host_id} no longer holds it (its restart grace passed)"
-                log.warning(
-                    "worker %s: session %s is no longer open on host %s: %s", w.worker_id, sid, w.host_id, why
-                )
-                self.end(sid, "failed", why)
+            why = (record[6] or b"").decode() or f"host {w.host_id} no longer holds it (its grace passed)"
+            log.warning(
+                "worker %s: session %s is no longer open on host %s: %s", w.worker_id, sid, w.host_id, why
+            )
+            self.end(sid, "failed", why)
         if taken:
             log.info("worker %s: holds %d open session(s) of host %s", w.worker_id, taken, w.host_id)
 

@@ -86,13 +86,12 @@ class Registration:
         made with the host, and again only once the host is registered, so the stream
         always has an owner)."""
         w = self.worker
-        streams = [w.host_queue.stream] if host and w.host_queue is not None else [w.keys.tasks]
-        for stream in streams:
-            try:
-                await w.wire.execute(stream, "XGROUP", "CREATE", stream, CONSUMER_GROUP, "0", "MKSTREAM")
-            except ResponseError as exc:
-                if error_code(exc) != "BUSYGROUP":
-                    raise
+        stream = w.host_queue.stream if host and w.host_queue is not None else w.keys.tasks
+        try:
+            await w.wire.execute(stream, "XGROUP", "CREATE", stream, CONSUMER_GROUP, "0", "MKSTREAM")
+        except ResponseError as exc:
+            if error_code(exc) != "BUSYGROUP":
+                raise
 
     async def register(self) -> None:
         w = self.worker
