@@ -135,7 +135,7 @@ class SessionOptions:
     not per session); if the client stays silent this long (it crashed, or was killed), the
     session fails with "its owner went away" and its slot frees within owner_timeout plus
     one heartbeat interval of its worker. None: no lease (the execution timeout still holds)."""
-    resources: Mapping[str, int] | None = None
+    resources: Mapping[str, int] | None = field(default=None, hash=False)  # a dict: left out of hash()
     """Session resources the session takes on its worker, e.g. {"gpu": 1, "scratch_gb": 100}:
     it is placed only on a worker (host) whose free capacity (Worker(session_resources=...))
     covers every amount, and gives them back when it ends. None: none (for recreate_session:

@@ -252,6 +252,12 @@ def test_r01_bad_resources_are_a_clear_configuration_error(value: Any, says: str
     assert says in str(raised.value)
 
 
+def test_r01_options_asking_for_resources_stay_hashable_and_compare_by_value() -> None:
+    a, b = SessionOptions(resources={"gpu": 1}), SessionOptions(resources={"gpu": 1})
+    assert a == b and hash(a) == hash(b) and a != SessionOptions(resources={"gpu": 2})
+    assert {a: "ok"}[b] == "ok"
+
+
 async def test_r01_cli_resource_flags_are_checked_before_anything_starts() -> None:
     ran = await run_cli("worker", "tests.activities:ALL", "-Q", "q", "--resource", "gpu=lots")
     assert (
