@@ -188,7 +188,10 @@ class Reader:
             "pid": number(record.get("pid")),
             "alive": ttl > 0 or ttl == -1,
             "heartbeat_ttl_ms": ttl if ttl >= 0 else None,
-            "last_heartbeat_age_s": age_s(self.now_ms, number(record.get("beat"))),
+            # An idle worker's beat renews only its heartbeat key: its age is what the TTL lost.
+            "last_heartbeat_age_s": round((hb_ms - ttl) / 1000, 3)
+            if hb_ms is not None and ttl >= 0
+            else age_s(self.now_ms, number(record.get("beat"))),
             "heartbeat_timeout_s": hb_ms / 1000 if hb_ms is not None else None,
             "sessions_enabled": cap is not None and cap >= 0,
             "open_sessions": number(record.get("open")) or 0,
@@ -275,8 +278,10 @@ class Reader:
         k = QueueKeys(self.prefix, queue)
         record = strings(raw)
         worker = record.get("worker")
-        created, deadline = number(record.get("created")), number(record.get("deadline"))
-        exec_ms = number(record.get("exec_ms"))
+        deadline, exec_ms = number(record.get("deadline")), number(record.get("exec_ms"))
+        created = number(record.get("created"))  # written by earlier versions
+        if created is None and deadline is not None and exec_ms is not None:
+            created = deadline - exec_ms
         state = record.get("state", "?")
         items = queued.get(sid, []) if state == "OPEN" else []  # the worker drops an ended one's entries
         client, owner_ms = record.get("client") or None, number(record.get("owner_ms")) or 0

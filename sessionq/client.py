@@ -8,7 +8,6 @@ import logging
 import os
 import socket
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -21,7 +20,7 @@ from .errors import ConfigurationError, SessionqError
 from .faults import DEFAULT_UNAVAILABLE_TIMEOUT, describe, public, retrying
 from .handle import ActivityHandle
 from .inbox import Inbox
-from .keys import DEFAULT_PREFIX, QueueKeys, host_of, validate_name
+from .keys import DEFAULT_PREFIX, QueueKeys, host_of, new_id, validate_name
 from .lease import LeaseKeeper
 from .liveness import LivenessMonitor
 from .options import ActivityOptions, SessionOptions
@@ -59,7 +58,7 @@ class Client:
         self.redis = connect(resolve_url(redis) if redis is None or isinstance(redis, str) else redis)
         self.prefix = prefix
         self.codec = codec or default_codec
-        self.client_id = uuid.uuid4().hex
+        self.client_id = new_id()
         self.identity = identity or f"{os.getpid()}@{socket.gethostname()}"
         self.retention_ms = int(retention * 1000)
         self.wire = Wire(self.redis)
@@ -143,7 +142,7 @@ class Client:
         name = name_of(activity)
         if kwargs is not None and not isinstance(kwargs, dict):
             raise ConfigurationError("kwargs", "must be a dict of keyword arguments for the activity")
-        activity_id = uuid.uuid4().hex
+        activity_id = new_id()
         payload = encode_task(
             self.codec,
             activity_id=activity_id,

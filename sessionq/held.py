@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sessionq")
 
+RECONCILE_BATCH = 500
+"""Most sessions of either side one reconcile pass looks at."""
 ENDED_MEMORY = 10_000
 """How many ended sessions a worker remembers (to answer their late activities rightly)."""
 
@@ -54,6 +56,8 @@ class HeldSessions:
         self.spawn = spawn
         self.open: dict[str, HeldSession] = {}
         self.ended: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        self._scan_cursor = 0  # where reconcile's walk of Redis' set of our sessions is
+        self._check_from = 0  # where its walk of the sessions held here is
 
     def __len__(self) -> int:
         return len(self.open)
@@ -284,23 +288,28 @@ class HeldSessions:
         from an older snapshot (say): a session Redis says it holds while it does not is
         ended there (nobody else would ever end it); one it holds while Redis has no record
         of it, or has it ended, is ended here. A session granted a moment ago may not have
-        reached the worker yet, so only older ones count."""
+        reached the worker yet, so only older ones count. Each call looks at up to
+        RECONCILE_BATCH sessions of either side, walking on from where the last one stopped,
+        so a worker holding ten thousand sessions never sends ten thousand commands at once."""
         w = self.worker
         k = w.keys
-        members = await w.wire.execute(k.tasks, "SMEMBERS", k.worker_sessions(w.worker_id))
+        cursor, members = await w.wire.execute(
+            k.tasks, "SSCAN", k.worker_sessions(w.worker_id), self._scan_cursor, "COUNT", RECONCILE_BATCH
+        )
+        self._scan_cursor = int(cursor)
         strays = [sid for sid in (m.decode() for m in members) if sid not in self.open]
         await self._forget_unknown()
         if not strays:
             return
         commands: list[tuple[object, ...]] = [("TIME",)]
-        commands += [("HMGET", k.session(sid), "state", "created") for sid in strays]
+        commands += [("HMGET", k.session(sid), "state", "deadline", "exec_ms") for sid in strays]
         replies = await w.wire.execute_many(k.session(strays[0]), commands)
         now_ms = time_ms(replies[0])
-        for sid, (state, created) in zip(strays, replies[1:], strict=True):
+        for sid, (state, deadline, exec_ms) in zip(strays, replies[1:], strict=True):
             if (
                 state == b"OPEN"
-                and created is not None
-                and now_ms - int(created) > 2000 * w.heartbeat_timeout
+                and deadline is not None
+                and now_ms - (int(deadline) - int(exec_ms or 0)) > 2000 * w.heartbeat_timeout
             ):
                 reason = f"worker {w.worker_id} no longer held it (Redis came back from an older state?)"
                 log.warning("worker %s: ending session %s: %s", w.worker_id, sid, reason)
@@ -309,7 +318,12 @@ class HeldSessions:
     async def _forget_unknown(self) -> None:
         w = self.worker
         settled = w.redis_now_ms() - 2000 * w.heartbeat_timeout
-        held = [sid for sid, h in self.open.items() if h.deadline_ms - h.info_exec_ms < settled]
+        sids = list(self.open)
+        if self._check_from >= len(sids):
+            self._check_from = 0
+        batch = sids[self._check_from : self._check_from + RECONCILE_BATCH]
+        self._check_from += len(batch)
+        held = [sid for sid in batch if self.open[sid].deadline_ms - self.open[sid].info_exec_ms < settled]
         if not held:
             return
         states = await w.wire.execute_many(

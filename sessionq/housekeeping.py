@@ -1,16 +1,22 @@
 """A worker's housekeeping, one pass every third of heartbeat_timeout (a quarter second
 while an activity with a heartbeat timeout runs).
 
-Each pass, in order: trim what the worker read from its own stream; learn Redis' clock
-again (a clock step on this host must not fail sessions early); publish per-session
-activity counts (for inspect); do what is due on Redis' clock (sessions past their
-execution deadline fail even if their worker is gone; expired tickets leave the line);
-end sessions whose owner went away; every fifth pass, make the sessions it holds and the
-ones Redis says it holds agree (after Redis restored an older snapshot); reap dead workers;
-take over the plain activities
-they held (never while this worker is stopping); drop consumers nobody will come back
-for; stop a burst worker with nothing left to do; time out activities that stopped
-heartbeating.
+Each pass, in order: trim what the worker read from its own stream; run the sweep, which
+does what is due on Redis' clock (sessions past their execution deadline fail even if
+their worker is gone; expired tickets leave the line; workers whose heartbeat deadline
+passed are reaped) and tells Redis' time; take over what the dead left pending (never
+while this worker is stopping); publish per-session activity counts (for inspect); end
+sessions whose owner went away; every fifth pass, make the sessions it holds and the ones
+Redis says it holds agree (after Redis restored an older snapshot); stop a burst worker
+with nothing left to do; time out activities that stopped heartbeating.
+
+What an idle pass costs Redis does not grow with the fleet: dead workers are found through
+the index of heartbeat deadlines (reap.lua), not by asking after every worker, and what
+they left is found through takeover marks, not by listing the consumer group. One worker
+of the queue at a time (whoever's sweep finds it due) also audits the whole queue every
+`audit_ms` (scripts.py): every registered worker's heartbeat, every consumer of the group,
+as a safety net behind the index (a worker registered by an older version, an entry
+deleted by hand).
 """
 
 from __future__ import annotations
@@ -21,8 +27,8 @@ import time
 from typing import TYPE_CHECKING
 
 from .keys import CONSUMER_GROUP
-from .registration import server_time_ms
 from .replies import field_map
+from .scripts import audit_ms
 from .shared_queue import SharedQueue
 
 if TYPE_CHECKING:
@@ -30,35 +36,49 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sessionq")
 
+MARK_RETRY_MS = 1000
+"""A takeover mark its taker could not finish (no free slot, not of the host) comes due again
+this much later, for another worker."""
+HOST_AUDIT_EVERY = 10
+"""A host's process looks at its host stream's whole consumer group every this many passes."""
+
 
 class Housekeeping:
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
         self.passes = 0
+        self._trimmed_to = b"0-0"
 
     async def step(self) -> None:
         w = self.worker
         await self.trim_own_stream()
-        w.clock_offset_ms = await server_time_ms(w) - time.time() * 1000
+        hb_ms = int(w.heartbeat_timeout * 1000)
+        swept = await w.scripts.sweep(
+            w.keys,
+            w.retention_ms,
+            me=w.worker_id,
+            may_reap=self.may_reap(),
+            retry_ms=MARK_RETRY_MS,
+            audit_ms=audit_ms(hb_ms),
+        )
+        w.learn_redis_clock(swept.now_ms)
+        if swept.expired:
+            log.info(
+                "worker %s: expired %d session(s) past their execution timeout", w.worker_id, swept.expired
+            )
+        for dead, failed in swept.reaped:
+            log.warning("worker %s: reaped dead worker %s (%d session(s) failed)", w.worker_id, dead, failed)
+        if not w.stopping:
+            await self.take_over(swept.marks)
         await w.sessions.publish_counts()
-        if await w.scripts.sweep(w.keys, w.retention_ms):
-            log.info("worker %s: expired session(s) past their execution timeout", w.worker_id)
         await w.sessions.check_owners()
         self.passes += 1
         if self.passes % 5 == 1:
             await w.sessions.reconcile()
-        await self.reap_dead_workers()
-        if not w.stopping:
-            for queue in (w.shared_queue, w.host_queue):
-                if queue is None:
-                    continue
-                try:
-                    await self.claim_orphans(queue)
-                except Exception:
-                    # A claim whose reply was lost moved entries into our pending list unseen:
-                    # walk it again (the next poll does).
-                    queue.recover_pending()
-                    raise
+        if swept.audit:
+            await self.audit()
+        if w.host_queue is not None and self.passes % HOST_AUDIT_EVERY == 1 and not w.stopping:
+            await self.claim_orphans(w.host_queue)
         if w.burst and await self.drained():
             log.info("worker %s: burst mode and nothing left to do; stopping", w.worker_id)
             w.stop()
@@ -66,23 +86,78 @@ class Housekeeping:
         interval = w.heartbeat_timeout / 3
         await asyncio.sleep(min(interval, 0.25) if self.any_heartbeat_timeouts() else interval)
 
+    def may_reap(self) -> bool:
+        """Not while this worker's own heartbeat failed within the last heartbeat_timeout:
+        whatever cut it off (a network blip, a Redis restart) likely cut the others off too,
+        and they are about to beat again."""
+        w = self.worker
+        return w.heartbeat is None or time.monotonic() - w.heartbeat.failed_at >= w.heartbeat_timeout
+
     async def trim_own_stream(self) -> None:
-        """Trim what was read, the last entry included, so what remains is queued (inspect counts it)."""
+        """Trim what was read, the last entry included, so what remains is queued (inspect
+        counts it). Nothing to do while nothing new was read."""
         w = self.worker
         last = w.own_stream.last_id
-        if last != b"0-0":
+        if last != b"0-0" and last != self._trimmed_to:
             ms, _, seq = last.partition(b"-")
             read_up_to = ms + b"-" + str(int(seq) + 1).encode()
             own = w.own_stream.key
             await w.wire.execute(own, "XTRIM", own, "MINID", read_up_to)
+            self._trimmed_to = last
+
+    async def take_over(self, marks: list[str]) -> None:
+        """Claim what reaped workers left pending, as their takeover marks say: the shared
+        stream's for any worker, a host stream's for a process of that host."""
+        w = self.worker
+        for mark in marks:
+            kind, _, rest = mark.partition(":")
+            queue: SharedQueue | None = None
+            if kind == "o":
+                queue, consumer = w.shared_queue, rest
+            elif kind == "h":
+                host_id, _, consumer = rest.partition(":")
+                if host_id == w.host_id:
+                    queue = w.host_queue
+            if queue is None or consumer == w.worker_id:
+                continue
+            await self.claim(queue, consumer, w.runner.free, mark)
+
+    async def claim(self, queue: SharedQueue, consumer: str, count: int, mark: str = "") -> None:
+        """Claim up to `count` entries `consumer` left pending in `queue`'s stream (the
+        script checks it is dead) and start them here."""
+        w = self.worker
+        if count <= 0:
+            return
+        try:
+            claimed = await w.scripts.claim_orphans(
+                w.keys, consumer, w.worker_id, count, stream=queue.stream, mark=mark
+            )
+        except Exception:
+            # A claim whose reply was lost moved entries into our pending list unseen: walk
+            # it again (the next poll does).
+            queue.recover_pending()
+            raise
+        if claimed:
+            log.warning(
+                "worker %s: took over %d activity(ies) of %s worker %s",
+                w.worker_id, len(claimed), "dead" if queue is w.shared_queue else "stopped or dead", consumer,
+            )  # fmt: skip
+        for entry_id, deliveries, flat in claimed:
+            queue.start(entry_id, field_map(flat), delivery_count=int(deliveries) + 1)
+
+    async def audit(self) -> None:
+        """The safety net behind the index, run by one worker of the queue at a time: reap
+        every registered worker whose heartbeat key is gone, and take over what any consumer
+        of the group that is not alive left pending."""
+        await self.reap_dead_workers()
+        if not self.worker.stopping:
+            await self.claim_orphans(self.worker.shared_queue)
 
     async def reap_dead_workers(self) -> None:
-        """Declare dead every registered worker whose heartbeat key is gone. Not while this
-        worker's own heartbeat failed within the last heartbeat_timeout: whatever cut it off
-        (a network blip, a Redis restart) likely cut the others off too, and they are about
-        to beat again."""
+        """Declare dead every registered worker whose heartbeat key is gone (O(fleet): the
+        audit only)."""
         w = self.worker
-        if w.heartbeat is not None and time.monotonic() - w.heartbeat.failed_at < w.heartbeat_timeout:
+        if not self.may_reap():
             return
         k = w.keys
         members = [m.decode() for m in await w.wire.execute(k.tasks, "SMEMBERS", k.workers)]
@@ -93,17 +168,16 @@ class Housekeeping:
         for other, is_alive in zip(members, alive, strict=True):
             if is_alive:
                 continue
-            reason = f"worker {other} died (no heartbeat for {w.heartbeat_timeout:g}s)"
-            reaped = await w.scripts.reap_worker(k, other, reason, force=False, retention_ms=w.retention_ms)
+            reaped = await w.scripts.reap_worker(k, other, "", force=False, retention_ms=w.retention_ms)
             if reaped:
                 log.warning(
                     "worker %s: reaped dead worker %s (%d session(s) failed)", w.worker_id, other, reaped - 1
                 )
 
     async def claim_orphans(self, queue: SharedQueue) -> None:
-        """Take over activities that dead workers had read but not finished (plain ones from
-        the shared stream; a host's session activities from its stream, among its processes),
-        and drop the consumers of dead workers once nothing of theirs is pending."""
+        """Take over what any consumer of `queue`'s group that is not alive left pending (the
+        shared stream's plain activities; a host's session activities, among its processes),
+        and drop such consumers once nothing of theirs is pending (O(consumers): the audit)."""
         w = self.worker
         tasks = queue.stream
         consumers = await w.wire.execute(
@@ -117,16 +191,7 @@ class Housekeeping:
                 count = w.runner.free
             else:  # nothing to take over; drop it if it is long silent (the script checks it is dead)
                 count = 1 if consumer.get(b"idle", 0) > 2000 * w.heartbeat_timeout else 0
-            if count <= 0:
-                continue
-            claimed = await w.scripts.claim_orphans(w.keys, name, w.worker_id, count, stream=tasks)
-            if claimed:
-                log.warning(
-                    "worker %s: took over %d activity(ies) of %s worker %s",
-                    w.worker_id, len(claimed), "dead" if queue is w.shared_queue else "stopped or dead", name,
-                )  # fmt: skip
-            for entry_id, deliveries, flat in claimed:
-                queue.start(entry_id, field_map(flat), delivery_count=int(deliveries) + 1)
+            await self.claim(queue, name, count)
 
     async def drained(self) -> bool:
         w = self.worker

@@ -50,6 +50,7 @@ class Heartbeat:
         loop: asyncio.AbstractEventLoop,
         *,
         counts: Callable[[], tuple[int, int]],
+        redis_now_ms: Callable[[], float],
         on_lost: Callable[[], None],
         blame: Callable[[], str],
         stall_limit: float,
@@ -65,6 +66,8 @@ class Heartbeat:
         self.hb_ms = int(heartbeat_timeout * 1000)
         self.loop = loop
         self.counts = counts
+        self.redis_now_ms = redis_now_ms
+        self._sent_counts: tuple[int, int] | None = None  # what the last beat that got through wrote
         self.on_lost = on_lost
         self.blame = blame
         self.stall_limit = stall_limit
@@ -142,14 +145,14 @@ class Heartbeat:
 
     async def _beat_once(self, scripts: Scripts, failing: bool) -> bool:
         """One heartbeat; True while they fail (so a long outage logs once, not every beat)."""
-        running, done = self.counts()
+        counts = self.counts()
         try:
             registered = await scripts.heartbeat(
                 self.keys,
                 self.worker_id,
                 hb_ms=self.hb_ms,
-                running=running,
-                done=done,
+                counts=None if counts == self._sent_counts else counts,
+                now_ms=self.redis_now_ms(),
                 timeout=self.interval,
                 host_id=self.host_id,
                 stopping=self.stopping,
@@ -158,7 +161,9 @@ class Heartbeat:
             if not failing:
                 log.warning("worker %s: heartbeat failed (%s); retrying", self.worker_id, describe(exc))
             self.failed_at = time.monotonic()
+            self._sent_counts = None  # it may or may not have written them
             return True
+        self._sent_counts = counts if registered else None
         self.beats = max(self.beats, 0) + 1
         if failing:
             log.warning("worker %s: heartbeat is back", self.worker_id)

@@ -12,6 +12,8 @@ already moved.
 
 from __future__ import annotations
 
+import base64
+import os
 from dataclasses import dataclass
 
 from .errors import ConfigurationError
@@ -100,7 +102,9 @@ class QueueKeys:
     @property
     def deadlines(self) -> str:
         """Sorted set: what is due when, on Redis' clock: ``s:<sid>`` a session's execution
-        deadline, ``t:<sid>`` a ticket's wait deadline (the sweep script acts on them)."""
+        deadline, ``t:<sid>`` a ticket's wait deadline, ``w:<worker>`` when a worker's
+        heartbeat key expires, ``o:``/``h:`` takeover marks and ``scan`` the next audit
+        (lua/includes/reap.lua). The sweep script acts on what is due."""
         return self.base + "deadlines"
 
     # -- per-worker keys --------------------------------------------------------------
@@ -147,6 +151,13 @@ class QueueKeys:
     def lease(self, client_id: str) -> str:
         """String with a TTL: when the client last showed it was alive (ms, Redis' clock)."""
         return self.base + "lease:" + client_id
+
+
+def new_id() -> str:
+    """A random id for a session, client or activity: 80 bits in 16 characters of [a-z2-7].
+    Short because a session's id is stored three times per open session (its record's key,
+    its worker's set, the deadline index); unique enough among the ids of a queue's lifetime."""
+    return base64.b32encode(os.urandom(10)).decode().lower()
 
 
 def queues_index(prefix: str) -> str:

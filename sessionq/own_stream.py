@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from .envelope import RemoteError, decode_task, encode_error
 from .replies import stream_entries
+from .shared_queue import read_block_ms
 from .wire import BlockingRead
 
 if TYPE_CHECKING:
@@ -21,7 +22,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sessionq")
 
-BLOCK_MS = 1000
 BATCH = 256
 
 
@@ -32,12 +32,13 @@ class OwnStream:
         self.worker = worker
         self.key = worker.keys.stream(worker.worker_id)
         self.last_id = b"0-0"  # how far the stream was read
-        self._reader: BlockingRead = worker.wire.blocking(self.key, BLOCK_MS / 1000)
+        self._block_ms = read_block_ms(worker.heartbeat_timeout)
+        self._reader: BlockingRead = worker.wire.blocking(self.key, self._block_ms / 1000)
 
     async def poll(self) -> None:
         """Read the next batch and handle it (one loop step)."""
         reply = await self._reader.execute(
-            "XREAD", "COUNT", BATCH, "BLOCK", BLOCK_MS, "STREAMS", self.key, self.last_id
+            "XREAD", "COUNT", BATCH, "BLOCK", self._block_ms, "STREAMS", self.key, self.last_id
         )
         entries = stream_entries(reply)
         if not entries:

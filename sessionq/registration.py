@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
 from typing import TYPE_CHECKING
 
 from redis.exceptions import ResponseError
@@ -57,7 +56,7 @@ class Registration:
                 f"worker {w.worker_id} cannot reach Redis ({exc}); check that Redis runs and "
                 "the URL is right (--redis-url / SESSIONQ_REDIS_URL)"
             ) from exc
-        w.clock_offset_ms = now_ms - time.time() * 1000
+        w.learn_redis_clock(now_ms)
         alive, pid = await w.wire.execute_many(
             k.tasks, [("EXISTS", k.alive(w.worker_id)), ("HGET", k.worker(w.worker_id), "pid")]
         )

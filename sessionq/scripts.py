@@ -72,6 +72,27 @@ class Registered:
 
 
 @dataclass(frozen=True)
+class Swept:
+    """What the sweep did, and what it hands to the calling worker."""
+
+    expired: int
+    """Sessions failed for their execution timeout."""
+    now_ms: int
+    """Redis' clock when it ran."""
+    reaped: list[tuple[str, int]]
+    """(worker, sessions failed) for each dead worker it reaped."""
+    marks: list[str]
+    """Takeover marks due: "o:<worker>" (shared stream), "h:<host_id>:<worker>" (a host's)."""
+    audit: bool
+    """The queue's periodic audit is due, and this worker's to do."""
+
+
+def audit_ms(hb_ms: int) -> int:
+    """How often one worker of a queue audits it all (a safety net behind the index)."""
+    return max(5_000, 10 * hb_ms)
+
+
+@dataclass(frozen=True)
 class Ended:
     """What end_session answered."""
 
@@ -164,13 +185,26 @@ class Scripts:
         )
         return Ended(state.decode(), text.decode(errors="replace"), int(ms_left))
 
-    async def sweep(self, k: QueueKeys, retention_ms: int, limit: int = 100) -> int:
-        """Fail sessions past their deadline and drop expired tickets; returns sessions failed."""
-        return int(
-            await self.run(
-                "sweep", [k.deadlines, k.free, k.waiters, k.tickets, k.guard], [k.base, retention_ms, limit]
-            )
+    async def sweep(
+        self,
+        k: QueueKeys,
+        retention_ms: int,
+        *,
+        me: str,
+        may_reap: bool,
+        retry_ms: int,
+        audit_ms: int,
+        limit: int = 100,
+    ) -> Swept:
+        """Do what is due: expire sessions, drop expired tickets, reap dead workers; and say
+        which takeover marks and whether the queue's audit are now this worker's to do."""
+        expired, now_ms, reaped, marks, audit = await self.run(
+            "sweep",
+            [k.deadlines, k.guard],
+            [k.base, retention_ms, limit, me, "1" if may_reap else "0", retry_ms, audit_ms],
         )
+        pairs = [(reaped[i].decode(), int(reaped[i + 1])) for i in range(0, len(reaped), 2)]
+        return Swept(int(expired), int(now_ms), pairs, [m.decode() for m in marks], bool(audit))
 
     async def publish_counts(self, k: QueueKeys, counts: dict[str, int], field: str = "activities") -> None:
         """Record each open session's activity count in `field` (a lost record is not re-created)."""
@@ -209,7 +243,17 @@ class Scripts:
         reply = await self.run(
             "register_worker",
             [k.workers, k.worker(worker_id), k.alive(worker_id), k.stream(worker_id), k.guard],
-            [k.base, worker_id, hb_ms, max_sessions, host_id, grace_ms, retention_ms, *fields],
+            [
+                k.base,
+                worker_id,
+                hb_ms,
+                max_sessions,
+                host_id,
+                grace_ms,
+                retention_ms,
+                audit_ms(hb_ms),
+                *fields,
+            ],
         )
         status = reply[0].decode()
         if status == "CONFLICT":
@@ -226,18 +270,20 @@ class Scripts:
         worker_id: str,
         *,
         hb_ms: int,
-        running: int,
-        done: int,
+        counts: tuple[int, int] | None,
+        now_ms: float,
         timeout: float | None,
         host_id: str = "",
         stopping: bool = False,
     ) -> bool:
         """Renew the heartbeat (and its host's); False when the worker is no longer registered.
+        `counts` (running, done) for inspect, None when unchanged since the last beat.
         A host's process that is `stopping` keeps the host's sessions alive but takes no new one."""
+        running, done = counts if counts is not None else ("", "")
         reply = await self.run(
             "heartbeat",
-            [k.workers, k.worker(worker_id), k.alive(worker_id), k.waiters, k.guard],
-            [worker_id, hb_ms, running, done, k.base, host_id, "1" if stopping else "0"],
+            [k.deadlines, k.worker(worker_id), k.alive(worker_id), k.guard],
+            [worker_id, hb_ms, running, done, k.base, host_id, "1" if stopping else "0", int(now_ms)],
             timeout=timeout,
         )
         return bool(reply)
@@ -249,28 +295,21 @@ class Scripts:
         return int(
             await self.run(
                 "reap_worker",
-                [
-                    k.workers,
-                    k.worker(worker_id),
-                    k.alive(worker_id),
-                    k.stream(worker_id),
-                    k.worker_sessions(worker_id),
-                    k.worker_tickets(worker_id),
-                    k.tickets,
-                    k.deadlines,
-                    k.guard,
-                ],
+                [k.deadlines, k.guard],
                 [k.base, worker_id, reason, "1" if force else "0", retention_ms],
             )
         )
 
     async def claim_orphans(
-        self, k: QueueKeys, consumer: str, me: str, count: int, stream: str | None = None
+        self, k: QueueKeys, consumer: str, me: str, count: int, stream: str | None = None, mark: str = ""
     ) -> list[Any]:
         """Take over what a dead consumer had read from `stream` (the task queue's, or a
-        host's); [[id, deliveries, [field, value...]], ...]."""
+        host's); [[id, deliveries, [field, value...]], ...]. `mark`, its takeover mark, is
+        removed once nothing of the consumer's is left (or it turned out alive)."""
         reply = await self.run(
-            "claim_orphans", [stream or k.tasks, k.alive(consumer)], [CONSUMER_GROUP, consumer, me, count]
+            "claim_orphans",
+            [stream or k.tasks, k.alive(consumer), k.deadlines],
+            [CONSUMER_GROUP, consumer, me, count, mark],
         )
         return reply or []  # type: ignore[no-any-return]
 

@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +37,7 @@ from .errors import (
 )
 from .faults import describe, is_transient, public, retrying
 from .handle import ActivityHandle
-from .keys import QueueKeys, host_of
+from .keys import QueueKeys, host_of, new_id
 from .liveness import check_interval, reap
 from .options import SessionOptions
 from .scripts import Claim, Ended
@@ -348,7 +347,7 @@ class SessionOpener:
                 "create the new session outside its block (tasks started inside it inherit it)"
             )
         deadline = time.monotonic() + float(self.options.creation_timeout)  # type: ignore[arg-type]
-        sid = uuid.uuid4().hex
+        sid = new_id()
         with self.client.in_flight():  # close() waits for it (and gives back what it got)
             while True:
                 try:

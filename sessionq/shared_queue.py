@@ -28,7 +28,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sessionq")
 
-POLL_BLOCK_MS = 1000
+
+def read_block_ms(heartbeat_timeout: float) -> int:
+    """How long a worker's reads block while nothing comes: an entry ends the wait at once,
+    so this only sets what an idle worker costs Redis (one read per stream per block) and
+    how soon a read over a silently dead connection gives up (twice this, at least 3 s)."""
+    return int(1000 * min(5.0, max(1.0, heartbeat_timeout / 2)))
 
 
 class SharedQueue:
@@ -38,7 +43,8 @@ class SharedQueue:
         self.worker = worker
         self.stream = stream or worker.keys.tasks
         self.held: set[bytes] = set()  # ids read and not yet acknowledged
-        self._reader: BlockingRead = worker.wire.blocking(self.stream, POLL_BLOCK_MS / 1000)
+        self._block_ms = read_block_ms(worker.heartbeat_timeout)
+        self._reader: BlockingRead = worker.wire.blocking(self.stream, self._block_ms / 1000)
         self._recovering = True  # walk our own pending list before the first read
         self._cursor: bytes = b"0"  # how far that walk has come
 
@@ -60,7 +66,7 @@ class SharedQueue:
         try:
             reply = await self._reader.execute(
                 "XREADGROUP", "GROUP", CONSUMER_GROUP, w.worker_id,
-                "COUNT", count, "BLOCK", POLL_BLOCK_MS, "STREAMS", self.stream, ">",
+                "COUNT", count, "BLOCK", self._block_ms, "STREAMS", self.stream, ">",
             )  # fmt: skip
         except BaseException:
             # The reply may have been lost after Redis delivered entries to us: they now sit
@@ -69,7 +75,7 @@ class SharedQueue:
             raise
         entries = stream_entries(reply)
         if not entries:
-            if time.monotonic() - started < POLL_BLOCK_MS / 2000:
+            if time.monotonic() - started < self._block_ms / 2000:
                 await asyncio.sleep(0.005)  # fakeredis returns from XREADGROUP BLOCK at once
             return
         for entry_id, fields in entries:

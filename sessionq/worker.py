@@ -161,7 +161,9 @@ class Worker:
         self._tasks: list[asyncio.Task[Any]] = []
         self._background: set[asyncio.Task[Any]] = set()
         self._runner_task: asyncio.Task[None] | None = None
-        self.clock_offset_ms = 0.0  # Redis' clock minus ours, re-learnt every housekeeping pass
+        self.clock_offset_ms = 0.0
+        """Redis' clock minus our monotonic one (ms), re-learnt every housekeeping pass: a
+        step of this host's wall clock changes nothing."""
         self.burst = False
 
     # -- public lifecycle -----------------------------------------------------------------
@@ -213,6 +215,7 @@ class Worker:
                 self.heartbeat_timeout,
                 self.loop,
                 counts=lambda: (self.runner.in_use, self.runner.done),
+                redis_now_ms=self.redis_now_ms,
                 on_lost=lambda: self.spawn(self.registration.lost()),
                 blame=self.runner.blame,
                 stall_limit=max(60.0, 10 * self.heartbeat_timeout),
@@ -298,7 +301,11 @@ class Worker:
 
     def redis_now_ms(self) -> float:
         """Redis' clock, as this worker last learnt it (time on the server holding its keys)."""
-        return time.time() * 1000 + self.clock_offset_ms
+        return time.monotonic() * 1000 + self.clock_offset_ms
+
+    def learn_redis_clock(self, redis_ms: float) -> None:
+        """Redis said its time is `redis_ms` (just now)."""
+        self.clock_offset_ms = redis_ms - time.monotonic() * 1000
 
     # -- the loops ----------------------------------------------------------------------
     async def _loop(self, step: Callable[[], Awaitable[None]]) -> None:
@@ -350,8 +357,8 @@ class Worker:
                 k,
                 self.worker_id,
                 hb_ms=int(self.heartbeat_timeout * 1000),
-                running=self.runner.in_use,
-                done=self.runner.done,
+                counts=(self.runner.in_use, self.runner.done),
+                now_ms=self.redis_now_ms(),
                 timeout=None,
                 host_id=self.host_id,
                 stopping=True,

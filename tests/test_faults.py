@@ -335,7 +335,9 @@ async def test_s17_execution_timeout_fails_session_frees_slot_cancels_activities
 async def assert_created_after_deadline(redis_client: Redis, keys: QueueKeys, new: str, old: str) -> None:
     """The new session's slot was handed over only once the old one's deadline passed."""
     __tracebackhide__ = True
-    created = int(await hfield(redis_client, keys.session(new), "created") or 0)
+    created = int(await hfield(redis_client, keys.session(new), "deadline") or 0) - int(
+        await hfield(redis_client, keys.session(new), "exec_ms") or 0
+    )
     deadline = int(await hfield(redis_client, keys.session(old), "deadline") or 0)
     assert deadline and created >= deadline, f"slot reused at {created}, before deadline {deadline}"
 

@@ -30,8 +30,10 @@ local req = parse_resources(res)
 local now = now_ms()
 redis.call('SET', KEYS[6], now, 'PX', tonumber(ARGV[9]))  -- the caller is alive: it is calling
 
-local made = redis.call('HMGET', KEYS[5], 'worker', 'host', 'deadline', 'hb_ms')
-if made[1] then return {'OK', made[1], made[2], made[3], made[4]} end
+local made = redis.call('HMGET', KEYS[5], 'worker', 'host', 'deadline')
+if made[1] then
+  return {'OK', made[1], made[2], made[3], redis.call('HGET', base .. 'worker:' .. made[1], 'hb_ms') or 0}
+end
 if redis.call('ZSCORE', KEYS[2], sid) then return {'WAIT', sid} end
 
 if target ~= '' then

@@ -13,14 +13,17 @@
 -- ARGV[5] host_id       '' for a worker that is its own host
 -- ARGV[6] grace_ms      the host's restart grace (ignored without host_id)
 -- ARGV[7] retention_ms  how long ended session records stay (for a host whose record was lost)
--- ARGV[8..] field, value pairs describing the worker (host, pid, identity, ...)
+-- ARGV[8] audit_ms      when the queue's first audit is due, if none is planned (reap.lua)
+-- ARGV[9..] field, value pairs describing the worker (host, pid, identity, ...)
 -- Returns {status, host_status}. status: 'FRESH' when registered anew (any earlier
 -- sessions are gone), 'KNOWN' when the registration survived (only the heartbeat was
 -- renewed). host_status: '' (no host), 'NEW' (the host was made: no session of an earlier
 -- one survives), 'JOINED'. Or {'CONFLICT', max_sessions, grace_ms, hb_ms, res}: a live process
 -- of the host runs with other values (nothing was written); or {'REAP'}: the host's grace
 -- passed and it awaits its reaper (reap it, then register again).
--- Cost: O(processes of the host), plus granting waiters (slots.lua).
+-- Either way the worker's heartbeat deadline ("w:<worker>" in `deadlines`, reap.lua) is
+-- set: its heartbeats move it, the sweep reaps the worker once it passes.
+-- Cost: O(processes of the host + log n), plus granting waiters (slots.lua).
 -- @include slots
 
 local base, w, hb_ms, cap = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -29,9 +32,9 @@ local h = nil
 if hid ~= '' then h = HOST_MARK .. hid end
 local hk = h and (base .. 'worker:' .. h)
 
--- A field of the worker's description (ARGV[8..]), or ''.
+-- A field of the worker's description (ARGV[9..]), or ''.
 local function field_of(name)
-  for i = 8, #ARGV - 1, 2 do
+  for i = 9, #ARGV - 1, 2 do
     if ARGV[i] == name then return ARGV[i + 1] end
   end
   return ''
@@ -62,7 +65,7 @@ if redis.call('HEXISTS', KEYS[2], 'max_sessions') == 1 and redis.call('SISMEMBER
 else
   status = 'FRESH'
   local fields = {}
-  for i = 8, #ARGV do fields[#fields + 1] = ARGV[i] end
+  for i = 9, #ARGV do fields[#fields + 1] = ARGV[i] end
   redis.call('DEL', KEYS[2], KEYS[4], base .. 'wsessions:' .. w)
   redis.call('HSET', KEYS[2], 'max_sessions', own_cap, 'hb_ms', hb_ms, 'open', 0,
     'registered', now, 'beat', now, (unpack or table.unpack)(fields))
@@ -76,6 +79,10 @@ else
     serve = true
   end
 end
+
+local deadlines = base .. 'deadlines'
+redis.call('ZADD', deadlines, now + hb_ms, 'w:' .. w)
+redis.call('ZADD', deadlines, 'NX', now + tonumber(ARGV[8]), 'scan')
 
 local host_status = ''
 if h then
@@ -97,6 +104,7 @@ if h then
   end
   redis.call('SADD', host_key(base, 'hprocs:', h), w)
   redis.call('SET', base .. 'alive:' .. h, '1', 'PX', hb_ms + grace_ms)
+  redis.call('ZADD', deadlines, now + hb_ms + grace_ms, 'w:' .. h)
   redis.call('SET', host_key(base, 'up:', h), '1', 'PX', hb_ms)
   redis.call('HSET', hk, 'beat', now)
   if cap >= 0 then

@@ -230,10 +230,16 @@ local function open_session(base, w, sid, exec_ms, now, owner, client, owner_ms,
     redis.call('ZADD', base .. 'free', open, w)
   end
   local deadline = now + exec_ms
-  redis.call('HSET', base .. 'session:' .. sid,
-    'worker', w, 'host', info[2] or '', 'state', 'OPEN', 'created', now,
-    'deadline', deadline, 'exec_ms', exec_ms, 'hb_ms', info[3] or 0, 'owner', owner,
-    'client', client, 'owner_ms', owner_ms, 'res', res)
+  -- Only what cannot be derived: created = deadline - exec_ms, hb_ms is the worker's; a
+  -- hundred thousand open sessions must fit in a few tens of MB.
+  local skey = base .. 'session:' .. sid
+  local record = {'worker', w, 'host', info[2] or '', 'state', 'OPEN', 'deadline', deadline,
+    'exec_ms', exec_ms, 'owner', owner, 'client', client, 'owner_ms', owner_ms}
+  if res ~= '' then
+    record[#record + 1] = 'res'
+    record[#record + 1] = res
+  end
+  redis.call('HSET', skey, (unpack or table.unpack)(record))
   redis.call('SADD', base .. 'wsessions:' .. w, sid)
   redis.call('ZADD', base .. 'deadlines', deadline, 's:' .. sid)
   tell(base, w, {'t', 'o', 's', sid, 'x', exec_ms, 'd', deadline, 'c', client, 'l', owner_ms, 'r', res})

@@ -1,0 +1,65 @@
+-- Renew a worker's heartbeat, unless it was declared dead meanwhile. A heartbeat that
+-- comes back after the key lapsed (a short partition nobody reaped) makes the worker's
+-- free slots visible again, so the callers that queued meanwhile are served at once. A
+-- host's process renews its host's keys too: the host's heartbeat key (its TTL adds the
+-- restart grace) and 'up' (a process lives). Each beat also moves the worker's heartbeat
+-- deadline in `deadlines` ("w:<worker>", reap.lua): that entry is the registration mark
+-- the beat checks, and the sweep's way to find dead workers without looking at all.
+-- An idle worker's beat runs 3 commands besides EVALSHA (ZADD, HEXISTS, SET): the time
+-- comes from the worker (Redis' clock as it last learnt it, on a monotonic clock).
+-- KEYS[1] deadlines  sorted set of what is due when (reap.lua)
+-- KEYS[2] worker     this worker's hash
+-- KEYS[3] alive      this worker's heartbeat key
+-- KEYS[4] guard      never exists: Redis will not start the script while the slot migrates (keys.py)
+-- ARGV[1] worker_id
+-- ARGV[2] hb_ms     the alive key's TTL
+-- ARGV[3] running   activities running now (for inspect); '' when unchanged since the last beat
+-- ARGV[4] done      activities finished since start (for inspect)
+-- ARGV[5] base      the task queue's key prefix
+-- ARGV[6] host_id   '' for a worker that is its own host
+-- ARGV[7] stopping  '1' once a host's process stops gracefully: it keeps the host's sessions
+--                   alive while its activities finish, but no new session is placed for it
+-- ARGV[8] now_ms    Redis' time as the worker reckons it (its offset is re-learnt every few s)
+-- Returns 1, or 0 when the worker (or its host, past its grace) is no longer registered
+-- (or its registration lost its fields) and must register afresh. Cost: O(log n) (n:
+-- entries of `deadlines`), plus granting waiters when it comes back (slots.lua).
+-- @include slots
+
+local base, hb_ms, hid, stopping = ARGV[5], tonumber(ARGV[2]), ARGV[6] or '', ARGV[7] == '1'
+local deadlines = KEYS[1]
+local now = tonumber(ARGV[8]) or now_ms()
+-- XX: only a registered worker has the entry (CH: 1 when moved; a beat within the same ms
+-- as the last one moves nothing, so ask then).
+if redis.call('ZADD', deadlines, 'XX', 'CH', now + hb_ms, 'w:' .. ARGV[1]) == 0
+    and not redis.call('ZSCORE', deadlines, 'w:' .. ARGV[1]) then
+  return 0
+end
+if redis.call('HEXISTS', KEYS[2], 'max_sessions') == 0 then return 0 end
+local h = nil
+local grace_ms = 0
+if hid ~= '' then
+  h = HOST_MARK .. hid
+  local hk = base .. 'worker:' .. h
+  local rec = redis.call('HMGET', hk, 'max_sessions', 'grace_ms')
+  if not rec[1] or redis.call('EXISTS', base .. 'alive:' .. h) == 0 then return 0 end
+  grace_ms = tonumber(rec[2]) or 0
+end
+local serve = not redis.call('SET', KEYS[3], '1', 'PX', hb_ms, 'GET')
+if ARGV[3] ~= '' then redis.call('HSET', KEYS[2], 'beat', now, 'running', ARGV[3], 'done', ARGV[4]) end
+if h then
+  local hk = base .. 'worker:' .. h
+  redis.call('SET', base .. 'alive:' .. h, '1', 'PX', hb_ms + grace_ms)
+  redis.call('ZADD', deadlines, now + hb_ms + grace_ms, 'w:' .. h)
+  local up = host_key(base, 'up:', h)
+  if stopping then
+    redis.call('HSET', KEYS[2], 'stopping', 1)
+    if not host_has_live_process(base, h, ARGV[1], true) then redis.call('DEL', up) end
+  else
+    if redis.call('EXISTS', up) == 0 then serve = true end
+    redis.call('SET', up, '1', 'PX', hb_ms)
+  end
+  redis.call('SADD', host_key(base, 'hprocs:', h), ARGV[1])
+  redis.call('HSET', hk, 'beat', now)
+end
+if serve and redis.call('ZCARD', base .. 'waiters') > 0 then grant_waiters(base, now_ms()) end
+return 1

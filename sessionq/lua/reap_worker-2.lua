@@ -1,0 +1,21 @@
+-- Declare a worker dead once its heartbeat key is gone (or on its own graceful stop):
+-- fail its open sessions, refuse callers waiting to recreate a session on it, and remove
+-- its registration and stream. Exactly one caller reaps a worker; the others get 0.
+-- Plain activities it held are taken over separately (claim_orphans), by live workers.
+-- A host ('host=<id>') is reaped once its heartbeat key lapsed, restart_grace after its
+-- last process stopped beating; reaping one of its processes fails no session (they are
+-- the host's), and what that process had read from the host's stream is claimed by
+-- another process of the host. The sweep reaps the same way (reap.lua).
+-- KEYS[1] deadlines  sorted set of what is due when (reap.lua)
+-- KEYS[2] guard      never exists: Redis will not start the script while the slot migrates (keys.py)
+-- ARGV[1] base          the task queue's key prefix
+-- ARGV[2] worker_id
+-- ARGV[3] reason        stored on each failed session ('' names the missed heartbeat)
+-- ARGV[4] force         '1' on graceful stop: reap even though the heartbeat is present
+-- ARGV[5] retention_ms  how long ended session records stay for inspect
+-- Returns the number of sessions failed + 1, or 0 when there was nothing to reap.
+-- Cost: O(its sessions + its waiting tickets + processes of its host).
+-- @include slots
+-- @include reap
+
+return reap(ARGV[1], ARGV[2], ARGV[3], ARGV[4] == '1', now_ms(), tonumber(ARGV[5]))
