@@ -188,9 +188,10 @@ class Reader:
             "pid": number(record.get("pid")),
             "alive": ttl > 0 or ttl == -1,
             "heartbeat_ttl_ms": ttl if ttl >= 0 else None,
-            # An idle worker's beat renews only its heartbeat key: its age is what the TTL lost.
+            # An idle worker's beat renews only its heartbeat key: its age is what the TTL lost
+            # (a host's key lives restart_grace longer; its record's 'beat' is kept current).
             "last_heartbeat_age_s": round((hb_ms - ttl) / 1000, 3)
-            if hb_ms is not None and ttl >= 0
+            if hb_ms is not None and ttl >= 0 and not record.get("grace_ms")
             else age_s(self.now_ms, number(record.get("beat"))),
             "heartbeat_timeout_s": hb_ms / 1000 if hb_ms is not None else None,
             "sessions_enabled": cap is not None and cap >= 0,

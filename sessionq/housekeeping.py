@@ -26,7 +26,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from .keys import CONSUMER_GROUP
+from .keys import CONSUMER_GROUP, HOST_MARK
 from .replies import field_map
 from .scripts import audit_ms
 from .shared_queue import SharedQueue
@@ -60,6 +60,8 @@ class Housekeeping:
             may_reap=self.may_reap(),
             retry_ms=MARK_RETRY_MS,
             audit_ms=audit_ms(hb_ms),
+            host_id=w.host_id or "",
+            free=0 if w.stopping else w.runner.free,
         )
         w.learn_redis_clock(swept.now_ms)
         if swept.expired:
@@ -107,30 +109,34 @@ class Housekeeping:
 
     async def take_over(self, marks: list[str]) -> None:
         """Claim what reaped workers left pending, as their takeover marks say: the shared
-        stream's for any worker, a host stream's for a process of that host."""
+        stream's for any worker ("o:<worker>"), a host stream's for a process of that host
+        ("h:<host_id>:<worker>")."""
         w = self.worker
-        for mark in marks:
+        for mark in dict.fromkeys(marks):
             kind, _, rest = mark.partition(":")
-            queue: SharedQueue | None = None
-            if kind == "o":
-                queue, consumer = w.shared_queue, rest
-            elif kind == "h":
+            if kind == "o" and rest != w.worker_id:
+                await self.claim(w.shared_queue, rest, w.runner.free, marked=True)
+            elif kind == "h" and w.host_queue is not None:
                 host_id, _, consumer = rest.partition(":")
-                if host_id == w.host_id:
-                    queue = w.host_queue
-            if queue is None or consumer == w.worker_id:
-                continue
-            await self.claim(queue, consumer, w.runner.free, mark)
+                if host_id == w.host_id and consumer != w.worker_id:
+                    await self.claim(w.host_queue, consumer, w.runner.free, marked=True)
 
-    async def claim(self, queue: SharedQueue, consumer: str, count: int, mark: str = "") -> None:
+    async def claim(self, queue: SharedQueue, consumer: str, count: int, *, marked: bool = False) -> None:
         """Claim up to `count` entries `consumer` left pending in `queue`'s stream (the
-        script checks it is dead) and start them here."""
+        script checks it is dead) and start them here; with `marked`, its takeover mark goes
+        once nothing of it is left."""
         w = self.worker
         if count <= 0:
             return
         try:
             claimed = await w.scripts.claim_orphans(
-                w.keys, consumer, w.worker_id, count, stream=queue.stream, mark=mark
+                w.keys,
+                consumer,
+                w.worker_id,
+                count,
+                stream=queue.stream,
+                host_id=w.host_id if queue is w.host_queue else None,
+                marked=marked,
             )
         except Exception:
             # A claim whose reply was lost moved entries into our pending list unseen: walk
@@ -154,19 +160,21 @@ class Housekeeping:
             await self.claim_orphans(self.worker.shared_queue)
 
     async def reap_dead_workers(self) -> None:
-        """Declare dead every registered worker whose heartbeat key is gone (O(fleet): the
-        audit only)."""
+        """Declare dead every registered worker whose heartbeat key is gone, and make one
+        whose record lost its fields register again (O(fleet): the audit only)."""
         w = self.worker
         if not self.may_reap():
             return
         k = w.keys
         members = [m.decode() for m in await w.wire.execute(k.tasks, "SMEMBERS", k.workers)]
-        members = [m for m in members if m != w.worker_id]
         if not members:
             return
-        alive = await w.wire.execute_many(k.tasks, [("EXISTS", k.alive(other)) for other in members])
-        for other, is_alive in zip(members, alive, strict=True):
-            if is_alive:
+        checks = [(("EXISTS", k.alive(m)), ("HEXISTS", k.worker(m), "max_sessions")) for m in members]
+        replies = await w.wire.execute_many(k.tasks, [cmd for pair in checks for cmd in pair])
+        for other, is_alive, whole in zip(members, replies[::2], replies[1::2], strict=True):
+            if is_alive or other == w.worker_id:
+                if not whole and not other.startswith(HOST_MARK):  # its next beat registers it again
+                    await w.wire.execute(k.tasks, "ZREM", k.beats, "w:" + other)
                 continue
             reaped = await w.scripts.reap_worker(k, other, "", force=False, retention_ms=w.retention_ms)
             if reaped:

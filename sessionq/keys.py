@@ -102,10 +102,16 @@ class QueueKeys:
     @property
     def deadlines(self) -> str:
         """Sorted set: what is due when, on Redis' clock: ``s:<sid>`` a session's execution
-        deadline, ``t:<sid>`` a ticket's wait deadline, ``w:<worker>`` when a worker's
-        heartbeat key expires, ``o:``/``h:`` takeover marks and ``scan`` the next audit
-        (lua/includes/reap.lua). The sweep script acts on what is due."""
+        deadline, ``t:<sid>`` a ticket's wait deadline (the sweep script acts on them)."""
         return self.base + "deadlines"
+
+    @property
+    def beats(self) -> str:
+        """Sorted set, on Redis' clock: ``w:<worker>`` when a worker's heartbeat key expires
+        (each beat moves it), ``o:<worker>`` a takeover mark (a reaped worker left entries
+        of the shared stream pending), ``scan`` the queue's next audit. The sweep acts on
+        what is due (lua/includes/reap.lua)."""
+        return self.base + "beats"
 
     # -- per-worker keys --------------------------------------------------------------
     def worker(self, worker_id: str) -> str:
@@ -134,6 +140,11 @@ class QueueKeys:
         """String with a TTL: present while some process of the host heartbeats. The host's
         own heartbeat key (`alive` of its placement id) outlives it by restart_grace."""
         return self.base + "up:" + host_id
+
+    def host_marks(self, host_id: str) -> str:
+        """Set: processes of host `host_id` that were reaped with entries of the host's
+        stream pending (takeover marks, read by the host's processes only)."""
+        return self.base + "hmarks:" + host_id
 
     def worker_tickets(self, worker_id: str) -> str:
         """Set: session ids of tickets waiting for this very worker (recreate_session)."""

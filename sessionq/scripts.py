@@ -82,7 +82,8 @@ class Swept:
     reaped: list[tuple[str, int]]
     """(worker, sessions failed) for each dead worker it reaped."""
     marks: list[str]
-    """Takeover marks due: "o:<worker>" (shared stream), "h:<host_id>:<worker>" (a host's)."""
+    """Takeover marks for the caller: "o:<worker>" (shared stream, due), "h:<host_id>:<worker>"
+    (its host's stream)."""
     audit: bool
     """The queue's periodic audit is due, and this worker's to do."""
 
@@ -194,14 +195,17 @@ class Scripts:
         may_reap: bool,
         retry_ms: int,
         audit_ms: int,
+        host_id: str = "",
+        free: int = 1,
         limit: int = 100,
+        max_reaps: int = 10,
     ) -> Swept:
         """Do what is due: expire sessions, drop expired tickets, reap dead workers; and say
         which takeover marks and whether the queue's audit are now this worker's to do."""
         expired, now_ms, reaped, marks, audit = await self.run(
             "sweep",
-            [k.deadlines, k.guard],
-            [k.base, retention_ms, limit, me, "1" if may_reap else "0", retry_ms, audit_ms],
+            [k.deadlines, k.beats, k.guard],
+            [k.base, retention_ms, limit, me, int(may_reap), retry_ms, audit_ms, host_id, max_reaps, free],
         )
         pairs = [(reaped[i].decode(), int(reaped[i + 1])) for i in range(0, len(reaped), 2)]
         return Swept(int(expired), int(now_ms), pairs, [m.decode() for m in marks], bool(audit))
@@ -282,7 +286,7 @@ class Scripts:
         running, done = counts if counts is not None else ("", "")
         reply = await self.run(
             "heartbeat",
-            [k.deadlines, k.worker(worker_id), k.alive(worker_id), k.guard],
+            [k.beats, k.worker(worker_id), k.alive(worker_id), k.guard],
             [worker_id, hb_ms, running, done, k.base, host_id, "1" if stopping else "0", int(now_ms)],
             timeout=timeout,
         )
@@ -295,21 +299,34 @@ class Scripts:
         return int(
             await self.run(
                 "reap_worker",
-                [k.deadlines, k.guard],
+                [k.beats, k.guard],
                 [k.base, worker_id, reason, "1" if force else "0", retention_ms],
             )
         )
 
     async def claim_orphans(
-        self, k: QueueKeys, consumer: str, me: str, count: int, stream: str | None = None, mark: str = ""
+        self,
+        k: QueueKeys,
+        consumer: str,
+        me: str,
+        count: int,
+        stream: str | None = None,
+        *,
+        host_id: str | None = None,
+        marked: bool = False,
     ) -> list[Any]:
-        """Take over what a dead consumer had read from `stream` (the task queue's, or a
-        host's); [[id, deliveries, [field, value...]], ...]. `mark`, its takeover mark, is
-        removed once nothing of the consumer's is left (or it turned out alive)."""
+        """Take over what a dead consumer had read from `stream` (the task queue's, or the
+        stream of host `host_id`); [[id, deliveries, [field, value...]], ...]. With `marked`,
+        its takeover mark is removed once nothing of the consumer's is left (or it turned
+        out alive)."""
+        if host_id is None:
+            where, mark = k.beats, "o:" + consumer
+        else:
+            where, mark = k.host_marks(host_id), consumer
         reply = await self.run(
             "claim_orphans",
-            [stream or k.tasks, k.alive(consumer), k.deadlines],
-            [CONSUMER_GROUP, consumer, me, count, mark],
+            [stream or k.tasks, k.alive(consumer), where],
+            [CONSUMER_GROUP, consumer, me, count, mark if marked else "", int(host_id is not None)],
         )
         return reply or []  # type: ignore[no-any-return]
 

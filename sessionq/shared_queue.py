@@ -32,7 +32,7 @@ log = logging.getLogger("sessionq")
 def read_block_ms(heartbeat_timeout: float) -> int:
     """How long a worker's reads block while nothing comes: an entry ends the wait at once,
     so this only sets what an idle worker costs Redis (one read per stream per block) and
-    how soon a read over a silently dead connection gives up (twice this, at least 3 s)."""
+    how soon a read over a silently dead connection gives up (2 s after it)."""
     return int(1000 * min(5.0, max(1.0, heartbeat_timeout / 2)))
 
 

@@ -453,7 +453,7 @@ class Wire:
     def blocking(self, key: Any, block: float) -> BlockingRead:
         """A dedicated connection for blocking reads of `key` that block up to `block`
         seconds (kept until aclose); a reply later than that plus a margin drops it."""
-        return BlockingRead(self, key, block + max(BLOCK_MARGIN, block))
+        return BlockingRead(self, key, block + BLOCK_MARGIN)
 
     def _new_blocking(self, make_connection: ConnectionFactory, read_timeout: float) -> BlockingConnection:
         conn = BlockingConnection(make_connection, read_timeout)

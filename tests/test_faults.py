@@ -426,15 +426,24 @@ async def test_d01_plain_activity_of_killed_worker_is_retried_on_live_worker(
 
 
 async def test_d01_long_plain_activity_on_healthy_worker_is_never_handed_out_twice(
-    spawn_worker: SpawnWorker, client: sessionq.Client, task_queue: str, tmp_path: Path
-) -> None:
-    # The idle worker runs its reaper and orphan claimer all along (every HB / 3).
+    spawn_worker: SpawnWorker, client: sessionq.Client, task_queue: str, tmp_path: Path,
+    redis_client: Redis, keys: QueueKeys,
+) -> None:  # fmt: skip
     workers = {w.worker_id for w in await spawn_many(spawn_worker, "w1", "w2", heartbeat_timeout=HB)}
     marker = tmp_path / "m"
     handle = await client.start_activity(sleep_for, 3 * HB, str(marker), task_queue=task_queue)
     runner = await wait_for(started_by(marker), message="activity never started")
     assert runner in workers
     Path(f"{marker}.started").unlink()  # a second start would write it again
+    # The other worker is told to take over the runner's activities (a takeover mark, as a
+    # reaper that misjudged it would leave) and to audit the queue (which claims from every
+    # consumer it thinks dead): the claim must see the runner's heartbeat and take nothing.
+    await redis_client.zadd(keys.beats, {f"o:{runner}": 0, "scan": 0})
+
+    async def mark_settled() -> bool:
+        return await redis_client.zscore(keys.beats, f"o:{runner}") is None
+
+    await wait_for(mark_settled, timeout=3 * HB, message="nobody looked at the takeover mark")
 
     assert await asyncio.wait_for(handle.result(), 3 * HB + 5.0) == runner
     assert not Path(f"{marker}.started").exists(), "the activity was started a second time"

@@ -156,8 +156,9 @@ async def test_h03_session_survives_sigkill_and_restart_within_the_grace(
 
 
 async def test_h03_in_flight_activity_is_retried_on_another_process(
-    spawn_worker: SpawnWorker, client: Client, task_queue: str, tmp_path: Path
-) -> None:
+    spawn_worker: SpawnWorker, client: Client, task_queue: str, tmp_path: Path,
+    redis_client: redis.asyncio.Redis, keys: QueueKeys,
+) -> None:  # fmt: skip
     procs = {p.worker_id: p for p in [await host_process(spawn_worker, n) for n in ("p1", "p2")]}
     marker = tmp_path / "long"
     async with client.create_session(task_queue) as session:
@@ -168,6 +169,8 @@ async def test_h03_in_flight_activity_is_retried_on_another_process(
         assert attempt == 2 and finisher != runner and finisher in procs
         assert session.state is SessionState.OPEN
         assert await session.execute_activity(acts.whoami) in procs
+    # The takeover mark the reap left for the host's processes is gone with what it marked.
+    assert not await redis_client.exists(keys.host_marks("h1"))
 
 
 async def test_h03_no_attempt_left_gives_activity_error_not_session_failure(
@@ -214,6 +217,35 @@ async def test_h04_sessions_fail_once_the_grace_passes(
     fresh = await client.create_session(task_queue)
     assert fresh.info.host_id == "h1"
     await fresh.complete()
+
+
+async def test_h04_a_reaped_host_leaves_no_takeover_mark_behind(
+    spawn_worker: SpawnWorker, client: Client, task_queue: str, tmp_path: Path,
+    redis_client: redis.asyncio.Redis, keys: QueueKeys,
+) -> None:  # fmt: skip
+    """A host's only process dies holding one of its activities: a plain worker reaps the
+    process (marking the activity for the host's processes to take over; none comes), then
+    the host once its grace passed. The mark goes with the host: nothing is left behind."""
+    await spawn_worker(identity="plain", heartbeat_timeout=HB, enable_sessions=False)
+    only = await host_process(spawn_worker, "p1", grace=2.0)
+    marker = tmp_path / "busy"
+    session = await client.create_session(task_queue)
+    handle = await session.start_activity(acts.attempt_after, 60, str(marker))
+    await started(marker)
+    await only.kill()
+
+    async def marked() -> bool:
+        return bool(await redis_client.sismember(keys.host_marks("h1"), "p1"))
+
+    await wait_for(marked, timeout=10, message="the reap of p1 left no takeover mark")
+    with pytest.raises(SessionFailedError):
+        await asyncio.wait_for(handle.result(), 2.0 + HB + 10)
+
+    async def host_reaped() -> bool:
+        return not await redis_client.sismember(keys.workers, host_worker_id("h1"))
+
+    await wait_for(host_reaped, timeout=10, message="the host was never reaped")
+    assert not await redis_client.exists(keys.host_marks("h1")), "the takeover mark outlived its host"
 
 
 # --- H05: a rolling restart loses no session --------------------------------------------------

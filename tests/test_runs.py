@@ -220,12 +220,21 @@ async def test_d10_a_stopping_worker_takes_over_nothing_and_leaves_no_thread_beh
         await redis_client.xreadgroup("workers", "ghost", {keys.tasks: ">"}, count=1)
         # (fakeredis may hand it to the stopping worker's abandoned blocking read first: move it)
         await redis_client.xclaim(keys.tasks, "workers", "ghost", 0, [entry_id])
+        # Its takeover mark (as a reaper leaves) and an audit, both due: the stopping worker's
+        # sweep takes the audit (and must claim nothing in it), and leaves the mark to others.
+        await redis_client.zadd(keys.beats, {"o:ghost": 0, "scan": 0})
+
+        async def audit_handed_out() -> bool:
+            return bool(await redis_client.zscore(keys.beats, "scan"))
+
+        await wait_for(audit_handed_out, timeout=1.0, message="the stopping worker's sweep did not run")
         await worker.wait_stopped()
         assert time.monotonic() - started < 1.5 + 5, "the stop waited for the stubborn thread"
     assert not (tmp_path / "stubborn.finished").exists(), "the test proved nothing: the thread had ended"
     assert runs(tmp_path / "orphan") == [], "a stopping worker took over a dead worker's activity"
     owners = {p["consumer"] for p in await redis_client.xpending_range(keys.tasks, "workers", "-", "+", 10)}
     assert b"ghost" in owners, "the dead worker's entry changed hands during the grace"
+    assert await redis_client.zscore(keys.beats, "o:ghost") == 0, "the stopping worker was handed the mark"
     del stubborn, orphan  # left to another worker: the stubborn one was cut by the stop
 
 
@@ -252,16 +261,19 @@ async def test_d11_stopped_and_dead_workers_leave_the_consumer_group(
     async def consumers_now() -> set[bytes]:
         return {c["name"] for c in await redis_client.xinfo_consumers(keys.tasks, "workers")}
 
-    # A SIGKILLed worker (nothing pending): whoever reaps it drops its consumer.
+    # A SIGKILLed worker (nothing pending): whoever reaps it drops its consumer (the audit,
+    # which would too, is put off for the test).
     killed = await spawn_worker(identity="killed", heartbeat_timeout=0.5)
     await wait_for(lambda: _has(consumers_now(), b"killed"), message="the worker never read the stream")
     await killed.kill()
     await workers("live", heartbeat_timeout=0.5)
+    await redis_client.zadd(keys.beats, {"scan": time.time() * 1000 + 3_600_000})
     gone = "the dead consumer stayed in the group"
     await wait_for(lambda: _lacks(consumers_now(), b"killed"), timeout=10, message=gone)
     # A consumer no registration knows of (a worker of an older version, a read by hand): the
     # queue's periodic audit drops it once it is long silent.
     await redis_client.xreadgroup("workers", "ghost", {keys.tasks: ">"}, count=1)
+    await redis_client.zadd(keys.beats, {"scan": 0})  # due now
     unknown = "the unknown consumer stayed in the group"
     await wait_for(lambda: _lacks(consumers_now(), b"ghost"), timeout=20, message=unknown)
 
@@ -483,6 +495,20 @@ async def test_d08_a_worker_whose_registration_lost_its_fields_keeps_its_session
     )
     for session in (first, *granted):
         await session.complete()
+
+
+async def test_d08_a_full_worker_whose_record_was_deleted_registers_again(
+    workers: Any, client: Client, task_queue: str, redis_client: redis.asyncio.Redis, keys: QueueKeys
+) -> None:
+    """No placement looks at a worker with no free slot: the queue's audit finds its record
+    gone and has it register again (its heartbeat alone checks no record, to stay cheap)."""
+    await workers(max_concurrent_sessions=1, heartbeat_timeout=0.5)
+    held = await client.create_session(task_queue)
+    await redis_client.delete(keys.worker("w1"))
+    await redis_client.zadd(keys.beats, {"scan": 0})  # the audit is due now
+    whole = lambda: redis_client.hexists(keys.worker("w1"), "max_sessions")  # noqa: E731
+    await wait_for(whole, timeout=10, message="the worker never registered again")
+    await held.complete()
 
 
 async def test_d08_a_session_redis_no_longer_knows_is_dropped_by_its_worker(

@@ -10,6 +10,7 @@
 -- ARGV[2] session_id  the ticket's session id
 -- Returns 'LEFT' (no session was made), 'GRANTED' (session exists: the grant is in the
 -- inbox) or 'GONE' (the ticket was dropped: expired, or its recreate target died).
+-- Cost: O(log n); a ticket that kept resources also grants waiters (slots.lua).
 -- @include slots
 
 local base, sid = ARGV[1], ARGV[2]

@@ -5,17 +5,18 @@
 -- consumer has nothing pending it is dropped from the group, and its takeover mark with it.
 -- KEYS[1] stream     the stream read through the group
 -- KEYS[2] alive      the (possibly dead) consumer's heartbeat key
--- KEYS[3] deadlines  sorted set holding the takeover mark (reap.lua)
+-- KEYS[3] marks      where its takeover mark is: `beats` (sorted set) or a host's `hmarks` (set)
 -- ARGV[1] group     consumer group name
 -- ARGV[2] consumer  the (possibly dead) consumer
 -- ARGV[3] me        the claiming consumer
 -- ARGV[4] count     most entries to claim in one call
--- ARGV[5] mark      its takeover mark in KEYS[3], or '' (the audit claims without one)
+-- ARGV[5] mark      its takeover mark (the member of KEYS[3]), or '' (the audit claims without one)
+-- ARGV[6] in_set    '1' when KEYS[3] is a set
 -- Returns {{id, delivery_count, {field, value, ...}}, ...}; empty when the consumer lives.
 -- Cost: O(count + log n).
 local out = {}
 local function done()
-  if ARGV[5] ~= '' then redis.call('ZREM', KEYS[3], ARGV[5]) end
+  if ARGV[5] ~= '' then redis.call(ARGV[6] == '1' and 'SREM' or 'ZREM', KEYS[3], ARGV[5]) end
   return out
 end
 if redis.call('EXISTS', KEYS[2]) == 1 then return done() end  -- alive again: it reads its own

@@ -20,6 +20,10 @@
 -- ARGV[9] lease_ms    TTL of the client's lease key
 -- ARGV[10] resources  what the session asks for, "name=amount,..." ('' for none)
 -- Returns {'OK', worker, host, deadline_ms, hb_ms} | {'WAIT', session_id} | {'FULL'} | {'DEAD'}
+-- Cost: O(log n) to place a session without resources (the first live worker of the free
+-- set; the dead not yet reaped are skipped, at most those that died within a heartbeat
+-- timeout), or to queue it; with resources O(workers with a free slot) at worst; plus, when
+-- callers wait, granting them first (slots.lua grant_waiters: O(1) per ticket served).
 -- @include slots
 
 local base, sid, client = ARGV[1], ARGV[2], ARGV[3]
@@ -30,10 +34,8 @@ local req = parse_resources(res)
 local now = now_ms()
 redis.call('SET', KEYS[6], now, 'PX', tonumber(ARGV[9]))  -- the caller is alive: it is calling
 
-local made = redis.call('HMGET', KEYS[5], 'worker', 'host', 'deadline')
-if made[1] then
-  return {'OK', made[1], made[2], made[3], redis.call('HGET', base .. 'worker:' .. made[1], 'hb_ms') or 0}
-end
+local made = redis.call('HMGET', KEYS[5], 'worker', 'host', 'deadline', 'hb_ms')
+if made[1] then return {'OK', made[1], made[2], made[3], made[4] or 0} end
 if redis.call('ZSCORE', KEYS[2], sid) then return {'WAIT', sid} end
 
 if target ~= '' then

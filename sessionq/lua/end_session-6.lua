@@ -16,6 +16,7 @@
 -- ARGV[5] retention_ms  how long the ended session's record stays for inspect
 -- Returns {state_after, reason, ms_left}: state 'MISSING' when there is no such session;
 -- 'OPEN' with the ms left to the deadline when 'expire' came early (or 0 for 'owner').
+-- Cost: O(log n), plus handing the slot to the next waiter (slots.lua grant_waiters).
 -- @include slots
 
 local base, sid, mode, reason = ARGV[1], ARGV[2], ARGV[3], ARGV[4]

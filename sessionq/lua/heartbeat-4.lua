@@ -3,11 +3,13 @@
 -- free slots visible again, so the callers that queued meanwhile are served at once. A
 -- host's process renews its host's keys too: the host's heartbeat key (its TTL adds the
 -- restart grace) and 'up' (a process lives). Each beat also moves the worker's heartbeat
--- deadline in `deadlines` ("w:<worker>", reap.lua): that entry is the registration mark
--- the beat checks, and the sweep's way to find dead workers without looking at all.
--- An idle worker's beat runs 3 commands besides EVALSHA (ZADD, HEXISTS, SET): the time
--- comes from the worker (Redis' clock as it last learnt it, on a monotonic clock).
--- KEYS[1] deadlines  sorted set of what is due when (reap.lua)
+-- deadline in `beats` ("w:<worker>", reap.lua): that entry is the registration mark the
+-- beat checks, and the sweep's way to find dead workers without looking at all.
+-- An idle worker's beat runs 2 commands besides EVALSHA (ZADD, SET): the time comes from
+-- the worker (Redis' clock as it last learnt it, on a monotonic clock), and a record that
+-- lost its fields is found where it matters, when a session would be placed on it or give
+-- its slot back, or by the queue's audit: each removes the heartbeat deadline (slots.lua).
+-- KEYS[1] beats      sorted set of heartbeat deadlines (reap.lua)
 -- KEYS[2] worker     this worker's hash
 -- KEYS[3] alive      this worker's heartbeat key
 -- KEYS[4] guard      never exists: Redis will not start the script while the slot migrates (keys.py)
@@ -22,19 +24,18 @@
 -- ARGV[8] now_ms    Redis' time as the worker reckons it (its offset is re-learnt every few s)
 -- Returns 1, or 0 when the worker (or its host, past its grace) is no longer registered
 -- (or its registration lost its fields) and must register afresh. Cost: O(log n) (n:
--- entries of `deadlines`), plus granting waiters when it comes back (slots.lua).
+-- entries of `beats`), plus granting waiters when it comes back (slots.lua).
 -- @include slots
 
 local base, hb_ms, hid, stopping = ARGV[5], tonumber(ARGV[2]), ARGV[6] or '', ARGV[7] == '1'
-local deadlines = KEYS[1]
+local beats = KEYS[1]
 local now = tonumber(ARGV[8]) or now_ms()
 -- XX: only a registered worker has the entry (CH: 1 when moved; a beat within the same ms
 -- as the last one moves nothing, so ask then).
-if redis.call('ZADD', deadlines, 'XX', 'CH', now + hb_ms, 'w:' .. ARGV[1]) == 0
-    and not redis.call('ZSCORE', deadlines, 'w:' .. ARGV[1]) then
+if redis.call('ZADD', beats, 'XX', 'CH', now + hb_ms, 'w:' .. ARGV[1]) == 0
+    and not redis.call('ZSCORE', beats, 'w:' .. ARGV[1]) then
   return 0
 end
-if redis.call('HEXISTS', KEYS[2], 'max_sessions') == 0 then return 0 end
 local h = nil
 local grace_ms = 0
 if hid ~= '' then
@@ -49,7 +50,7 @@ if ARGV[3] ~= '' then redis.call('HSET', KEYS[2], 'beat', now, 'running', ARGV[3
 if h then
   local hk = base .. 'worker:' .. h
   redis.call('SET', base .. 'alive:' .. h, '1', 'PX', hb_ms + grace_ms)
-  redis.call('ZADD', deadlines, now + hb_ms + grace_ms, 'w:' .. h)
+  redis.call('ZADD', beats, now + hb_ms + grace_ms, 'w:' .. h)
   local up = host_key(base, 'up:', h)
   if stopping then
     redis.call('HSET', KEYS[2], 'stopping', 1)

@@ -6,7 +6,7 @@
 -- last process stopped beating; reaping one of its processes fails no session (they are
 -- the host's), and what that process had read from the host's stream is claimed by
 -- another process of the host. The sweep reaps the same way (reap.lua).
--- KEYS[1] deadlines  sorted set of what is due when (reap.lua)
+-- KEYS[1] beats      sorted set of heartbeat deadlines and takeover marks (reap.lua)
 -- KEYS[2] guard      never exists: Redis will not start the script while the slot migrates (keys.py)
 -- ARGV[1] base          the task queue's key prefix
 -- ARGV[2] worker_id

@@ -21,8 +21,9 @@
 -- one survives), 'JOINED'. Or {'CONFLICT', max_sessions, grace_ms, hb_ms, res}: a live process
 -- of the host runs with other values (nothing was written); or {'REAP'}: the host's grace
 -- passed and it awaits its reaper (reap it, then register again).
--- Either way the worker's heartbeat deadline ("w:<worker>" in `deadlines`, reap.lua) is
--- set: its heartbeats move it, the sweep reaps the worker once it passes.
+-- Either way the worker's heartbeat deadline ("w:<worker>" in `beats`, reap.lua) is set:
+-- its heartbeats move it, the sweep reaps the worker once it passes; and takeover marks
+-- of its own (made while it was declared dead) are dropped: it walks its pending list itself.
 -- Cost: O(processes of the host + log n), plus granting waiters (slots.lua).
 -- @include slots
 
@@ -80,9 +81,11 @@ else
   end
 end
 
-local deadlines = base .. 'deadlines'
-redis.call('ZADD', deadlines, now + hb_ms, 'w:' .. w)
-redis.call('ZADD', deadlines, 'NX', now + tonumber(ARGV[8]), 'scan')
+local beats = base .. 'beats'
+redis.call('ZADD', beats, now + hb_ms, 'w:' .. w)
+redis.call('ZADD', beats, 'NX', now + tonumber(ARGV[8]), 'scan')
+redis.call('ZREM', beats, 'o:' .. w)
+if hid ~= '' then redis.call('SREM', base .. 'hmarks:' .. hid, w) end
 
 local host_status = ''
 if h then
@@ -104,7 +107,7 @@ if h then
   end
   redis.call('SADD', host_key(base, 'hprocs:', h), w)
   redis.call('SET', base .. 'alive:' .. h, '1', 'PX', hb_ms + grace_ms)
-  redis.call('ZADD', deadlines, now + hb_ms + grace_ms, 'w:' .. h)
+  redis.call('ZADD', beats, now + hb_ms + grace_ms, 'w:' .. h)
   redis.call('SET', host_key(base, 'up:', h), '1', 'PX', hb_ms)
   redis.call('HSET', hk, 'beat', now)
   if cap >= 0 then

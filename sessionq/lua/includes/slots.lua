@@ -32,7 +32,7 @@ local function is_host(w)
   return string.sub(w, 1, #HOST_MARK) == HOST_MARK
 end
 
-local function host_key(base, kind, w)  -- kind: 'up:' or 'hprocs:'
+local function host_key(base, kind, w)  -- kind: 'up:', 'hprocs:' or 'hmarks:'
   return base .. kind .. string.sub(w, #HOST_MARK + 1)
 end
 
@@ -59,15 +59,22 @@ local function host_has_live_process(base, h, except, serving)
   return false
 end
 
+-- A worker whose record lost its fields (deleted or evicted) must register again: without
+-- its heartbeat deadline, its next beat says it is not registered (heartbeat.lua).
+local function make_register_again(base, w)
+  redis.call('ZREM', base .. 'free', w)
+  redis.call('ZREM', base .. 'beats', 'w:' .. w)
+end
+
 -- Whether worker w may take a session now: alive, and its registration whole (a hash
 -- that lost its fields, deleted or evicted, must not pass for "unlimited": it leaves the
--- free set, and its heartbeat makes the worker register again). A host only while one of
--- its processes lives: in its restart grace its sessions stay, but no new one comes.
+-- free set and registers again). A host only while one of its processes lives: in its
+-- restart grace its sessions stay, but no new one comes.
 local function placeable(base, w)
   if redis.call('EXISTS', base .. 'alive:' .. w) == 0 then return false end
   if is_host(w) and redis.call('EXISTS', host_key(base, 'up:', w)) == 0 then return false end
   if redis.call('HEXISTS', base .. 'worker:' .. w, 'max_sessions') == 0 then
-    redis.call('ZREM', base .. 'free', w)
+    make_register_again(base, w)
     return false
   end
   return true
@@ -230,11 +237,11 @@ local function open_session(base, w, sid, exec_ms, now, owner, client, owner_ms,
     redis.call('ZADD', base .. 'free', open, w)
   end
   local deadline = now + exec_ms
-  -- Only what cannot be derived: created = deadline - exec_ms, hb_ms is the worker's; a
-  -- hundred thousand open sessions must fit in a few tens of MB.
+  -- Nothing derivable (created = deadline - exec_ms): a hundred thousand open sessions
+  -- must fit in a few tens of MB. hb_ms stays: an earlier version's create_session returns it.
   local skey = base .. 'session:' .. sid
   local record = {'worker', w, 'host', info[2] or '', 'state', 'OPEN', 'deadline', deadline,
-    'exec_ms', exec_ms, 'owner', owner, 'client', client, 'owner_ms', owner_ms}
+    'exec_ms', exec_ms, 'hb_ms', info[3] or 0, 'owner', owner, 'client', client, 'owner_ms', owner_ms}
   if res ~= '' then
     record[#record + 1] = 'res'
     record[#record + 1] = res
@@ -250,7 +257,10 @@ end
 -- sid held there.
 local function release_slot(base, w, sid)
   local wk = base .. 'worker:' .. w
-  if redis.call('EXISTS', wk) == 0 then return end
+  if redis.call('EXISTS', wk) == 0 then
+    make_register_again(base, w)
+    return
+  end
   for _, ask in ipairs(parse_resources(redis.call('HGET', base .. 'session:' .. sid, 'res'))) do
     if redis.call('HINCRBY', wk, 'u:' .. ask[1], -ask[2]) < 0 then redis.call('HSET', wk, 'u:' .. ask[1], 0) end
   end
@@ -306,7 +316,10 @@ end
 -- (`held`), so later requests cannot starve it; a recreate ticket keeps what it asks for on
 -- its own worker, and respects what earlier ones keep. Stops as soon as no live worker
 -- has a free slot (then no ticket can be served). Returns `held`, for the caller's own
--- request (create_session). Cost: O(tickets) plus, per distinct request that waits,
+-- request (create_session). Cost: for a line of requests without resources or target,
+-- O(log n) per ticket served and one more look (at the first that nothing can take: the
+-- pass stops there), however long the line; tickets that wait for their own worker or for
+-- resources are stepped over, O(log n) each, plus per distinct request that waits
 -- O(workers with a free slot): requests already found to fit nowhere in this pass are
 -- not looked at again (granting only takes capacity, so they still fit nowhere).
 local function grant_waiters(base, now)

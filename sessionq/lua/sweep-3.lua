@@ -1,0 +1,106 @@
+-- Do what is due, on Redis' clock (run by every live worker's housekeeping; idempotent):
+-- fail sessions past their execution deadline (whether or not their worker's own timer
+-- fired: its clock may be off, or it may be gone), drop tickets whose wait is over, reap
+-- workers whose heartbeat deadline passed and whose heartbeat key is gone, and hand the
+-- caller the takeover marks and the audit that are due (reap.lua says what they are).
+-- KEYS[1] deadlines  sorted set of session and ticket deadlines
+-- KEYS[2] beats      sorted set of heartbeat deadlines, takeover marks and the audit (reap.lua)
+-- KEYS[3] guard      never exists: Redis will not start the script while the slot migrates (keys.py)
+-- ARGV[1] base          the task queue's key prefix
+-- ARGV[2] retention_ms  how long ended session records stay for inspect
+-- ARGV[3] limit         most items of each index handled in one call
+-- ARGV[4] me            the calling worker (it never reaps itself)
+-- ARGV[5] may_reap      '0' while the caller's own heartbeat fails: whatever cut it off
+--                       likely cut the others off too, and they are about to beat again
+-- ARGV[6] retry_ms      a takeover mark handed out comes due again this much later (in case
+--                       its taker cannot finish it)
+-- ARGV[7] audit_ms      the next audit is due this much after this one
+-- ARGV[8] host_id       the caller's host, '' for none: its host's takeover marks too
+-- ARGV[9] max_reaps     most workers reaped in one call (each costs O(its sessions))
+-- ARGV[10] free         the caller's free activity slots: with none, no mark is handed to it
+--                       (they stay due for the next worker that sweeps)
+-- Returns {sessions expired, Redis' time in ms, {worker, sessions failed, ...} reaped,
+-- {mark, ...} takeover marks for the caller ("o:<worker>", "h:<host_id>:<worker>"), 1 if
+-- the audit is due (and now handed to the caller)}.
+-- Cost: O(log n) when nothing is due (n: entries of the two indexes), 3 commands; per item
+-- due O(log n) plus, for a dead worker, what reaping it costs (reap.lua); a host's process
+-- also reads its host's marks (O(marks), usually none).
+-- @include slots
+-- @include reap
+
+local base, retention_ms, limit, me = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local may_reap, retry_ms, audit_ms = ARGV[5] == '1', tonumber(ARGV[6]), tonumber(ARGV[7])
+local hid, max_reaps = ARGV[8] or '', tonumber(ARGV[9]) or 10
+local can_take = (tonumber(ARGV[10]) or 1) > 0
+local deadlines, beats = KEYS[1], KEYS[2]
+local now = now_ms()
+local expired, released, audit = 0, false, 0
+local reaped, marks = {}, {}
+
+for _, item in ipairs(redis.call('ZRANGEBYSCORE', deadlines, '-inf', now, 'LIMIT', 0, limit)) do
+  local kind, sid = string.sub(item, 1, 2), string.sub(item, 3)
+  redis.call('ZREM', deadlines, item)
+  if kind == 's:' then
+    local rec = redis.call('HMGET', base .. 'session:' .. sid, 'state', 'worker', 'deadline')
+    if rec[1] == 'OPEN' and tonumber(rec[3]) <= now then
+      close_session(base, sid, rec[2], 'FAILED', 'execution timeout passed', now, retention_ms, 'expire')
+      expired = expired + 1
+    end
+  elseif redis.call('ZSCORE', base .. 'waiters', sid) then
+    local tickets = base .. 'tickets'
+    local asked = redis.call('HGET', tickets, sid .. ':r')
+    drop_ticket(base, sid, redis.call('HGET', tickets, sid .. ':t'))
+    if asked and asked ~= '' then released = true end  -- what it kept is free for others
+  end
+end
+
+for _, item in ipairs(redis.call('ZRANGEBYSCORE', beats, '-inf', now, 'LIMIT', 0, limit)) do
+  local kind, rest = string.sub(item, 1, 2), string.sub(item, 3)
+  if kind == 'w:' then
+    if rest ~= me and may_reap then
+      local ttl = redis.call('PTTL', base .. 'alive:' .. rest)
+      if ttl ~= -2 then
+        -- Beating (or a key without a TTL, set by hand): not dead. Look again later.
+        redis.call('ZADD', beats, now + math.max(ttl, retry_ms), item)
+      elseif #reaped < 2 * max_reaps then
+        local failed = reap(base, rest, '', false, now, retention_ms, marks)
+        if failed > 0 then
+          reaped[#reaped + 1] = rest
+          reaped[#reaped + 1] = failed - 1
+        elseif not is_host(rest) then
+          -- Reaped already, by a version that made no takeover mark: settle its consumer.
+          local mark = settle_consumer(base, base .. 'tasks', rest, nil, now)
+          if mark then marks[#marks + 1] = mark end
+        end
+        redis.call('ZREM', beats, item)
+      end
+    end
+  elseif kind == 'o:' then
+    if rest == me then
+      redis.call('ZREM', beats, item)  -- alive after all: it walks its own pending list
+    elseif can_take then
+      marks[#marks + 1] = item
+    end
+  elseif item == 'scan' then
+    audit = 1
+    redis.call('ZADD', beats, now + audit_ms, item)
+  else
+    redis.call('ZREM', beats, item)
+  end
+end
+-- The marks handed out come due again later, for another worker if this one cannot finish
+-- them (no free slot); claim_orphans removes each once nothing of its consumer is pending.
+for _, mark in ipairs(marks) do
+  if string.sub(mark, 1, 2) == 'o:' then redis.call('ZADD', beats, now + retry_ms, mark) end
+end
+if hid ~= '' and can_take then
+  for _, w in ipairs(redis.call('SMEMBERS', base .. 'hmarks:' .. hid)) do
+    if w == me then
+      redis.call('SREM', base .. 'hmarks:' .. hid, w)
+    else
+      marks[#marks + 1] = 'h:' .. hid .. ':' .. w
+    end
+  end
+end
+if (expired > 0 or released) and redis.call('ZCARD', base .. 'waiters') > 0 then grant_waiters(base, now) end
+return {expired, now, reaped, marks, audit}
