@@ -37,8 +37,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("sessionq")
 
 MARK_RETRY_MS = 1000
-"""A takeover mark its taker could not finish (no free slot, not of the host) comes due again
-this much later, for another worker."""
+"""A takeover mark handed out comes due again this much later (a third of heartbeat_timeout
+when that is shorter), for another worker, in case its taker cannot finish it."""
 HOST_AUDIT_EVERY = 10
 """A host's process looks at its host stream's whole consumer group every this many passes."""
 
@@ -58,7 +58,7 @@ class Housekeeping:
             w.retention_ms,
             me=w.worker_id,
             may_reap=self.may_reap(),
-            retry_ms=MARK_RETRY_MS,
+            retry_ms=min(MARK_RETRY_MS, hb_ms // 3),
             audit_ms=audit_ms(hb_ms),
             host_id=w.host_id or "",
             free=0 if w.stopping else w.runner.free,

@@ -228,13 +228,15 @@ async def test_d10_a_stopping_worker_takes_over_nothing_and_leaves_no_thread_beh
             return bool(await redis_client.zscore(keys.beats, "scan"))
 
         await wait_for(audit_handed_out, timeout=1.0, message="the stopping worker's sweep did not run")
+        # (the same sweep would have handed out, and so moved, the mark)
+        handed = await redis_client.zscore(keys.beats, "o:ghost")
+        assert handed == 0, "the stopping worker was handed the mark"
         await worker.wait_stopped()
         assert time.monotonic() - started < 1.5 + 5, "the stop waited for the stubborn thread"
     assert not (tmp_path / "stubborn.finished").exists(), "the test proved nothing: the thread had ended"
     assert runs(tmp_path / "orphan") == [], "a stopping worker took over a dead worker's activity"
     owners = {p["consumer"] for p in await redis_client.xpending_range(keys.tasks, "workers", "-", "+", 10)}
     assert b"ghost" in owners, "the dead worker's entry changed hands during the grace"
-    assert await redis_client.zscore(keys.beats, "o:ghost") == 0, "the stopping worker was handed the mark"
     del stubborn, orphan  # left to another worker: the stubborn one was cut by the stop
 
 
@@ -480,7 +482,7 @@ async def test_d08_a_worker_whose_registration_lost_its_fields_keeps_its_session
     workers: Any, client: Client, task_queue: str, redis_client: redis.asyncio.Redis, keys: QueueKeys
 ) -> None:
     """The worker's hash deleted by hand (or evicted): no session may pass it for unlimited;
-    its heartbeat makes it register again, limit and all."""
+    the placement that finds it so makes it register again, limit and all."""
     worker = await workers(max_concurrent_sessions=2)  # heartbeats every 3.3 s: the creates come first
     first = await client.create_session(task_queue)  # one slot left: the worker is in the free set
     await redis_client.delete(keys.worker("w1"))
@@ -509,6 +511,48 @@ async def test_d08_a_full_worker_whose_record_was_deleted_registers_again(
     whole = lambda: redis_client.hexists(keys.worker("w1"), "max_sessions")  # noqa: E731
     await wait_for(whole, timeout=10, message="the worker never registered again")
     await held.complete()
+
+
+async def test_d08_a_worker_reaped_by_an_earlier_version_registers_again(
+    workers: Any, client: Client, task_queue: str, redis_client: redis.asyncio.Redis, keys: QueueKeys
+) -> None:
+    """An earlier version's reap (during a rolling upgrade) removes the record, the
+    membership and the heartbeat key, but not the heartbeat deadline: the worker's next
+    beat must still see it was reaped, and register again."""
+    await workers(max_concurrent_sessions=1, heartbeat_timeout=0.5)
+    await redis_client.delete(keys.worker("w1"), keys.alive("w1"))
+    await redis_client.srem(keys.workers, "w1")
+    await redis_client.zrem(keys.free, "w1")
+    assert await redis_client.zscore(keys.beats, "w:w1") is not None
+    back = lambda: redis_client.sismember(keys.workers, "w1")  # noqa: E731
+    await wait_for(back, timeout=5, message="the reaped worker never registered again")
+    session = await client.create_session(task_queue, SessionOptions(creation_timeout=5))
+    assert session.info.worker_id == "w1"
+    await session.complete()
+
+
+async def test_d11_the_last_worker_gone_leaves_no_index_and_the_next_takes_over_at_once(
+    redis_url: str, key_prefix: str, task_queue: str, client: Client, tmp_path: Path,
+    redis_client: redis.asyncio.Redis, keys: QueueKeys,
+) -> None:  # fmt: skip
+    """The only worker stops while a plain activity runs past its grace: nobody is left to
+    take it over, and nothing of the index is left without a TTL. The next worker to come
+    takes it over at once (its first audit), not an audit period later."""
+    marker = tmp_path / "long"
+    async with Worker(
+        redis_url, task_queue=task_queue, activities=acts.ALL, identity="first", heartbeat_timeout=10,
+        shutdown_grace=0.2, prefix=key_prefix,
+    ):  # fmt: skip
+        handle = await client.start_activity(acts.attempt_after, 30, str(marker), task_queue=task_queue)
+        await wait_for(Path(f"{marker}.started.1").exists, message="the activity never started")
+    assert not await redis_client.exists(keys.beats), "the index outlived the queue's last worker"
+    async with Worker(
+        redis_url, task_queue=task_queue, activities=acts.ALL, identity="next", heartbeat_timeout=10,
+        prefix=key_prefix,
+    ):  # fmt: skip
+        taken = Path(f"{marker}.started.2").exists
+        await wait_for(taken, timeout=5, message="the next worker took nothing over")
+        await handle.cancel()
 
 
 async def test_d08_a_session_redis_no_longer_knows_is_dropped_by_its_worker(

@@ -40,4 +40,6 @@ if #pending < tonumber(ARGV[4]) then
   redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
   return done()
 end
+-- More may be left: the mark is due again at once, for the next worker with a free slot.
+if ARGV[5] ~= '' and ARGV[6] ~= '1' then redis.call('ZADD', KEYS[3], 0, ARGV[5]) end
 return out

@@ -23,8 +23,9 @@
 --                   alive while its activities finish, but no new session is placed for it
 -- ARGV[8] now_ms    Redis' time as the worker reckons it (its offset is re-learnt every few s)
 -- Returns 1, or 0 when the worker (or its host, past its grace) is no longer registered
--- (or its registration lost its fields) and must register afresh. Cost: O(log n) (n:
--- entries of `beats`), plus granting waiters when it comes back (slots.lua).
+-- and must register afresh (its record is checked when its key had lapsed: an earlier
+-- version's reap leaves the heartbeat deadline behind). Cost: O(log n) (n: entries of
+-- `beats`), plus granting waiters when it comes back (slots.lua).
 -- @include slots
 
 local base, hb_ms, hid, stopping = ARGV[5], tonumber(ARGV[2]), ARGV[6] or '', ARGV[7] == '1'
@@ -46,6 +47,13 @@ if hid ~= '' then
   grace_ms = tonumber(rec[2]) or 0
 end
 local serve = not redis.call('SET', KEYS[3], '1', 'PX', hb_ms, 'GET')
+if serve and (redis.call('HEXISTS', KEYS[2], 'max_sessions') == 0
+    or redis.call('SISMEMBER', base .. 'workers', ARGV[1]) == 0) then
+  -- Its key had lapsed and it was reaped meanwhile, by a version that left this entry.
+  redis.call('ZREM', beats, 'w:' .. ARGV[1])
+  redis.call('DEL', KEYS[3])
+  return 0
+end
 if ARGV[3] ~= '' then redis.call('HSET', KEYS[2], 'beat', now, 'running', ARGV[3], 'done', ARGV[4]) end
 if h then
   local hk = base .. 'worker:' .. h

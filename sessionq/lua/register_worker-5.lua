@@ -82,6 +82,8 @@ else
 end
 
 local beats = base .. 'beats'
+-- The queue's first worker (again) audits at once: what the last one left is taken over.
+if redis.call('ZCARD', beats) == 0 then redis.call('ZADD', beats, now, 'scan') end
 redis.call('ZADD', beats, now + hb_ms, 'w:' .. w)
 redis.call('ZADD', beats, 'NX', now + tonumber(ARGV[8]), 'scan')
 redis.call('ZREM', beats, 'o:' .. w)

@@ -63,24 +63,22 @@ for _, item in ipairs(redis.call('ZRANGEBYSCORE', beats, '-inf', now, 'LIMIT', 0
         -- Beating (or a key without a TTL, set by hand): not dead. Look again later.
         redis.call('ZADD', beats, now + math.max(ttl, retry_ms), item)
       elseif #reaped < 2 * max_reaps then
-        local failed = reap(base, rest, '', false, now, retention_ms, marks)
+        local failed = reap(base, rest, '', false, now, retention_ms, can_take and marks or nil)
         if failed > 0 then
           reaped[#reaped + 1] = rest
           reaped[#reaped + 1] = failed - 1
         elseif not is_host(rest) then
           -- Reaped already, by a version that made no takeover mark: settle its consumer.
           local mark = settle_consumer(base, base .. 'tasks', rest, nil, now)
-          if mark then marks[#marks + 1] = mark end
+          if mark and can_take then marks[#marks + 1] = mark end
         end
         redis.call('ZREM', beats, item)
       end
     end
   elseif kind == 'o:' then
-    if rest == me then
-      redis.call('ZREM', beats, item)  -- alive after all: it walks its own pending list
-    elseif can_take then
-      marks[#marks + 1] = item
-    end
+    -- Its own mark (it was declared dead, and is back) is left for another worker, whose
+    -- claim sees it alive and drops the mark; registering again drops it too.
+    if rest ~= me and can_take then marks[#marks + 1] = item end
   elseif item == 'scan' then
     audit = 1
     redis.call('ZADD', beats, now + audit_ms, item)
@@ -95,11 +93,7 @@ for _, mark in ipairs(marks) do
 end
 if hid ~= '' and can_take then
   for _, w in ipairs(redis.call('SMEMBERS', base .. 'hmarks:' .. hid)) do
-    if w == me then
-      redis.call('SREM', base .. 'hmarks:' .. hid, w)
-    else
-      marks[#marks + 1] = 'h:' .. hid .. ':' .. w
-    end
+    if w ~= me then marks[#marks + 1] = 'h:' .. hid .. ':' .. w end
   end
 end
 if (expired > 0 or released) and redis.call('ZCARD', base .. 'waiters') > 0 then grant_waiters(base, now) end

@@ -78,7 +78,8 @@ local function reap(base, w, reason, force, now, retention_ms, marks)
       for _, mark in ipairs(made) do marks[#marks + 1] = mark end
     end
   end
-  -- The last worker gone: no audit is due (the next to register plans one).
-  if redis.call('SCARD', base .. 'workers') == 0 then redis.call('ZREM', beats, 'scan') end
+  -- The last worker gone: nobody is left to audit or to take anything over; the next to
+  -- register audits at once (register_worker), which takes over what was marked here.
+  if redis.call('SCARD', base .. 'workers') == 0 then redis.call('DEL', beats) end
   return failed + 1
 end

@@ -257,8 +257,9 @@ end
 -- sid held there.
 local function release_slot(base, w, sid)
   local wk = base .. 'worker:' .. w
-  if redis.call('EXISTS', wk) == 0 then
-    make_register_again(base, w)
+  if redis.call('HEXISTS', wk, 'max_sessions') == 0 then
+    -- A live worker whose record lost its fields registers again; a dead one is the sweep's.
+    if redis.call('EXISTS', base .. 'alive:' .. w) == 1 then make_register_again(base, w) end
     return
   end
   for _, ask in ipairs(parse_resources(redis.call('HGET', base .. 'session:' .. sid, 'res'))) do
