@@ -17,7 +17,8 @@ idle      P processes x W Worker objects (default 10 x 100 = 1,000 workers, each
           Redis commands/s over a window (default 10 s) from INFO commandstats (the sum of
           `calls` over every command, Lua's inner commands included, less our own INFO), in
           total and per worker, and redis-server's CPU from /proc/<pid>/stat as a share of
-          one core over the same window. Targets: <= 3 commands/s per worker, < 10% of a core.
+          one core over the same window. Targets: <= 3 commands/s per worker (x 10/hb at
+          another heartbeat_timeout), < 10% of a core.
 death     On the same fleet: a victim process (W workers) is started first, alone, and made
           to hold a session whose activity a caller awaits and a plain activity, both
           recording their start (pid, worker, attempt, time) in a Redis stream and sleeping.
@@ -860,11 +861,14 @@ class Row:
 def rows(sizes: Sizes, quick: bool) -> list[Row]:
     hb = sizes.heartbeat_timeout
     projected = " (projected)" if sizes.sessions != 100_000 else ""
-    at_hb = "" if hb == 10 else f" (hb {hb:g} s; target is for 10 s)"
+    # The target is for heartbeat_timeout 10 s; a worker's housekeeping and heartbeat run
+    # every hb/3, so at another hb the same design costs about 10/hb times as much.
+    idle_bound = 3 * 10 / hb
+    at_hb = "" if hb == 10 else f" (hb {hb:g} s: 3 x 10/hb)"
     return [
         Row("idle", "workers", "idle: workers (processes x Workers)"),
         Row("idle", "commands_per_s", "idle: Redis commands/s, total"),
-        Row("idle", "commands_per_s_per_worker", f"idle: Redis commands/s per worker{at_hb}", "<=", 3),
+        Row("idle", "commands_per_s_per_worker", f"idle: commands/s per worker{at_hb}", "<=", idle_bound),
         Row("idle", "redis_cpu_pct", "idle: redis-server CPU, % of one core", "<", 10),
         Row("idle", "workers_cpu_pct", "idle: worker processes' CPU, % of one core"),
         Row("death", "session_failed_s", "death: SIGKILL -> SessionFailedError (s)", "<=", hb + 1),
