@@ -141,6 +141,11 @@ class QueueKeys:
         own heartbeat key (`alive` of its placement id) outlives it by restart_grace."""
         return self.base + "up:" + host_id
 
+    def resource_index(self, name: str) -> str:
+        """Set: the workers (and hosts) that may take sessions and offer session resource
+        `name` (placement with resources looks at these only)."""
+        return self.base + "res:" + name
+
     def host_marks(self, host_id: str) -> str:
         """Set: processes of host `host_id` that were reaped with entries of the host's
         stream pending (takeover marks, read by the host's processes only)."""

@@ -161,6 +161,32 @@ async def test_r02_capacity_is_given_back_exactly_once_on_complete_failure_expir
     assert await used(redis_client, keys, "w2", "gpu") == 2
 
 
+async def test_r01_placement_looks_only_at_who_offers_the_resource_and_follows_them_in_and_out(
+    spawn_worker: SpawnWorker, client: Client, task_queue: str, keys: QueueKeys,
+    redis_client: redis.asyncio.Redis,
+) -> None:  # fmt: skip
+    """A session asking for a resource is placed by looking at the workers that offer it (an
+    index, so a few GPU boxes in a fleet of a thousand cost what a few cost): a worker is in
+    it while it is registered, and leaves it when it is reaped."""
+    await spawn_worker(identity="plain", heartbeat_timeout=HB)
+    gpu = await offering(spawn_worker, "gpu-1", "gpu=1")
+    assert await redis_client.smembers(keys.resource_index("gpu")) == {b"gpu-1"}
+    first = await client.create_session(task_queue, asking(gpu=1))
+    assert first.info.worker_id == "gpu-1"
+    await first.complete()
+    await gpu.kill()
+
+    async def unindexed() -> bool:
+        return not await redis_client.exists(keys.resource_index("gpu"))
+
+    await wait_for(unindexed, timeout=10, message="the dead worker stayed in the resource index")
+    await offering(spawn_worker, "gpu-2", "gpu=1")
+    assert await redis_client.smembers(keys.resource_index("gpu")) == {b"gpu-2"}
+    second = await client.create_session(task_queue, asking(gpu=1))
+    assert second.info.worker_id == "gpu-2"
+    await second.complete()
+
+
 # --- R03: first come, first served among requests that fit; no starvation -----------------------
 
 

@@ -22,7 +22,8 @@
 -- Returns {'OK', worker, host, deadline_ms, hb_ms} | {'WAIT', session_id} | {'FULL'} | {'DEAD'}
 -- Cost: O(log n) to place a session without resources (the first live worker of the free
 -- set; the dead not yet reaped are skipped, at most those that died within a heartbeat
--- timeout), or to queue it; with resources O(workers with a free slot) at worst; plus, when
+-- timeout), or to queue it; with resources O(m log n), m = min(workers with a free slot,
+-- workers offering the scarcest asked resource) (slots.lua offering); plus, when
 -- callers wait, granting them first (slots.lua grant_waiters: O(1) per ticket served).
 -- @include slots
 

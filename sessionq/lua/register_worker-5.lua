@@ -81,6 +81,9 @@ else
   end
 end
 
+-- Placement with resources looks at the workers offering them (slots.lua index_resources).
+if own_cap >= 0 then index_resources(base, w, field_of('res'), true) end
+
 local beats = base .. 'beats'
 -- The queue's first worker (again) audits at once: what the last one left is taken over.
 if redis.call('ZCARD', beats) == 0 then redis.call('ZADD', beats, now, 'scan') end
@@ -113,6 +116,7 @@ if h then
   redis.call('SET', host_key(base, 'up:', h), '1', 'PX', hb_ms)
   redis.call('HSET', hk, 'beat', now)
   if cap >= 0 then
+    index_resources(base, h, field_of('res'), true)
     local open = tonumber(redis.call('HGET', hk, 'open')) or 0
     if cap == 0 or open < cap then redis.call('ZADD', base .. 'free', open, h) else redis.call('ZREM', base .. 'free', h) end
   end

@@ -41,7 +41,7 @@ end
 local function reap(base, w, reason, force, now, retention_ms, marks)
   local wk, alive = base .. 'worker:' .. w, base .. 'alive:' .. w
   if not force and redis.call('EXISTS', alive) == 1 then return 0 end
-  local rec = redis.call('HMGET', wk, 'hid', 'grace_ms', 'hb_ms')
+  local rec = redis.call('HMGET', wk, 'hid', 'grace_ms', 'hb_ms', 'res')
   local beats = base .. 'beats'
   redis.call('ZREM', beats, 'w:' .. w)
   if redis.call('SREM', base .. 'workers', w) == 0 and redis.call('EXISTS', wk) == 0 then return 0 end
@@ -61,6 +61,7 @@ local function reap(base, w, reason, force, now, retention_ms, marks)
     drop_ticket(base, sid, w)
     if client then notify(base, client, {'x', sid, 'm', reason}) end
   end
+  index_resources(base, w, rec[4], false)
   redis.call('DEL', wk, alive, base .. 'w:' .. w, base .. 'wsessions:' .. w, base .. 'wtickets:' .. w)
   redis.call('ZREM', base .. 'free', w)
   if is_host(w) then

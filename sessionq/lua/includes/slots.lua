@@ -143,27 +143,70 @@ local function held_against(held, w, req)
   return false
 end
 
+-- The index of who offers a resource: set `res:<name>` of the workers (and hosts) that may
+-- take sessions and list `name` in their capacity (register_worker adds, reap removes), so
+-- placing a session that asks for a resource looks at those only, not at the whole fleet.
+local function index_resources(base, w, text, add)
+  for _, pair in ipairs(parse_resources(text)) do
+    redis.call(add and 'SADD' or 'SREM', base .. 'res:' .. pair[1], w)
+  end
+end
+
+-- The workers with a free slot that might hold `req` (not empty), in the free set's order
+-- (fewest open sessions first, then by id): those offering its scarcest resource, or the
+-- whole free set when that is smaller (the caller checks each candidate anyway).
+-- Cost: O(m log n), m = min(workers with a free slot, workers offering that resource).
+local function offering(base, req)
+  local name, fewest = nil, nil
+  for _, ask in ipairs(req) do
+    local n = redis.call('SCARD', base .. 'res:' .. ask[1])
+    if fewest == nil or n < fewest then name, fewest = ask[1], n end
+  end
+  if fewest == 0 then return {} end
+  if redis.call('ZCARD', base .. 'free') <= fewest then return redis.call('ZRANGE', base .. 'free', 0, -1) end
+  local out, loads = {}, {}
+  for _, w in ipairs(redis.call('SMEMBERS', base .. 'res:' .. name)) do
+    local load = redis.call('ZSCORE', base .. 'free', w)
+    if load then
+      out[#out + 1] = w
+      loads[w] = tonumber(load)
+    end
+  end
+  table.sort(out, function(a, b)
+    if loads[a] ~= loads[b] then return loads[a] < loads[b] end
+    return a < b
+  end)
+  return out
+end
+
 -- The live worker with a free slot to place a session asking for `req` on, else nil: the
 -- first in the free set's order (fewest open sessions) without resources; with resources,
 -- the one whose asked resources are least taken among those they fit now. Workers whose
 -- heartbeat is gone but who are not reaped yet are skipped, however many there are.
--- Cost: O(workers with a free slot) at worst.
+-- Cost: without resources O(log n) plus the dead not yet reaped (those that died within a
+-- heartbeat timeout); with resources O(m log n), m = min(workers with a free slot,
+-- workers offering the scarcest asked resource) (offering).
 local function pick_worker(base, req, held)
   req = req or {}
   local best, best_load = nil, nil
-  local offset = 0
-  while true do
-    local candidates = redis.call('ZRANGE', base .. 'free', offset, offset + 63)
-    if #candidates == 0 then return best end
-    for _, w in ipairs(candidates) do
+  if #req > 0 then
+    for _, w in ipairs(offering(base, req)) do
       if placeable(base, w) and not held_against(held, w, req) then
-        if #req == 0 then return w end
         local load = resource_load(base, w, req)
         if load and (best == nil or load < best_load) then
           best, best_load = w, load
           if load == 0 then return best end
         end
       end
+    end
+    return best
+  end
+  local offset = 0
+  while true do
+    local candidates = redis.call('ZRANGE', base .. 'free', offset, offset + 63)
+    if #candidates == 0 then return nil end
+    for _, w in ipairs(candidates) do
+      if placeable(base, w) then return w end
     end
     offset = offset + 64
   end
@@ -172,9 +215,9 @@ end
 -- Keep the resources `req` asks for on the workers that could ever hold it, for as long as
 -- the pass lasts (a later request may only take what nobody earlier needs). Only workers
 -- with a free slot count: nobody can take anything on the others in this pass, and every
--- pass starts afresh. Cost: O(workers with a free slot).
+-- pass starts afresh. Cost: O(m log n) (offering).
 local function hold_for(base, req, held)
-  for _, w in ipairs(redis.call('ZRANGE', base .. 'free', 0, -1)) do
+  for _, w in ipairs(offering(base, req)) do
     if could_hold(base, w, req) then
       held[w] = held[w] or {}
       for _, ask in ipairs(req) do held[w][ask[1]] = true end
@@ -321,7 +364,7 @@ end
 -- O(log n) per ticket served and one more look (at the first that nothing can take: the
 -- pass stops there), however long the line; tickets that wait for their own worker or for
 -- resources are stepped over, O(log n) each, plus per distinct request that waits
--- O(workers with a free slot): requests already found to fit nowhere in this pass are
+-- O(m log n) (offering): requests already found to fit nowhere in this pass are
 -- not looked at again (granting only takes capacity, so they still fit nowhere).
 local function grant_waiters(base, now)
   local held = {}
