@@ -26,6 +26,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from . import resources
 from .keys import CONSUMER_GROUP, HOST_MARK
 from .replies import field_map
 from .scripts import audit_ms
@@ -160,8 +161,9 @@ class Housekeeping:
             await self.claim_orphans(self.worker.shared_queue)
 
     async def reap_dead_workers(self) -> None:
-        """Declare dead every registered worker whose heartbeat key is gone, and make one
-        whose record lost its fields register again (O(fleet): the audit only)."""
+        """Declare dead every registered worker whose heartbeat key is gone, make one whose
+        record lost its fields register again, and put back in the resource index any live
+        one it lacks (O(fleet): the audit only)."""
         w = self.worker
         if not self.may_reap():
             return
@@ -169,18 +171,23 @@ class Housekeeping:
         members = [m.decode() for m in await w.wire.execute(k.tasks, "SMEMBERS", k.workers)]
         if not members:
             return
-        checks = [(("EXISTS", k.alive(m)), ("HEXISTS", k.worker(m), "max_sessions")) for m in members]
+        checks = [(("EXISTS", k.alive(m)), ("HMGET", k.worker(m), "max_sessions", "res")) for m in members]
         replies = await w.wire.execute_many(k.tasks, [cmd for pair in checks for cmd in pair])
-        for other, is_alive, whole in zip(members, replies[::2], replies[1::2], strict=True):
+        index: list[tuple[object, ...]] = []
+        for other, is_alive, (cap, offered) in zip(members, replies[::2], replies[1::2], strict=True):
             if is_alive or other == w.worker_id:
-                if not whole and not other.startswith(HOST_MARK):  # its next beat registers it again
+                if cap is None and not other.startswith(HOST_MARK):  # its next beat registers it again
                     await w.wire.execute(k.tasks, "ZREM", k.beats, "w:" + other)
+                elif cap is not None and int(cap) >= 0:
+                    index += [("SADD", k.resource_index(name), other) for name in resources.decode(offered)]
                 continue
             reaped = await w.scripts.reap_worker(k, other, "", force=False, retention_ms=w.retention_ms)
             if reaped:
                 log.warning(
                     "worker %s: reaped dead worker %s (%d session(s) failed)", w.worker_id, other, reaped - 1
                 )
+        if index:
+            await w.wire.execute_many(k.tasks, index)
 
     async def claim_orphans(self, queue: SharedQueue) -> None:
         """Take over what any consumer of `queue`'s group that is not alive left pending (the

@@ -185,6 +185,18 @@ async def test_r01_placement_looks_only_at_who_offers_the_resource_and_follows_t
     second = await client.create_session(task_queue, asking(gpu=1))
     assert second.info.worker_id == "gpu-2"
     await second.complete()
+    # The index lost (evicted, deleted by hand): placement still finds the worker, and the
+    # queue's audit puts it back.
+    await redis_client.delete(keys.resource_index("gpu"))
+    third = await client.create_session(task_queue, asking(gpu=1))
+    assert third.info.worker_id == "gpu-2"
+    await third.complete()
+    await redis_client.zadd(keys.beats, {"scan": 0})  # the audit is due now
+
+    async def indexed_again() -> bool:
+        return await redis_client.smembers(keys.resource_index("gpu")) == {b"gpu-2"}
+
+    await wait_for(indexed_again, timeout=10, message="the audit did not rebuild the resource index")
 
 
 # --- R03: first come, first served among requests that fit; no starvation -----------------------

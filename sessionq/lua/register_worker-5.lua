@@ -67,6 +67,7 @@ else
   status = 'FRESH'
   local fields = {}
   for i = 9, #ARGV do fields[#fields + 1] = ARGV[i] end
+  index_resources(base, w, redis.call('HGET', KEYS[2], 'res'), false)  -- what an earlier record offered
   redis.call('DEL', KEYS[2], KEYS[4], base .. 'wsessions:' .. w)
   redis.call('HSET', KEYS[2], 'max_sessions', own_cap, 'hb_ms', hb_ms, 'open', 0,
     'registered', now, 'beat', now, (unpack or table.unpack)(fields))
@@ -81,8 +82,10 @@ else
   end
 end
 
--- Placement with resources looks at the workers offering them (slots.lua index_resources).
-if own_cap >= 0 then index_resources(base, w, field_of('res'), true) end
+-- Placement with resources looks at the workers offering them (slots.lua index_resources),
+-- as the record says (a KNOWN registration keeps its record).
+local mine = redis.call('HMGET', KEYS[2], 'max_sessions', 'res')
+if (tonumber(mine[1]) or -1) >= 0 then index_resources(base, w, mine[2], true) end
 
 local beats = base .. 'beats'
 -- The queue's first worker (again) audits at once: what the last one left is taken over.
@@ -97,12 +100,14 @@ if h then
   if host_known then
     host_status = 'JOINED'
     -- The same values, or no live process disagrees.
+    index_resources(base, h, redis.call('HGET', hk, 'res'), false)  -- indexed again below
     redis.call('HSET', hk, 'max_sessions', cap, 'grace_ms', grace_ms, 'hb_ms', hb_ms, 'res', field_of('res'))
   else
     host_status = 'NEW'
     local machine = field_of('host')
     -- A record that lost its fields (evicted, deleted by hand) leaves sessions nobody counts.
     fail_open_sessions(base, h, 'the record of host ' .. hid .. ' was lost from Redis', now, retention_ms)
+    index_resources(base, h, redis.call('HGET', hk, 'res'), false)
     redis.call('DEL', hk, base .. 'w:' .. h, base .. 'wsessions:' .. h, host_key(base, 'hprocs:', h))
     redis.call('HSET', hk, 'max_sessions', cap, 'hb_ms', hb_ms, 'open', 0, 'registered', now, 'beat', now,
       'grace_ms', grace_ms, 'host', machine, 'host_id', hid, 'identity', h, 'res', field_of('res'))

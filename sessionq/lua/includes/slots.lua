@@ -162,14 +162,19 @@ local function offering(base, req)
     local n = redis.call('SCARD', base .. 'res:' .. ask[1])
     if fewest == nil or n < fewest then name, fewest = ask[1], n end
   end
-  if fewest == 0 then return {} end
-  if redis.call('ZCARD', base .. 'free') <= fewest then return redis.call('ZRANGE', base .. 'free', 0, -1) end
+  -- Nobody in the index (nobody offers it, or the index was lost: evicted, deleted by
+  -- hand; the audit rebuilds it): the free set, as before there was an index.
+  if fewest == 0 or redis.call('ZCARD', base .. 'free') <= fewest then
+    return redis.call('ZRANGE', base .. 'free', 0, -1)
+  end
   local out, loads = {}, {}
   for _, w in ipairs(redis.call('SMEMBERS', base .. 'res:' .. name)) do
     local load = redis.call('ZSCORE', base .. 'free', w)
     if load then
       out[#out + 1] = w
       loads[w] = tonumber(load)
+    elseif redis.call('EXISTS', base .. 'worker:' .. w) == 0 then
+      redis.call('SREM', base .. 'res:' .. name, w)  -- gone (indexed again by a late audit)
     end
   end
   table.sort(out, function(a, b)
