@@ -35,8 +35,9 @@ A client's inbox ``inbox:<client>`` entries (inbox.py), by their first field::
 
 The waiting line: ``waiters`` (sorted set of session ids, score = order of arrival),
 ``tickets`` (hash, field ``<sid>:<attribute>``: c client, x exec_ms, d wait deadline,
-t target worker, o owner, l owner_ms) and ``deadlines`` (sorted set: ``s:<sid>`` at a
-session's execution deadline, ``t:<sid>`` at a ticket's wait deadline; the workers'
+t target worker, o owner, l owner_ms) and ``deadlines`` (sorted set: ``s:<sid>`` at the
+execution deadline of a session whose worker does not end it itself (a host's, an earlier
+version's worker's: slots.lua open_session), ``t:<sid>`` at a ticket's wait deadline; the workers'
 heartbeat deadlines are in ``beats``, lua/includes/reap.lua). A client's lease
 ``lease:<client>``: the time of its last renewal (ms, Redis' clock), with a TTL.
 """

@@ -4,6 +4,12 @@ timeout (on Redis' clock), their owner's silence, or the worker's own end.
 Redis is the authority on a session's state (session.py and the Lua scripts); this is the
 worker's copy, which decides whether a session activity may start and cancels what runs
 for a session that ended. A session ends here only once Redis says it ended.
+
+The worker is also what ends its sessions at their execution deadline: its record says
+``expiry=own``, so they have no entry in the queue's deadline index (120 bytes a session at
+fleet scale). Its timer asks end_session, Redis' clock decides, and an ask that fails is
+made again a second later; a session it does not hold is ended by reconcile, and if the
+worker dies its reap fails them all.
 """
 
 from __future__ import annotations
@@ -201,7 +207,7 @@ class HeldSessions:
             ended = await w.scripts.end_session(
                 w.keys, sid, "expire", "execution timeout passed", w.retention_ms
             )
-        except Exception as exc:  # the sweep (housekeeping) expires it on Redis' clock anyway
+        except Exception as exc:  # nobody else ends it (no deadline entry): ask again soon
             log.warning("worker %s: could not expire session %s now (%s)", w.worker_id, sid, describe(exc))
             held = self.open.get(sid)
             if held is not None:

@@ -101,8 +101,10 @@ class QueueKeys:
 
     @property
     def deadlines(self) -> str:
-        """Sorted set: what is due when, on Redis' clock: ``s:<sid>`` a session's execution
-        deadline, ``t:<sid>`` a ticket's wait deadline (the sweep script acts on them)."""
+        """Sorted set: what is due when, on Redis' clock: ``s:<sid>`` the execution deadline of
+        a session its worker does not end itself (a host's; an earlier version's worker's),
+        ``t:<sid>`` a ticket's wait deadline (the sweep script acts on them). A worker whose
+        record says ``expiry=own`` ends its sessions on its own timer (held.py)."""
         return self.base + "deadlines"
 
     @property

@@ -102,6 +102,7 @@ class Registration:
             "concurrency", w.max_concurrent_activities, "activities", ",".join(sorted(w.registry)),
             "running", w.runner.in_use, "done", w.runner.done,
             "res", resources.encode(w.session_resources),
+            "expiry", "own",  # it ends its sessions at their deadline (slots.lua open_session)
         ]  # fmt: skip
         held = list(w.sessions.open)  # sessions granted while the script runs are new: keep them
         registered = await self._register_script(cap, fields)

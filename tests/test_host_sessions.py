@@ -32,6 +32,7 @@ from tests import activities as acts
 from tests.conftest import REPO_ROOT
 from tests.helpers import SpawnWorker, WorkerProcess, WorkerStartError, pid_running, wait_for
 from tests.test_cli import clean_env, cli_argv, inspect_json, run_cli
+from tests.test_slot_leaks import ends_by_its_deadline, open_and_vanish
 
 HB = 1.0
 """The processes' heartbeat_timeout: a dead process is noticed within about a second."""
@@ -217,6 +218,23 @@ async def test_h04_sessions_fail_once_the_grace_passes(
     fresh = await client.create_session(task_queue)
     assert fresh.info.host_id == "h1"
     await fresh.complete()
+
+
+async def test_h03_a_host_session_expires_on_time_while_no_process_of_the_host_lives(
+    spawn_worker: SpawnWorker, redis_client: redis.asyncio.Redis, keys: QueueKeys,
+    redis_url: str, key_prefix: str, task_queue: str,
+) -> None:  # fmt: skip
+    """Within its restart grace a host may have no live process to end its sessions at
+    their deadline, so they stay in the queue's deadline index: with the host's only
+    process and the caller both SIGKILLed, another worker's sweep fails the session at its
+    execution deadline, long before the 30 s grace would."""
+    only = await host_process(spawn_worker, "p1")
+    sid = await open_and_vanish(redis_url, key_prefix, task_queue, 3.0)
+    assert await redis_client.zscore(keys.deadlines, f"s:{sid}") is not None
+    await only.kill()
+    await spawn_worker(identity="sweeper", heartbeat_timeout=HB)
+    await ends_by_its_deadline(redis_client, keys, sid, 3.0 + HB + 3)
+    assert await redis_client.hget(keys.worker(host_worker_id("h1")), "open") == b"0"
 
 
 async def test_h04_a_reaped_host_leaves_no_takeover_mark_behind(

@@ -23,6 +23,7 @@ import redis.asyncio
 
 import sessionq
 from sessionq import Client, ConfigurationError, SessionOptions, Worker
+from sessionq.held import HeldSessions
 from sessionq.keys import QueueKeys
 from tests import activities as acts
 from tests.faultkit import Relay
@@ -340,6 +341,87 @@ async def test_d08_a_clock_step_on_the_worker_does_not_end_sessions_early(
     again_deadline, again_exec_ms = await redis_client.hmget(record, "deadline", "exec_ms")
     assert int(again_deadline or 0) - int(again_exec_ms or 0) >= deadline  # created after it
     await again.complete()
+
+
+# --- 6b. who ends a session at its execution deadline ---------------------------------------
+
+SILENT_CALLER = """
+import asyncio, sys
+import sessionq
+
+async def main(url, prefix, queue, execution_timeout):
+    client = sessionq.Client(url, prefix=prefix)
+    opts = sessionq.SessionOptions(creation_timeout=10, execution_timeout=float(execution_timeout))
+    session = await client.create_session(queue, opts)
+    print("OPEN", session.session_id, flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+async def open_and_vanish(redis_url: str, key_prefix: str, task_queue: str, execution_timeout: float) -> str:
+    """A caller process opens a session and is SIGKILLed: nobody on the caller's side will
+    end it. Returns its id."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", SILENT_CALLER, redis_url, key_prefix, task_queue, str(execution_timeout),
+        stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        line = await asyncio.wait_for(process.stdout.readline(), 20)
+        assert line.startswith(b"OPEN"), line
+        return line.split()[1].decode()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await process.wait()
+
+
+async def ends_by_its_deadline(r: redis.asyncio.Redis, keys: QueueKeys, sid: str, within: float) -> None:
+    __tracebackhide__ = True
+    record = keys.session(sid)
+    await wait_for(lambda: _not_open(r, record), timeout=within, message="the session outlived its deadline")
+    state, reason, deadline, ended = await r.hmget(record, "state", "reason", "deadline", "ended")
+    assert (state, reason) == (b"FAILED", b"execution timeout passed")
+    assert int(ended or 0) >= int(deadline or 0), "ended before its deadline"
+
+
+async def _not_open(r: redis.asyncio.Redis, record: str) -> bool:
+    return await r.hget(record, "state") != b"OPEN"
+
+
+async def test_d06_a_worker_ends_its_own_sessions_at_their_deadline_without_an_index_entry(
+    redis_url: str, key_prefix: str, task_queue: str, workers: Any,
+    redis_client: redis.asyncio.Redis, keys: QueueKeys,
+) -> None:  # fmt: skip
+    """Memory at fleet scale: a session on a worker of this version has no entry in the
+    queue's deadline index (120 bytes a session). Its worker ends it at its deadline, on
+    Redis' clock, though its caller is gone, and the slot frees."""
+    worker = await workers(redis_url, max_concurrent_sessions=1)
+    assert await redis_client.hget(keys.worker(worker.worker_id), "expiry") == b"own"
+    sid = await open_and_vanish(redis_url, key_prefix, task_queue, 2.0)
+    assert await redis_client.zscore(keys.deadlines, f"s:{sid}") is None
+    await ends_by_its_deadline(redis_client, keys, sid, 2.0 + 3)
+    assert await open_count(redis_client, keys, worker.worker_id) == 0
+
+
+async def test_d06_an_earlier_versions_worker_has_its_sessions_swept_at_their_deadline(
+    redis_url: str, key_prefix: str, task_queue: str, workers: Any,
+    redis_client: redis.asyncio.Redis, keys: QueueKeys, monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """A worker whose record lacks expiry=own (an earlier version's, during a rolling
+    upgrade) may not end its sessions itself: they keep their deadline entry, and the
+    sweep of any worker ends them at the deadline. Here the holder's own timer never
+    fires; another worker's sweep ends the session."""
+    monkeypatch.setattr(HeldSessions, "_arm", lambda self, held, seconds: None)
+    holder = await workers(redis_url, identity="old", max_concurrent_sessions=1)
+    await redis_client.hdel(keys.worker(holder.worker_id), "expiry")
+    sid = await open_and_vanish(redis_url, key_prefix, task_queue, 2.0)
+    assert await redis_client.zscore(keys.deadlines, f"s:{sid}") is not None
+    await workers(redis_url, identity="sweeper", enable_sessions=False)
+    await ends_by_its_deadline(redis_client, keys, sid, 2.0 + HB + 3)
+    assert await open_count(redis_client, keys, holder.worker_id) == 0
 
 
 # --- 7. a '|' in a worker identity -----------------------------------------------------------

@@ -1,8 +1,10 @@
 -- Do what is due, on Redis' clock (run by every live worker's housekeeping; idempotent):
--- fail sessions past their execution deadline (whether or not their worker's own timer
--- fired: its clock may be off, or it may be gone), drop tickets whose wait is over, reap
--- workers whose heartbeat deadline passed and whose heartbeat key is gone, and hand the
--- caller the takeover marks and the audit that are due (reap.lua says what they are).
+-- fail the indexed sessions past their execution deadline (a host's, which may have no
+-- live process in its restart grace, and an earlier version's worker's; a worker whose
+-- record says expiry=own ends its own on its timer, and its reap fails them), drop
+-- tickets whose wait is over, reap workers whose heartbeat deadline passed and whose
+-- heartbeat key is gone, and hand the caller the takeover marks and the audit that are
+-- due (reap.lua says what they are).
 -- KEYS[1] deadlines  sorted set of session and ticket deadlines
 -- KEYS[2] beats      sorted set of heartbeat deadlines, takeover marks and the audit (reap.lua)
 -- KEYS[3] guard      never exists: Redis will not start the script while the slot migrates (keys.py)

@@ -276,7 +276,7 @@ local function open_session(base, w, sid, exec_ms, now, owner, client, owner_ms,
   local wk = base .. 'worker:' .. w
   res = res or ''
   for _, ask in ipairs(parse_resources(res)) do redis.call('HINCRBY', wk, 'u:' .. ask[1], ask[2]) end
-  local info = redis.call('HMGET', wk, 'max_sessions', 'host', 'hb_ms')
+  local info = redis.call('HMGET', wk, 'max_sessions', 'host', 'hb_ms', 'expiry')
   local cap = tonumber(info[1]) or 0
   local open = redis.call('HINCRBY', wk, 'open', 1)
   if cap > 0 and open >= cap then
@@ -296,7 +296,12 @@ local function open_session(base, w, sid, exec_ms, now, owner, client, owner_ms,
   end
   redis.call('HSET', skey, (unpack or table.unpack)(record))
   redis.call('SADD', base .. 'wsessions:' .. w, sid)
-  redis.call('ZADD', base .. 'deadlines', deadline, 's:' .. sid)
+  -- A worker whose record says expiry=own ends its sessions at their deadline itself (its
+  -- timer asks end_session, Redis' clock decides; reconcile ends one it does not hold), and
+  -- its reap fails them when it dies: no deadline entry, 120 bytes less a session. A host,
+  -- which may have no live process for its restart grace, and an earlier version's worker
+  -- are swept as before.
+  if info[4] ~= 'own' then redis.call('ZADD', base .. 'deadlines', deadline, 's:' .. sid) end
   tell(base, w, {'t', 'o', 's', sid, 'x', exec_ms, 'd', deadline, 'c', client, 'l', owner_ms, 'r', res})
   return {info[2] or '', deadline, info[3] or 0}
 end
