@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,7 +34,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("sessionq")
 
 RECONCILE_BATCH = 500
-"""Most sessions of either side one reconcile pass looks at."""
+"""Most sessions of either side one reconcile pass looks at (unless Redis counts some the
+worker does not hold: then it walks them all)."""
+MAX_WALK_STEPS = 1000
+"""Most SSCAN steps of such a walk (500,000 sessions)."""
+EXPIRE_RETRY_MAX = 10.0
+"""Longest wait before asking again to expire a session, after asks that failed."""
+STRAY_BATCH = 1000
+"""Most records of unheld sessions read in one round trip."""
 ENDED_MEMORY = 10_000
 """How many ended sessions a worker remembers (to answer their late activities rightly)."""
 
@@ -52,6 +60,12 @@ class HeldSession:
     timer: asyncio.TimerHandle | None = None
     activities_run: int = 0
     published_run: int = 0
+    expire_failures: int = 0
+    """Asks to expire it that failed in a row (Redis out of reach): the next waits longer."""
+
+
+def _seconds(seconds: float) -> str:
+    return f"{max(0.0, seconds):.0f} s" if seconds < 3600 else f"{seconds / 3600:.1f} h"
 
 
 class HeldSessions:
@@ -64,6 +78,7 @@ class HeldSessions:
         self.ended: OrderedDict[str, tuple[str, str]] = OrderedDict()
         self._scan_cursor = 0  # where reconcile's walk of Redis' set of our sessions is
         self._check_from = 0  # where its walk of the sessions held here is
+        self._expiry_failing = False  # an ask to expire a session failed, none succeeded since
 
     def __len__(self) -> int:
         return len(self.open)
@@ -108,8 +123,15 @@ class HeldSessions:
             info, deadline_ms, info_exec_ms=exec_ms, owner_client=owner_client, owner_ms=owner_ms
         )
         self.open[sid] = held
-        self._arm(held, (deadline_ms - w.redis_now_ms()) / 1000)
-        log.debug("worker %s: session %s opened", w.worker_id, sid)
+        left = (deadline_ms - w.redis_now_ms()) / 1000
+        self._arm(held, left)
+        if log.isEnabledFor(logging.INFO):
+            asked = f", holding {resources.encode(held_resources)}" if held_resources else ""
+            fields = {"worker": w.worker_id, "queue": w.task_queue, "session": sid, "event": "session_opened"}
+            log.info(
+                "worker %s: session %s opened (execution timeout in %s%s)",
+                w.worker_id, sid, _seconds(left), asked, extra=fields,
+            )  # fmt: skip
         return held
 
     # -- a host's sessions ----------------------------------------------------------------
@@ -208,16 +230,36 @@ class HeldSessions:
                 w.keys, sid, "expire", "execution timeout passed", w.retention_ms
             )
         except Exception as exc:  # nobody else ends it (no deadline entry): ask again soon
-            log.warning("worker %s: could not expire session %s now (%s)", w.worker_id, sid, describe(exc))
+            if not self._expiry_failing:  # once an outage, not once a session
+                log.warning(
+                    "worker %s: could not expire session %s now (%s); retrying with backoff",
+                    w.worker_id, sid, describe(exc),
+                )  # fmt: skip
+            self._expiry_failing = True
             held = self.open.get(sid)
             if held is not None:
-                self._arm(held, 1.0)
+                # Backoff with jitter: ten thousand sessions overdue after an outage must not
+                # all ask again in the same second.
+                held.expire_failures += 1
+                wait = min(EXPIRE_RETRY_MAX, 2.0**held.expire_failures / 2)
+                self._arm(held, wait * random.uniform(0.5, 1.0))
             return
+        self._expiry_failing = False
         held = self.open.get(sid)
         if ended.state == "OPEN" and held is not None:
             self._arm(held, ended.ms_left / 1000 + 0.005)
         elif ended.state != "OPEN":
             self.end(sid, "failed", ended.reason or "execution timeout passed")
+
+    def overdue(self, now_ms: float) -> list[str]:
+        """The sessions held whose execution deadline is `now_ms` or earlier. Called from the
+        heartbeat thread while this worker's loop is blocked (keepalive.py): the copy of
+        the dict is made in one step under the GIL, and a blocked loop changes nothing."""
+        try:
+            held = list(self.open.items())
+        except RuntimeError:  # changed while copied: the loop runs again, its timers do this
+            return []
+        return [sid for sid, session in held if session.deadline_ms <= now_ms]
 
     # -- ending -----------------------------------------------------------------------------
     def end(self, sid: str, kind: str, reason: str) -> None:
@@ -236,7 +278,11 @@ class HeldSessions:
                 "session_completed" if kind == "completed" else "session_failed",
                 f"session {sid} {'was completed' if kind == 'completed' else 'failed: ' + reason}",
             )
-        log.debug("worker %s: session %s ended (%s: %s)", self.worker.worker_id, sid, kind, reason)
+        w = self.worker
+        how = kind if kind == "completed" else f"{kind} ({reason})"
+        fields = {"worker": w.worker_id, "queue": w.task_queue, "session": sid, "event": "session_ended"}
+        fields.update(outcome=kind, reason=reason)
+        log.info("worker %s: session %s ended: %s", w.worker_id, sid, how, extra=fields)
 
     def ended_remotely(self, sid: str, mode: str) -> None:
         """A 'c' entry: the session ended in Redis (its caller completed it, or it failed)."""
@@ -296,17 +342,35 @@ class HeldSessions:
         of it, or has it ended, is ended here. A session granted a moment ago may not have
         reached the worker yet, so only older ones count. Each call looks at up to
         RECONCILE_BATCH sessions of either side, walking on from where the last one stopped,
-        so a worker holding ten thousand sessions never sends ten thousand commands at once."""
+        so a worker holding ten thousand sessions never sends ten thousand commands at once;
+        but when Redis counts more sessions on this worker than it holds, the whole set is
+        walked at once (SSCAN, RECONCILE_BATCH a step): such a session is ended by nobody
+        else (a worker's sessions have no deadline entry), and it keeps its slot."""
         w = self.worker
         k = w.keys
-        cursor, members = await w.wire.execute(
-            k.tasks, "SSCAN", k.worker_sessions(w.worker_id), self._scan_cursor, "COUNT", RECONCILE_BATCH
+        mine = k.worker_sessions(w.worker_id)
+        count, (cursor, members) = await w.wire.execute_many(
+            k.tasks, [("SCARD", mine), ("SSCAN", mine, self._scan_cursor, "COUNT", RECONCILE_BATCH)]
         )
         self._scan_cursor = int(cursor)
+        if int(count) > len(self.open):  # some it does not hold (or a grant on its way here)
+            members, at = [], 0
+            for _ in range(MAX_WALK_STEPS):
+                cursor, step = await w.wire.execute(k.tasks, "SSCAN", mine, at, "COUNT", RECONCILE_BATCH)
+                members += step
+                at = int(cursor)
+                if at == 0:
+                    break
         strays = [sid for sid in (m.decode() for m in members) if sid not in self.open]
         await self._forget_unknown()
-        if not strays:
-            return
+        for start in range(0, len(strays), STRAY_BATCH):
+            await self._end_strays(strays[start : start + STRAY_BATCH])
+
+    async def _end_strays(self, strays: list[str]) -> None:
+        """End the sessions Redis counts on this worker while it does not hold them, once
+        they are old enough not to be grants on their way here."""
+        w = self.worker
+        k = w.keys
         commands: list[tuple[object, ...]] = [("TIME",)]
         commands += [("HMGET", k.session(sid), "state", "deadline", "exec_ms") for sid in strays]
         replies = await w.wire.execute_many(k.session(strays[0]), commands)

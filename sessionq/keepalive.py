@@ -13,6 +13,9 @@ when the loop was blocked for STALL_LOG seconds or more, logs once, when it is f
 again, which activity blocked it and for how long. A loop blocked for good makes the
 worker useless while it looks alive: after `stall_limit` seconds of it the thread stops
 beating, so the worker is declared dead and its callers learn it (SessionFailedError).
+Until then, while the loop is blocked its timers cannot end the sessions whose execution
+deadline passes (they have no deadline entry for the sweep: held.py): the thread ends them
+itself, so a session still ends at its deadline, within a third of heartbeat_timeout.
 """
 
 from __future__ import annotations
@@ -55,8 +58,14 @@ class Heartbeat:
         blame: Callable[[], str],
         stall_limit: float,
         host_id: str = "",
+        overdue: Callable[[float], list[str]] | None = None,
+        retention_ms: int = 0,
     ) -> None:
         self.host_id = host_id
+        self.overdue = overdue
+        """The held sessions whose deadline passed by Redis' time given (HeldSessions.overdue)."""
+        self.retention_ms = retention_ms
+        self._expired: set[str] = set()  # ended from here during the current stall
         self.stopping = False
         """Set when a host's process stops gracefully: it beats on, but takes no new session."""
         self.target = target
@@ -117,6 +126,7 @@ class Heartbeat:
                         stalled_since = self._last_tick
                         self._stall_blame = self.blame()
                 elif stalled_since is not None:
+                    self._expired.clear()
                     log.warning(
                         "worker %s: %s blocked the event loop for %.1f s; async activities must await, "
                         "not block (run blocking code in a def activity, which runs in a thread)",
@@ -137,11 +147,37 @@ class Heartbeat:
                         failing = await self._beat_once(scripts, failing)
                         if failing:  # beat again soon: the key must not lapse over a short blip
                             next_beat = time.monotonic() + RETRY_BEAT
+                        elif stalled_since is not None:
+                            await self._expire_overdue(scripts)
                 await asyncio.sleep(LOOP_TICK if not failing else min(LOOP_TICK, RETRY_BEAT))
         finally:
             with contextlib.suppress(Exception):
                 await scripts.wire.aclose()
                 await redis.aclose()
+
+    async def _expire_overdue(self, scripts: Scripts) -> None:
+        """The worker's loop is blocked: end the sessions it holds whose execution deadline
+        passed (end_session; Redis' clock decides). The worker hears of it from its own
+        stream once its loop runs again, and cancels what still runs for them."""
+        if self.overdue is None:
+            return
+        for sid in self.overdue(self.redis_now_ms()):
+            if sid in self._expired:
+                continue
+            try:
+                ended = await scripts.end_session(
+                    self.keys, sid, "expire", "execution timeout passed", self.retention_ms
+                )
+            except Exception as exc:  # the next beat tries again
+                log.warning("worker %s: could not expire session %s (%s)", self.worker_id, sid, describe(exc))
+                return
+            if ended.state != "OPEN":
+                self._expired.add(sid)
+                log.warning(
+                    "worker %s: session %s passed its execution timeout while the event loop was "
+                    "blocked by %s; it was ended from the heartbeat thread",
+                    self.worker_id, sid, self._stall_blame,
+                )  # fmt: skip
 
     async def _beat_once(self, scripts: Scripts, failing: bool) -> bool:
         """One heartbeat; True while they fail (so a long outage logs once, not every beat)."""

@@ -116,7 +116,8 @@ class Registration:
             lost = [sid for sid in held if sid in w.sessions.open]
             if lost:
                 log.warning(
-                    "worker %s was declared dead while cut off from Redis; its %d session(s) failed",
+                    "worker %s registered anew (it was declared dead while cut off from Redis, or its "
+                    "record there was lost); its %d session(s) failed",
                     w.worker_id,
                     len(lost),
                 )

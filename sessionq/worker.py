@@ -220,6 +220,8 @@ class Worker:
                 blame=self.runner.blame,
                 stall_limit=max(60.0, 10 * self.heartbeat_timeout),
                 host_id=self.host_id or "",
+                overdue=self.sessions.overdue,
+                retention_ms=self.retention_ms,
             )
             await self.heartbeat.start()
             self._tasks = [

@@ -346,11 +346,11 @@ VANISHING_CALLER = """
 import asyncio, sys
 import sessionq
 
-async def main(url, prefix, queue, execution_timeout, marker):
+async def main(url, prefix, queue, execution_timeout, marker, activity="sleep_for", seconds="3600"):
     client = sessionq.Client(url, prefix=prefix)
     options = sessionq.SessionOptions(creation_timeout=10, execution_timeout=float(execution_timeout))
     session = await client.create_session(queue, options)
-    await session.start_activity("sleep_for", 3600, marker)
+    await session.start_activity(activity, float(seconds), marker)
     print("OPEN", session.session_id, flush=True)
     await asyncio.Event().wait()
 
@@ -401,6 +401,37 @@ async def test_s17_d06_vanished_caller_does_not_leak_slot_past_execution_timeout
     await assert_created_after_deadline(redis_client, keys, session.session_id, sid)
     await wait_for(lambda: Path(f"{marker}.cancelled").exists(), message="orphaned activity not cancelled")
     await session.complete()
+
+
+async def test_s17_a_session_ends_at_its_deadline_while_an_activity_blocks_the_workers_loop(
+    spawn_worker: SpawnWorker, redis_client: Redis, keys: QueueKeys,
+    redis_url: str, key_prefix: str, task_queue: str, tmp_path: Path,
+) -> None:  # fmt: skip
+    """A badly written async activity blocks the worker's event loop (time.sleep) past the
+    session's deadline, and its caller is gone. The worker's timers cannot run and it still
+    heartbeats (from its thread), so nobody reaps it: its heartbeat thread ends the
+    session at the deadline, not when the loop is free again."""
+    await spawn_worker(identity="w1", heartbeat_timeout=HB, max_sessions=1)
+    timeout, block = 2.0, 12.0
+    marker = tmp_path / "blocked"
+    argv = [redis_url, key_prefix, task_queue, str(timeout), str(marker), "block_loop", str(block)]
+    process, sid = await run_vanishing_caller(argv)
+    opened = time.monotonic()
+    try:
+        await wait_for(marker.exists, message="the blocking activity never started")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await process.wait()
+    ended = lambda: _not_open(redis_client, keys, sid)  # noqa: E731
+    await wait_for(ended, timeout=timeout + HB + MARGIN + 2, message="the session waited for the loop")
+    assert time.monotonic() - opened < block - 2, "ended only once the loop was free again"
+    record = await redis_client.hmget(keys.session(sid), "state", "reason")
+    assert record == [b"FAILED", b"execution timeout passed"]
+
+
+async def _not_open(redis_client: Redis, keys: QueueKeys, sid: str) -> bool:
+    return await session_state(redis_client, keys, sid) != "OPEN"
 
 
 # --- D01: plain activities and dead workers --------------------------------------------------

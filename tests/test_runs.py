@@ -503,14 +503,21 @@ async def test_d08_a_full_worker_whose_record_was_deleted_registers_again(
     workers: Any, client: Client, task_queue: str, redis_client: redis.asyncio.Redis, keys: QueueKeys
 ) -> None:
     """No placement looks at a worker with no free slot: the queue's audit finds its record
-    gone and has it register again (its heartbeat alone checks no record, to stay cheap)."""
+    gone and has it register again (its heartbeat alone checks no record, to stay cheap).
+    The session the lost record counted fails then, with a TTL: nothing else would ever end
+    it (a worker ends its own sessions; they have no deadline entry)."""
     await workers(max_concurrent_sessions=1, heartbeat_timeout=0.5)
-    held = await client.create_session(task_queue)
+    held = await client.create_session(task_queue, SessionOptions(execution_timeout=3600))
     await redis_client.delete(keys.worker("w1"))
     await redis_client.zadd(keys.beats, {"scan": 0})  # the audit is due now
     whole = lambda: redis_client.hexists(keys.worker("w1"), "max_sessions")  # noqa: E731
     await wait_for(whole, timeout=10, message="the worker never registered again")
-    await held.complete()
+    record = keys.session(held.session_id)
+    state, reason = await redis_client.hmget(record, "state", "reason")
+    assert (state, reason) == (b"FAILED", b"worker w1 registered anew (its record in Redis was lost)")
+    assert await redis_client.pttl(record) > 0
+    with pytest.raises(sessionq.SessionFailedError):
+        await held.execute_activity(acts.whoami)
 
 
 async def test_d08_a_worker_reaped_by_an_earlier_version_registers_again(

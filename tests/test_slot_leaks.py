@@ -23,6 +23,7 @@ import redis.asyncio
 
 import sessionq
 from sessionq import Client, ConfigurationError, SessionOptions, Worker
+from sessionq import held as held_module
 from sessionq.held import HeldSessions
 from sessionq.keys import QueueKeys
 from tests import activities as acts
@@ -628,3 +629,29 @@ async def test_d08_a_session_an_older_snapshot_brings_back_open_is_ended_by_its_
 
     await wait_for(ended, timeout=15, message="the restored session was never ended")
     assert int(await redis_client.hget(keys.worker("w1"), "open") or 0) == 0
+
+
+async def test_d08_one_reconcile_ends_a_stray_wherever_it_lies_in_a_big_set(
+    redis_url: str, key_prefix: str, task_queue: str, workers: Any, clients: list[Client],
+    redis_client: redis.asyncio.Redis, keys: QueueKeys, monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """A session Redis counts on a worker that does not hold it (its grant message lost, an
+    older snapshot restored) is ended by nobody else: it has no deadline entry. When Redis
+    counts more sessions than the worker holds, one reconcile walks the whole set, not
+    one step of it: here the stray lies among 1,000 members walked 10 at a time."""
+    monkeypatch.setattr(held_module, "RECONCILE_BATCH", 10)
+    worker = await workers(redis_url, heartbeat_timeout=30)  # its own passes are 10 s apart
+    session = await client_on(clients, redis_url, key_prefix).create_session(task_queue)
+    sid = session.session_id
+    before = await redis_client.hgetall(keys.session(sid))
+    await session.complete()
+    seconds, micros = await redis_client.time()
+    now_ms = seconds * 1000 + micros // 1000
+    # Back as a restore would bring it, opened an hour ago, among members whose records are gone:
+    await redis_client.hset(keys.session(sid), mapping={**before, b"deadline": now_ms + 3_600_000,
+                                                        b"exec_ms": 7_200_000})  # fmt: skip
+    await redis_client.persist(keys.session(sid))
+    await redis_client.sadd(keys.worker_sessions("w1"), sid, *(f"gone{i:04d}" for i in range(1000)))
+    await worker.sessions.reconcile()
+    state, reason = await redis_client.hmget(keys.session(sid), "state", "reason")
+    assert state == b"FAILED" and b"no longer held it" in (reason or b""), (state, reason)

@@ -12,7 +12,7 @@
 -- ARGV[4] max_sessions  0 = unlimited, -1 = sessions disabled (a host's limit, for a host's process)
 -- ARGV[5] host_id       '' for a worker that is its own host
 -- ARGV[6] grace_ms      the host's restart grace (ignored without host_id)
--- ARGV[7] retention_ms  how long ended session records stay (for a host whose record was lost)
+-- ARGV[7] retention_ms  how long ended session records stay (of a record that was lost)
 -- ARGV[8] audit_ms      when the queue's first audit is due, if none is planned (reap.lua)
 -- ARGV[9..] field, value pairs describing the worker (host, pid, identity, ...)
 -- Returns {status, host_status}. status: 'FRESH' when registered anew (any earlier
@@ -24,7 +24,8 @@
 -- Either way the worker's heartbeat deadline ("w:<worker>" in `beats`, reap.lua) is set:
 -- its heartbeats move it, the sweep reaps the worker once it passes; and takeover marks
 -- of its own (made while it was declared dead) are dropped: it walks its pending list itself.
--- Cost: O(processes of the host + log n), plus granting waiters (slots.lua).
+-- Cost: O(processes of the host + log n), plus granting waiters (slots.lua), plus O(sessions)
+-- an earlier registration of the same identity still counted (none unless its record was lost).
 -- @include slots
 
 local base, w, hb_ms, cap = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -68,6 +69,10 @@ else
   local fields = {}
   for i = 9, #ARGV do fields[#fields + 1] = ARGV[i] end
   index_resources(base, w, redis.call('HGET', KEYS[2], 'res'), false)  -- what an earlier record offered
+  -- Sessions an earlier registration of this identity still counts (its record was lost:
+  -- evicted, deleted by hand) fail here: nothing else would end them (slots.lua open_session).
+  fail_open_sessions(base, w, 'worker ' .. w .. ' registered anew (its record in Redis was lost)', now,
+    retention_ms)
   redis.call('DEL', KEYS[2], KEYS[4], base .. 'wsessions:' .. w)
   redis.call('HSET', KEYS[2], 'max_sessions', own_cap, 'hb_ms', hb_ms, 'open', 0,
     'registered', now, 'beat', now, (unpack or table.unpack)(fields))
