@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+import json
 import logging
 import os
 import sys
@@ -10,6 +12,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import click
+import tenacity
 
 from sessionq.connection import as_cluster_url, is_cluster_url, resolve_url, split_cluster_url
 from sessionq.errors import ConfigurationError
@@ -110,8 +113,10 @@ def ping(url: str, timeout: float = 3.0) -> str | None:
     return None
 
 
-def require_redis(url: str) -> None:
-    """Fail with a one-line error (exit 1) when Redis does not answer at `url`."""
+def require_redis(url: str, wait: float = 0.0) -> None:
+    """Fail with a one-line error (exit 1) when Redis does not answer at `url`, after trying
+    for `wait` seconds with backoff (a worker started with Redis, or before it: compose,
+    systemd, a pod whose Redis comes up second). One warning says it waits, not one a try."""
     if not url.lower().startswith(URL_SCHEMES):
         raise CliError(
             f"{url!r} is not a Redis URL; use e.g. redis://localhost:6379/0 (redis+cluster://host:port "
@@ -119,9 +124,24 @@ def require_redis(url: str) -> None:
             2,
         )
     problem = ping(url)
+    if problem is not None and wait > 0:
+        logging.getLogger("sessionq.cli").warning(
+            "cannot reach Redis at %s yet (%s); trying again for up to %gs (--wait-for-redis)",
+            redact(url), problem, wait,
+        )  # fmt: skip
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_delay(wait),
+            wait=tenacity.wait_exponential(multiplier=0.1, max=2.0),
+            retry=tenacity.retry_if_result(lambda answer: answer is not None),
+            retry_error_callback=lambda state: state.outcome.result() if state.outcome else problem,
+        )
+        problem = retrying(ping, url, min(3.0, wait))
+        if problem is None:
+            logging.getLogger("sessionq.cli").info("Redis at %s answers", redact(url))
     if problem is not None:
+        waited = f" (tried for {wait:g}s)" if wait > 0 else ""
         raise CliError(
-            f"cannot reach Redis at {redact(url)}: {problem} "
+            f"cannot reach Redis at {redact(url)}{waited}: {problem} "
             "(start Redis, or pass --redis-url / set SESSIONQ_REDIS_URL)",
             1,
         )
@@ -133,14 +153,46 @@ def one_line(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
-def configure_logging(level: str | None, verbose: int = 0, quiet: int = 0, default: str = "WARNING") -> None:
-    """Log to stderr. --log-level wins; otherwise -v / -q move from `default`."""
+def configure_logging(
+    level: str | None, verbose: int = 0, quiet: int = 0, default: str = "WARNING", log_format: str = "text"
+) -> None:
+    """Log to stderr, as text or one JSON object a line. --log-level wins; otherwise -v / -q
+    move from `default`. Only sessionq's own loggers move: redis-py, asyncio and the rest
+    stay at WARNING (their debug output is for debugging them)."""
     if level is None:
         index = LOG_LEVELS.index(default) - verbose + quiet
         level = LOG_LEVELS[max(0, min(len(LOG_LEVELS) - 1, index))]
-    logging.basicConfig(stream=sys.stderr, format=LOG_FORMAT, datefmt="%H:%M:%S", force=True)
-    logging.getLogger().setLevel(logging.WARNING if level != "DEBUG" else logging.DEBUG)
+    handler = logging.StreamHandler(sys.stderr)
+    text = logging.Formatter(LOG_FORMAT, "%H:%M:%S")
+    handler.setFormatter(JsonFormatter() if log_format == "json" else text)
+    logging.basicConfig(handlers=[handler], force=True)
+    logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger("sessionq").setLevel(level.upper())
+
+
+_RECORD_ATTRIBUTES = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line, for log shippers: time (UTC, ISO 8601), level, logger,
+    message, pid, the record's own fields (an activity's queue, name, id, session, attempt,
+    duration_ms, outcome: sessionq/activity_log.py) and the exception's traceback."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
+        line: dict[str, object] = {
+            "time": stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "pid": record.process,
+        }
+        for key, value in vars(record).items():
+            if key not in _RECORD_ATTRIBUTES and key not in line:
+                line[key] = value
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str, ensure_ascii=False)
 
 
 def logging_options(default: str) -> Callable[[F], F]:
@@ -149,6 +201,13 @@ def logging_options(default: str) -> Callable[[F], F]:
     def decorate(fn: F) -> F:
         fn = click.option("-q", "--quiet", count=True, help="Less logging (repeatable).")(fn)
         fn = click.option("-v", "--verbose", count=True, help="More logging (repeatable).")(fn)
+        fn = click.option(
+            "--log-format",
+            type=click.Choice(["text", "json"]),
+            default="text",
+            show_default=True,
+            help="json: one JSON object a line (time, level, logger, message and each record's fields).",
+        )(fn)
         return click.option(
             "--log-level",
             type=click.Choice(LOG_LEVELS, case_sensitive=False),

@@ -451,6 +451,7 @@ def demo_command(
     sessions: int,
     work_seconds: float,
     log_level: str | None,
+    log_format: str,
     verbose: int,
     quiet: int,
 ) -> None:
@@ -461,7 +462,7 @@ def demo_command(
     recovery in a new session, then stops everything. Needs no Redis of your own: without
     a configured URL and nothing on localhost:6379, it starts a private one.
     """
-    configure_logging(log_level, verbose, quiet, default="WARNING")
+    configure_logging(log_level, verbose, quiet, default="WARNING", log_format=log_format)
     console = Console(highlight=False)
     backend = choose_backend(redis_url, embedded, embedded_backend)
     demo: Demo | None = None

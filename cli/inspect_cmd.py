@@ -418,6 +418,7 @@ def inspect_command(
     interval: float,
     help_json: bool,
     log_level: str | None,
+    log_format: str,
     verbose: int,
     quiet: int,
 ) -> None:
@@ -437,7 +438,7 @@ def inspect_command(
     if help_json:
         click.echo(sys.modules[__name__].__doc__)
         return
-    configure_logging(log_level, verbose, quiet, default="WARNING")
+    configure_logging(log_level, verbose, quiet, default="WARNING", log_format=log_format)
     if view == "session" and not session_id:
         raise CliError("inspect session needs a session ID (see `sessionq inspect sessions`)", 2)
     if view != "session" and session_id:

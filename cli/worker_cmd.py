@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import sys
+import traceback
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -38,6 +39,27 @@ log = logging.getLogger("sessionq.cli")
 PARENT_POLL_INTERVAL = 0.5
 
 
+IMPORT_FRAMES = 3
+"""How many of the last frames of a failed import are shown."""
+
+
+def where_raised(exc: BaseException) -> str:
+    """The last frames of the user's code that raised `exc` while importing (file, line,
+    function, source line), under the error line; importlib's own frames are left out."""
+    frames = [
+        frame for frame in traceback.extract_tb(exc.__traceback__)
+        if "importlib" not in frame.filename and frame.filename != __file__
+    ]  # fmt: skip
+    lines = []
+    for frame in frames[-IMPORT_FRAMES:]:
+        lines.append(f"\n  {frame.filename}:{frame.lineno}, in {frame.name}")
+        if frame.line:
+            lines.append(f"\n    {frame.line}")
+    if isinstance(exc, SyntaxError) and exc.filename:
+        lines.append(f"\n  {exc.filename}:{exc.lineno}" + (f"\n    {exc.text.strip()}" if exc.text else ""))
+    return "".join(lines)
+
+
 def load_target(spec: str) -> Any:
     """Import MODULE:ATTR with the current directory importable; one-line errors (exit 2)."""
     module_name, sep, attr = spec.partition(":")
@@ -55,11 +77,11 @@ def load_target(spec: str) -> Any:
                 2,
             ) from None
         raise CliError(
-            f"importing {module_name!r} failed: {type(exc).__name__}: {one_line(exc)}", 2
+            f"importing {module_name!r} failed: {type(exc).__name__}: {one_line(exc)}{where_raised(exc)}", 2
         ) from None
     except Exception as exc:
         raise CliError(
-            f"importing {module_name!r} failed: {type(exc).__name__}: {one_line(exc)}", 2
+            f"importing {module_name!r} failed: {type(exc).__name__}: {one_line(exc)}{where_raised(exc)}", 2
         ) from None
     target: Any = module
     for part in attr.split("."):
@@ -261,11 +283,18 @@ def event_loop(choice: str) -> tuple[str, Runner]:
     return "asyncio", asyncio.run
 
 
-def run_worker(worker: sessionq.Worker, burst: bool, stop_with_parent: bool, loop: str = "auto") -> None:
-    """Check Redis, run the worker, and turn start-up failures into one-line errors."""
+def run_worker(
+    worker: sessionq.Worker,
+    burst: bool,
+    stop_with_parent: bool,
+    loop: str = "auto",
+    wait_for_redis: float = 0.0,
+) -> None:
+    """Check Redis (waiting up to `wait_for_redis` s for it), run the worker, and turn
+    start-up failures into one-line errors."""
     target = worker._redis_target
     if isinstance(target, str):
-        require_redis(target)
+        require_redis(target, wait_for_redis)
     loop_name, run = event_loop(loop)
     log.info("%s", describe(worker, loop_name))
     try:
@@ -376,6 +405,14 @@ def run_worker(worker: sessionq.Worker, burst: bool, stop_with_parent: bool, loo
     hidden=True,
     help="Stop when the parent process exits (for `sessionq demo`).",
 )
+@click.option(
+    "--wait-for-redis",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Redis not up yet at start: try again with backoff for this long before giving up (0 = not at all).",
+)
 @logging_options("INFO")
 def worker_command(
     target: str,
@@ -396,7 +433,9 @@ def worker_command(
     loop: str,
     prefix: str | None,
     stop_with_parent: bool,
+    wait_for_redis: float,
     log_level: str | None,
+    log_format: str,
     verbose: int,
     quiet: int,
 ) -> None:
@@ -447,12 +486,13 @@ def worker_command(
         session_resources=offered,
     )
     worker = build_worker(loaded, target, overrides)  # checks the options before any process starts
-    configure_logging(log_level, verbose, quiet, default="INFO")  # not before: errors above stay one line
+    # Not before: the errors above stay one line.
+    configure_logging(log_level, verbose, quiet, default="INFO", log_format=log_format)
     if processes is None:
-        run_worker(worker, burst, stop_with_parent, loop)
+        run_worker(worker, burst, stop_with_parent, loop, wait_for_redis)
         return
     if isinstance(worker._redis_target, str):
-        require_redis(worker._redis_target)
+        require_redis(worker._redis_target, wait_for_redis)
     flags = {
         "--redis-url": redis_url,
         "--task-queue": task_queue,
@@ -465,6 +505,8 @@ def worker_command(
         "--loop": loop,
         "--prefix": prefix,
         "--log-level": log_level,
+        "--log-format": log_format,
+        "--wait-for-redis": wait_for_redis,
     }
     common = [target]
     for flag, value in flags.items():

@@ -169,26 +169,28 @@ def encode_result(codec: Codec, activity_id: str, value: Any, name: str) -> byte
     """A success message for an inbox; a result that cannot be encoded, or would not decode
     again (a dict with tuple keys comes back with list keys, which Python cannot hash),
     becomes an error message."""
+    return encode_outcome(codec, activity_id, value, name)[0]
+
+
+def encode_outcome(codec: Codec, activity_id: str, value: Any, name: str) -> tuple[bytes, RemoteError | None]:
+    """encode_result, and the error its message carries when the result could not be sent
+    (None when it went as it is)."""
     what = f"the result of activity {name!r}"
     try:
         data = codec.dumps({"i": activity_id, "v": value}, what=what)
         codec.loads(data)
     except SerializationError as exc:
-        return encode_error(
-            codec, activity_id, RemoteError("SerializationError", "SerializationError", str(exc))
-        )
+        error = RemoteError("SerializationError", "SerializationError", str(exc))
     except Exception as exc:
-        return encode_error(
-            codec,
-            activity_id,
-            RemoteError(
-                "SerializationError",
-                "SerializationError",
-                f"{what} encodes but does not decode back ({exc!r}); return plain lists and dicts with "
-                "str/int keys, or teach the Codec the type",
-            ),
+        error = RemoteError(
+            "SerializationError",
+            "SerializationError",
+            f"{what} encodes but does not decode back ({exc!r}); return plain lists and dicts with "
+            "str/int keys, or teach the Codec the type",
         )
-    return data
+    else:
+        return data, None
+    return encode_error(codec, activity_id, error), error
 
 
 MAX_ERROR_TEXT = 64 * 1024

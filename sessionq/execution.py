@@ -17,9 +17,10 @@ from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from typing import Any
 
+from . import activity_log
 from .activity import ActivityDefinition, ActivityInfo, _current, _RunningActivity
 from .codec import Codec
-from .envelope import RemoteError, Task, clean_text, encode_error, encode_result
+from .envelope import RemoteError, Task, clean_text, encode_error, encode_outcome
 from .errors import ApplicationError
 from .options import DEFAULT_RETRY_POLICY
 
@@ -61,20 +62,21 @@ class Execution:
             self.asyncio_task.cancel()
 
 
-def cancelled_reply(codec: Codec, execution: Execution) -> bytes:
+Reply = tuple[bytes, "RemoteError | None"]
+"""The inbox message for the caller, and the error it carries (None: the activity's result)."""
+
+
+def failed(codec: Codec, activity_id: str, error: RemoteError) -> Reply:
+    return encode_error(codec, activity_id, error), error
+
+
+def cancelled_reply(codec: Codec, execution: Execution) -> Reply:
     """The caller's answer for an execution cancelled for `execution.cancel_kind`."""
     kind = execution.cancel_kind or "cancelled"
-    return encode_error(
-        codec,
-        execution.task.activity_id,
-        RemoteError(
-            CANCEL_ERRORS[kind],
-            "",
-            execution.cancel_reason,
-            attempt=execution.task.attempt,
-            timeout_type=kind,
-        ),
+    error = RemoteError(
+        CANCEL_ERRORS[kind], "", execution.cancel_reason, attempt=execution.task.attempt, timeout_type=kind
     )
+    return failed(codec, execution.task.activity_id, error)
 
 
 def application_error(exc: BaseException, attempt: int) -> RemoteError:
@@ -91,8 +93,11 @@ def application_error(exc: BaseException, attempt: int) -> RemoteError:
             else f"{kind.__module__}.{kind.__qualname__}"
         )
         message, non_retryable = _text_of(exc), False
+    frames = exc.__traceback__
+    while frames is not None and frames.tb_frame.f_globals.get("__name__") == __name__:
+        frames = frames.tb_next  # sessionq's own frames, which called the activity
     try:
-        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        text = "".join(traceback.format_exception(type(exc), exc, frames))
     except Exception as broken:
         text = f"(the traceback could not be formatted: {broken!r})"
     return RemoteError("ApplicationError", name, message, text, attempt, non_retryable=non_retryable)
@@ -111,14 +116,15 @@ async def execute(
     codec: Codec,
     pool: Executor,
     redis_now_ms: Callable[[], float],
-) -> bytes:
-    """Run all attempts of the execution and return the inbox message for its caller."""
+) -> Reply:
+    """Run all attempts of the execution; the inbox message for its caller, and its error."""
     task, running = execution.task, execution.running
     policy = task.retry_policy or DEFAULT_RETRY_POLICY
     give_up_at = None if task.schedule_to_close is None else task.enqueued_ms + task.schedule_to_close * 1000
     loop = asyncio.get_running_loop()
     while True:
         timer = None
+        attempt_began = time.perf_counter()
         if task.start_to_close is not None:
             timer = loop.call_later(
                 task.start_to_close,
@@ -133,7 +139,7 @@ async def execute(
                 if execution.cancel_kind is None and not _cancelled_from_outside():
                     raise _RaisedByActivity(cancelled) from cancelled  # the activity's own doing
                 raise
-            return encode_result(codec, task.activity_id, value, task.name)
+            return encode_outcome(codec, task.activity_id, value, task.name)
         except asyncio.CancelledError:
             if execution.cancel_kind in (None, "shutdown"):
                 raise  # the worker itself is going away
@@ -147,7 +153,7 @@ async def execute(
             if error.kind != "ActivityTimeoutError" or not _may_retry(
                 task, policy, error.type, give_up_at, redis_now_ms
             ):
-                return encode_error(codec, task.activity_id, error)
+                return failed(codec, task.activity_id, error)
             execution.cancel_kind = None
             _consumed_cancellation()  # the timer's cancel is handled: it must not count later
             # The attempt that timed out may still run in its thread (a def activity that never
@@ -156,8 +162,9 @@ async def execute(
             # A fresh state for the retry: the old attempt's thread must keep seeing
             # is_cancelled() (clearing a shared flag revived it).
             execution.running = running = _RunningActivity(running.info)
-            log.info(
-                "activity %s (%s) attempt %d timed out; retrying", task.name, task.activity_id, task.attempt
+            why = f"timed out ({clean_text(error.message, 500)})"
+            activity_log.retrying(
+                running.info, time.perf_counter() - attempt_began, why, policy.delay_before(task.attempt + 1)
             )
         except BaseException as raised:  # SystemExit, KeyboardInterrupt...: they fail it, never the worker
             exc = raised.cancelled if isinstance(raised, _RaisedByActivity) else raised
@@ -166,14 +173,10 @@ async def execute(
             error = application_error(exc, task.attempt)
             short_type = error.type.rsplit(".", 1)[-1]
             if error.non_retryable or not _may_retry(task, policy, short_type, give_up_at, redis_now_ms):
-                return encode_error(codec, task.activity_id, error)
-            log.info(
-                "activity %s (%s) attempt %d failed (%s: %s); retrying",
-                task.name,
-                task.activity_id,
-                task.attempt,
-                error.type,
-                clean_text(error.message, 500),
+                return failed(codec, task.activity_id, error)
+            why = f"failed ({error.type}: {clean_text(error.message, 500)})"
+            activity_log.retrying(
+                running.info, time.perf_counter() - attempt_began, why, policy.delay_before(task.attempt + 1)
             )
         finally:
             if timer is not None:

@@ -14,12 +14,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
+from . import activity_log
 from .activity import ActivityInfo, _RunningActivity
 from .envelope import RemoteError, Task, encode_error
-from .execution import Execution, execute
+from .execution import Execution, Reply, execute, failed
 from .options import DEFAULT_RETRY_POLICY
 from .threads import DaemonThreadPool
 
@@ -132,9 +134,13 @@ class ActivityRunner:
             refusal = self._refusal(task, held)
             if refusal is not None:
                 message = encode_error(w.codec, task.activity_id, refusal)
+                activity_log.not_started(self._info(task, held), refusal)
             else:
                 execution = Execution(task, _RunningActivity(self._info(task, held)))
-                message = await self._execute(execution, held)
+                activity_log.started(execution.running.info)
+                began = time.perf_counter()
+                message, error = await self._execute(execution, held)
+                activity_log.finished(execution.running.info, time.perf_counter() - began, error)
         except asyncio.CancelledError:
             if ack is not None:
                 if queue is not None and not w.stopping:  # not a stop: make sure it is found again
@@ -219,11 +225,11 @@ class ActivityRunner:
             task.heartbeat_timeout,
         )
 
-    async def _execute(self, execution: Execution, held: HeldSession | None) -> bytes:
+    async def _execute(self, execution: Execution, held: HeldSession | None) -> Reply:
         w, task = self.worker, execution.task
         definition = w.registry.get(task.name)
         if definition is None:
-            return encode_error(
+            return failed(
                 w.codec,
                 task.activity_id,
                 RemoteError(
@@ -237,7 +243,7 @@ class ActivityRunner:
             )
         waited_ms = w.redis_now_ms() - task.enqueued_ms
         if task.schedule_to_start is not None and waited_ms > task.schedule_to_start * 1000:
-            return encode_error(
+            return failed(
                 w.codec,
                 task.activity_id,
                 RemoteError(

@@ -33,7 +33,10 @@ from click.testing import CliRunner
 from rich.console import Console
 
 import sessionq
+from sessionq import Client
 from sessionq.keys import QueueKeys
+from tests import activities as acts
+from tests.faultkit import private_server
 from tests.helpers import pid_running, wait_for
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -234,10 +237,54 @@ async def test_worker_bad_module_attr_gives_one_line_error(monkeypatch: pytest.M
 
 async def test_worker_unreachable_redis_gives_one_line_error() -> None:
     url = f"redis://127.0.0.1:{free_port()}/0"
-    ran = await run_cli("worker", "tests.activities:ALL", "-Q", "q", "--redis-url", url)
+    flags = ["--redis-url", url, "--wait-for-redis", "0"]
+    ran = await run_cli("worker", "tests.activities:ALL", "-Q", "q", *flags)
     assert_one_line_error(ran, 1, "cannot reach Redis", url)
     ran = await run_cli("inspect", "--redis-url", url)
     assert_one_line_error(ran, 1, "cannot reach Redis")
+
+
+async def test_worker_waits_for_redis_then_gives_up_with_one_warning_and_one_error() -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    began = time.monotonic()
+    flags = ["--redis-url", url, "--wait-for-redis", "2"]
+    ran = await run_cli("worker", "tests.activities:ALL", "-Q", "q", *flags)
+    took = time.monotonic() - began
+    lines = [line for line in ran.err.splitlines() if line.strip()]
+    assert ran.code == 1, ran.err
+    assert took >= 2, f"gave up after {took:.1f}s"
+    assert len(lines) == 2 and "trying again for up to 2s" in lines[0], ran.err
+    assert lines[1].startswith("Error: cannot reach Redis") and "tried for 2s" in lines[1], ran.err
+
+
+async def test_worker_started_before_redis_serves_once_redis_comes_up(
+    backend: str, key_prefix: str, task_queue: str, tmp_path: Path
+) -> None:
+    """As celery's broker_connection_retry_on_startup: a worker started a moment before its
+    Redis (compose, a pod) waits for it instead of exiting, then serves."""
+    server = private_server(backend)
+    server.port = free_port()  # known before the server runs: the worker is pointed at it first
+    log = tmp_path / "worker.log"
+    argv = cli_argv("worker", "tests.activities:ALL", "-Q", task_queue, "--prefix", key_prefix,
+                    "--redis-url", server.url, "--identity", "early", "--wait-for-redis", "30")  # fmt: skip
+    with open(log, "wb") as sink:
+        process = await asyncio.create_subprocess_exec(
+            *argv, cwd=REPO_ROOT, env=clean_env(), stdin=asyncio.subprocess.DEVNULL, stdout=sink, stderr=sink
+        )
+    try:
+        await wait_for(lambda: "cannot reach Redis" in log.read_text(), timeout=15, message="no warning")
+        assert process.returncode is None
+        with server:
+            async with Client(server.url, prefix=key_prefix) as client:
+                answer = await asyncio.wait_for(
+                    client.execute_activity(acts.whoami, task_queue=task_queue), 30
+                )
+            assert answer == "early"
+            assert log.read_text().count("cannot reach Redis") == 1, log.read_text()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await process.wait()
 
 
 def test_worker_list_of_activities_needs_a_task_queue(monkeypatch: pytest.MonkeyPatch) -> None:
