@@ -11,6 +11,8 @@ JSON schema (``--json``), version 1. Every document is one JSON object::
       "hosts":    [Host, ...],     # views: (none), workers, hosts
       "sessions": [Session, ...],  # views: (none), sessions
       "session":  Session | null   # view: session ID (null: no such session; exit code 1)
+      "healthy":  bool,            # view: health (false: exit code 1)
+      "problems": [str, ...]       # view: health, why it is not healthy (with queues, workers)
     }
 
 Only the keys of the requested view are present. With ``--watch`` one such object is
@@ -39,6 +41,7 @@ Worker::
     host_id             str|null  the host it is a process of (null: it is its own host)
     host                str|null  the machine's name
     pid                 int|null
+    state               "alive" | "stopping" (takes nothing new) | "dead" (not yet reaped)
     alive               bool  its heartbeat key exists (false: dead, not yet reaped)
     heartbeat_ttl_ms    int|null  time left on the heartbeat key
     last_heartbeat_age_s  float|null  since its last heartbeat
@@ -47,6 +50,7 @@ Worker::
     open_sessions       int
     max_sessions        int|null  null = unlimited (or sessions disabled)
     running_activities  int   activities running at the last heartbeat
+    waiting_activities  int   activities inside it waiting for one of its concurrency slots
     concurrency         int|null  most activities at once
     activities_done     int   activities finished since it started
     pending             int   plain activities it read and has not acknowledged
@@ -125,9 +129,9 @@ from .common import (
     require_redis,
     sync_client,
 )
-from .snapshot import collect
+from .snapshot import AmbiguousSession, collect, queue_problem
 
-VIEWS = ("workers", "hosts", "sessions", "queues", "session")
+VIEWS = ("workers", "hosts", "sessions", "queues", "session", "health")
 
 
 def fmt_age(seconds: float | None) -> str:
@@ -179,6 +183,7 @@ def queues_table(rows: list[dict[str, Any]]) -> Table:
         ("sessions", lambda q: str(q["open_sessions"])),
         ("free", lambda q: "∞" if q["free_session_slots"] is None else str(q["free_session_slots"])),
         ("dead", lambda q: str(q["dead_letters"])),
+        ("note", lambda q: f"[bold red]{problem}[/]" if (problem := queue_problem(q)) else ""),
     ]
     for header, _ in columns:
         table.add_column(header, justify="left" if header == "queue" else "right", no_wrap=True)
@@ -200,6 +205,20 @@ def worker_sessions(w: dict[str, Any]) -> str:
     return f"{w['open_sessions']}/{'∞' if w['max_sessions'] is None else w['max_sessions']}"
 
 
+def running(w: dict[str, Any]) -> str:
+    """Activities running / the worker's concurrency, and those waiting inside it for a slot."""
+    text = f"{w['running_activities']}/{fmt(w['concurrency'])}"
+    return text + f" [yellow]+{w['waiting_activities']} waiting[/]" if w.get("waiting_activities") else text
+
+
+def worker_state(w: dict[str, Any]) -> str:
+    if w["state"] == "dead":
+        return "[bold red]DEAD[/]" + (": its sessions fail when reaped" if w["open_sessions"] else "")
+    if w["state"] == "stopping":
+        return "[yellow]stopping[/]: takes nothing new"
+    return "[green]alive[/]"
+
+
 def workers_table(rows: list[dict[str, Any]]) -> Table:
     return make_table(
         "workers",
@@ -209,12 +228,12 @@ def workers_table(rows: list[dict[str, Any]]) -> Table:
             ("host", "left", lambda w: fmt(w["host"])),
             ("pid", "right", lambda w: fmt(w["pid"])),
             ("sessions", "right", worker_sessions),
-            ("running", "right", lambda w: f"{w['running_activities']}/{fmt(w['concurrency'])}"),
+            ("running", "right", running),
             ("resources", "left", lambda w: offered(w["resources"])),
             ("pending", "right", lambda w: str(w["pending"])),
             ("queued", "right", lambda w: str(w["queued"])),
             ("heartbeat", "right", lambda w: fmt_age(w["last_heartbeat_age_s"]) + " ago"),
-            ("alive", "left", lambda w: "[green]yes[/]" if w["alive"] else "[bold red]DEAD[/]"),
+            ("state", "left", worker_state),
         ],
     )
 
@@ -278,6 +297,15 @@ def session_note(s: dict[str, Any]) -> str:
     return s["reason"] or ""
 
 
+def deadline(s: dict[str, Any]) -> str:
+    """When an open session's execution timeout passes (a waiting caller's: when it gives
+    up); nothing for an ended one."""
+    if s["state"] not in ("OPEN", "WAITING") or s["deadline_in_s"] is None:
+        return "-"
+    left = s["deadline_in_s"]
+    return f"in {fmt_age(left)}" if left >= 0 else f"[red]{fmt_age(-left)} ago[/]"
+
+
 def sessions_table(rows: list[dict[str, Any]]) -> Table:
     return make_table(
         "sessions",
@@ -287,7 +315,7 @@ def sessions_table(rows: list[dict[str, Any]]) -> Table:
             ("worker", "left", lambda s: fmt(s["worker"])),
             ("state", "left", session_state),
             ("age", "right", lambda s: fmt_age(s["age_s"])),
-            ("deadline", "right", lambda s: "in " + fmt_age(s["deadline_in_s"])),
+            ("deadline", "right", deadline),
             ("run", "right", lambda s: fmt(s["activities_run"])),
             ("resources", "left", lambda s: ", ".join(f"{k}={v}" for k, v in s["resources"].items()) or "-"),
             ("queued", "right", lambda s: str(s["queued"])),
@@ -297,14 +325,43 @@ def sessions_table(rows: list[dict[str, Any]]) -> Table:
     )
 
 
-def session_table(s: dict[str, Any]) -> Table:
+def when(ms: int | None, now_ms: int) -> str:
+    """An instant as local time and how long ago (or in how long)."""
+    if ms is None:
+        return "-"
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000))
+    delta = (ms - now_ms) / 1000
+    return f"{stamp} ({'in ' + fmt_age(delta) if delta > 0 else fmt_age(-delta) + ' ago'})"
+
+
+def human(key: str, value: Any, s: dict[str, Any], now_ms: int) -> str | None:
+    """One field of a session as a person reads it; None to leave the field out."""
+    ended = s["state"] not in ("OPEN", "WAITING")
+    if key in ("deadline_in_s", "age_s", "owner_silent_s"):
+        return None  # shown with the instant they are about
+    if key == "deadline_ms" and ended:
+        return None
+    if key.endswith("_ms"):
+        return when(value, now_ms)
+    if key.endswith("_s"):
+        return fmt_age(value)
+    if isinstance(value, bool):
+        return "yes" if value else "[bold red]no[/]"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in value.items()) or "-"
+    return fmt(value)
+
+
+def session_table(s: dict[str, Any], now_ms: int) -> Table:
     table = Table(title=f"session {s['session_id']}", title_justify="left", show_header=False)
     table.add_column("field")
     table.add_column("value")
     for key, value in s.items():
         if key == "queued_activities":
             continue
-        table.add_row(key, fmt(value))
+        shown = human(key, value, s, now_ms)
+        if shown is not None:
+            table.add_row(key.removesuffix("_ms").removesuffix("_s").replace("_", " "), shown)
     for item in s["queued_activities"]:
         table.add_row(
             "queued activity",
@@ -327,7 +384,7 @@ def render(doc: dict[str, Any]) -> Group:
     if "sessions" in doc:
         parts.append(sessions_table(doc["sessions"]) if doc["sessions"] else "no open or waiting sessions")
     if "session" in doc and doc["session"] is not None:
-        parts.append(session_table(doc["session"]))
+        parts.append(session_table(doc["session"], doc["now_ms"]))
     return Group(*parts)
 
 
@@ -338,13 +395,21 @@ def make_console() -> Console:
 
 
 def snapshot(
-    url: str, prefix: str, view: str, task_queue: str | None, session_id: str | None, include_ended: bool
+    url: str,
+    prefix: str,
+    view: str,
+    task_queue: str | None,
+    session_id: str | None,
+    include_ended: bool,
+    max_age_s: float = 60.0,
 ) -> dict[str, Any]:
     import redis
 
     try:
         with sync_client(url) as client:
-            return collect(client, prefix, view, task_queue, session_id, include_ended)
+            return collect(client, prefix, view, task_queue, session_id, include_ended, max_age_s)
+    except AmbiguousSession as exc:
+        raise CliError(str(exc), 2) from None
     except (
         redis.exceptions.ConnectionError,
         redis.exceptions.TimeoutError,
@@ -377,9 +442,27 @@ def watch(console: Console, fetch: Any, as_json: bool, interval: float) -> None:
         return
 
 
+def report_health(doc: dict[str, Any], as_json: bool, task_queue: str | None) -> None:
+    """One line (or the JSON document) on stdout; exit 1 when something is wrong."""
+    if as_json:
+        print(json.dumps(doc, sort_keys=True), flush=True)
+    elif doc["healthy"]:
+        alive = sum(1 for w in doc["workers"] if w["kind"] == "worker" and w["alive"])
+        what = f"task queue {task_queue!r}" if task_queue else f"{len(doc['queues'])} task queue(s)"
+        print(f"OK: {what}, {alive} live worker(s), nothing stuck", flush=True)
+    else:
+        extra = f" (and {len(doc['problems']) - 1} more)" if len(doc["problems"]) > 1 else ""
+        print(f"UNHEALTHY: {doc['problems'][0]}{extra}", flush=True)
+    if not doc["healthy"]:
+        sys.exit(1)
+
+
 @click.command("inspect")
 @click.argument(
-    "view", required=False, type=click.Choice(VIEWS), metavar="[workers|hosts|sessions|queues|session ID]"
+    "view",
+    required=False,
+    type=click.Choice(VIEWS),
+    metavar="[workers|hosts|sessions|queues|session ID|health]",
 )
 @click.argument("session_id", required=False, metavar="")
 @redis_url_option
@@ -403,6 +486,14 @@ def watch(console: Console, fetch: Any, as_json: bool, interval: float) -> None:
     metavar="SECONDS",
     help="Refresh interval of --watch.",
 )
+@click.option(
+    "--max-age",
+    type=click.FloatRange(min=0),
+    default=60.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="health: queued work this old with no live worker is unhealthy.",
+)
 @click.option("--help-json", is_flag=True, help="Show the JSON schema and exit.")
 @logging_options("WARNING")
 def inspect_command(
@@ -416,6 +507,7 @@ def inspect_command(
     include_ended: bool,
     watching: bool,
     interval: float,
+    max_age: float,
     help_json: bool,
     log_level: str | None,
     log_format: str,
@@ -430,7 +522,10 @@ def inspect_command(
     sessionq inspect hosts           hosts (processes sharing --host-id): processes, sessions, grace
     sessionq inspect sessions        id, worker, state, age, deadline, queued activities
     sessionq inspect queues          length, pending, consumers, oldest entry, waiting creators
-    sessionq inspect session ID      one session's record and its queued activities
+    sessionq inspect session ID      one session's record and its queued activities (ID: the whole
+                                     id, or its start as the tables show it)
+    sessionq inspect health          exit 0 when each queue has a live worker and nothing is stuck,
+                                     else 1 and one line saying why (probes, cron checks)
 
     A DEAD worker (heartbeat gone, not yet reaped) and its OPEN sessions are what is stuck:
     a live worker of the queue, or the session's caller, reaps it within seconds.
@@ -449,8 +544,11 @@ def inspect_command(
     chosen = view or "overview"
 
     def fetch() -> dict[str, Any]:
-        return snapshot(url, prefix, chosen, task_queue, session_id, include_ended)
+        return snapshot(url, prefix, chosen, task_queue, session_id, include_ended, max_age)
 
+    if chosen == "health":
+        report_health(fetch(), as_json, task_queue)
+        return
     if watching:
         watch(console, fetch, as_json, interval)
         return

@@ -21,6 +21,19 @@ STREAM_SCAN_LIMIT = 10_000
 
 SCHEMA_VERSION = 1
 
+MIN_PREFIX = 6
+"""Shortest start of a session id that `inspect session` looks up (the tables show 12)."""
+
+
+class AmbiguousSession(LookupError):
+    """Several sessions begin with what was given."""
+
+    def __init__(self, start: str, matches: list[tuple[str, str]]) -> None:
+        shown = ", ".join(f"{sid} ({queue})" for queue, sid in matches[:5])
+        more = f" and {len(matches) - 5} more" if len(matches) > 5 else ""
+        super().__init__(f"{len(matches)} sessions begin with {start!r}: {shown}{more}; give more of the id")
+        self.matches = matches
+
 
 def text(value: Any) -> str | None:
     if value is None:
@@ -179,14 +192,16 @@ class Reader:
     ) -> dict[str, Any]:
         cap = number(record.get("max_sessions"))
         hb_ms = number(record.get("hb_ms"))
+        alive = ttl > 0 or ttl == -1
         return {
             "task_queue": queue,
             "kind": "worker",
             "identity": w,
+            "state": ("stopping" if record.get("stopping") == "1" else "alive") if alive else "dead",
             "host_id": record.get("hid"),
             "host": record.get("host"),
             "pid": number(record.get("pid")),
-            "alive": ttl > 0 or ttl == -1,
+            "alive": alive,
             "heartbeat_ttl_ms": ttl if ttl >= 0 else None,
             # An idle worker's beat renews only its heartbeat key: its age is what the TTL lost
             # (a host's key lives restart_grace longer; its record's 'beat' is kept current).
@@ -198,6 +213,7 @@ class Reader:
             "open_sessions": number(record.get("open")) or 0,
             "max_sessions": cap if cap is not None and cap > 0 else None,
             "running_activities": number(record.get("running")) or 0,
+            "waiting_activities": number(record.get("waiting")) or 0,
             "concurrency": number(record.get("concurrency")),
             "activities_done": number(record.get("done")) or 0,
             "pending": pending,
@@ -354,6 +370,31 @@ class Reader:
         return rows
 
     def find_session(self, sid: str, queues: list[str]) -> dict[str, Any] | None:
+        """One session by its id, or by the start of it (as the tables show: 12 characters);
+        AmbiguousSession when several match."""
+        found = self._find_exact(sid, queues)
+        if found is not None or len(sid) < MIN_PREFIX:
+            return found
+        matches = self.sessions_starting_with(sid, queues)
+        if len(matches) > 1:
+            raise AmbiguousSession(sid, sorted(matches))
+        return self._find_exact(matches[0][1], [matches[0][0]]) if matches else None
+
+    def sessions_starting_with(self, start: str, queues: list[str]) -> list[tuple[str, str]]:
+        """(queue, session id) of the sessions (kept records and waiting callers) whose id
+        begins with `start`."""
+        out = []
+        for queue in queues:
+            k = QueueKeys(self.prefix, queue)
+            head = k.base + "session:"
+            pattern = glob_escape(head + start) + "*"
+            out += [(queue, key.decode()[len(head) :]) for key in self.r.scan_iter(match=pattern, count=1000)]
+            out += [
+                (queue, m.decode()) for m in self.r.zrange(k.waiters, 0, -1) if m.decode().startswith(start)
+            ]
+        return sorted(set(out))
+
+    def _find_exact(self, sid: str, queues: list[str]) -> dict[str, Any] | None:
         for queue in queues:
             k = QueueKeys(self.prefix, queue)
             raw = self.r.hgetall(k.session(sid))
@@ -375,8 +416,10 @@ def collect(
     task_queue: str | None = None,
     session_id: str | None = None,
     include_ended: bool = False,
+    max_age_s: float = 60.0,
 ) -> dict[str, Any]:
-    """One `--json` document for `view` (overview, workers, sessions, queues or session)."""
+    """One `--json` document for `view` (overview, workers, sessions, queues, session or
+    health)."""
     reader = Reader(redis, prefix)
     queues = reader.queue_names(task_queue)
     doc: dict[str, Any] = {"schema": SCHEMA_VERSION, "prefix": prefix, "now_ms": reader.now_ms}
@@ -384,6 +427,12 @@ def collect(
         doc["session"] = reader.find_session(session_id or "", queues)
         return doc
     workers = [row for q in queues for row in reader.workers(q)]
+    if view == "health":
+        doc["queues"] = [reader.queue(q, workers) for q in queues]
+        doc["workers"] = workers
+        doc["problems"] = health_problems(doc["queues"], workers, max_age_s, task_queue)
+        doc["healthy"] = not doc["problems"]
+        return doc
     if view in ("overview", "queues"):
         doc["queues"] = [reader.queue(q, workers) for q in queues]
     if view in ("overview", "workers"):
@@ -393,3 +442,40 @@ def collect(
     if view in ("overview", "sessions"):
         doc["sessions"] = [row for q in queues for row in reader.sessions(q, workers, include_ended)]
     return doc
+
+
+def queue_problem(q: dict[str, Any], max_age_s: float | None = None) -> str | None:
+    """What is wrong with a task queue by itself, or None: work in it and no live worker
+    to do it (a mistyped queue name, a fleet that is down), for longer than `max_age_s`."""
+    if q["workers_alive"] > 0:  # a host's processes are workers too
+        return None
+    if q["length"]:
+        age = q["oldest_age_s"]
+        if max_age_s is None or (age is not None and age > max_age_s):
+            return f"{q['length']} activit{'y' if q['length'] == 1 else 'ies'} queued and no live worker"
+    if q["waiting_sessions"]:
+        return f"{q['waiting_sessions']} caller(s) waiting for a session and no live worker"
+    return None
+
+
+def health_problems(
+    queues: list[dict[str, Any]], workers: list[dict[str, Any]], max_age_s: float, only: str | None
+) -> list[str]:
+    """Why the queues are not healthy (for `inspect health`): a queue asked for that has no
+    live worker, work older than `max_age_s` with no live worker, a dead worker holding
+    open sessions (stuck until it is reaped)."""
+    problems = []
+    for q in queues:
+        name = q["task_queue"]
+        problem = queue_problem(q, max_age_s)
+        if problem is not None:
+            problems.append(f"queue {name!r}: {problem}")
+        elif only is not None and q["workers_alive"] == 0:
+            problems.append(f"queue {name!r}: no live worker")
+    for w in workers:
+        if not w["alive"] and w["open_sessions"]:
+            problems.append(
+                f"queue {w['task_queue']!r}: {w['kind']} {w['identity']} is dead with "
+                f"{w['open_sessions']} open session(s) (they fail once it is reaped)"
+            )
+    return problems

@@ -20,7 +20,7 @@ from .errors import ConfigurationError, SessionqError
 from .faults import DEFAULT_UNAVAILABLE_TIMEOUT, describe, public, retrying
 from .handle import ActivityHandle
 from .inbox import Inbox
-from .keys import DEFAULT_PREFIX, QueueKeys, host_of, new_id, validate_name
+from .keys import DEFAULT_PREFIX, QueueKeys, host_of, new_id, queues_index, validate_name
 from .lease import LeaseKeeper
 from .liveness import LivenessMonitor
 from .options import ActivityOptions, SessionOptions
@@ -114,6 +114,11 @@ class Client:
             key = self.keys(task_queue).inbox(self.client_id)
             inbox = Inbox(self.wire, self.scripts, key, self.codec, self.unavailable_timeout)
             self._inboxes[task_queue] = inbox
+            # Listed for `sessionq inspect` from its first use, with or without a worker: work
+            # sent to a mistyped queue shows there (flagged), not only under -Q.
+            index = queues_index(self.prefix)
+            listed = lambda: self.wire.execute(index, "SADD", index, task_queue)  # noqa: E731
+            self.settle_later(listed, "listing a task queue")
         return inbox
 
     def forget_wait(self, task_queue: str, message_id: str) -> None:

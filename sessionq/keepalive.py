@@ -52,7 +52,7 @@ class Heartbeat:
         heartbeat_timeout: float,
         loop: asyncio.AbstractEventLoop,
         *,
-        counts: Callable[[], tuple[int, int]],
+        counts: Callable[[], tuple[int, int, int]],
         redis_now_ms: Callable[[], float],
         on_lost: Callable[[], None],
         blame: Callable[[], str],
@@ -76,7 +76,7 @@ class Heartbeat:
         self.loop = loop
         self.counts = counts
         self.redis_now_ms = redis_now_ms
-        self._sent_counts: tuple[int, int] | None = None  # what the last beat that got through wrote
+        self._sent_counts: tuple[int, int, int] | None = None  # what the last beat that got through wrote
         self.on_lost = on_lost
         self.blame = blame
         self.stall_limit = stall_limit

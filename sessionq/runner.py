@@ -44,6 +44,8 @@ class ActivityRunner:
         self.in_use = 0
         self.reserved = 0  # plain activities read from the shared stream, not yet in a slot
         self.done = 0
+        self.waiting = 0
+        """Activities here waiting for a slot (all in use), for inspect."""
         self.executions: dict[str, Execution] = {}
         self.pool = DaemonThreadPool(limit, "sessionq-activity")
         self._slot_freed = asyncio.Event()
@@ -71,9 +73,14 @@ class ActivityRunner:
 
     async def _take_slot(self, reserved: bool) -> None:
         """Take a slot (a reserved plain activity turns its reservation into one)."""
-        while self.in_use >= self.limit or (not reserved and self.free <= 0):
-            self._slot_freed.clear()
-            await self._slot_freed.wait()
+        if self.in_use >= self.limit or (not reserved and self.free <= 0):
+            self.waiting += 1
+            try:
+                while self.in_use >= self.limit or (not reserved and self.free <= 0):
+                    self._slot_freed.clear()
+                    await self._slot_freed.wait()
+            finally:
+                self.waiting -= 1
         self.in_use += 1
         if reserved:
             self.reserved -= 1

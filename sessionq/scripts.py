@@ -274,20 +274,22 @@ class Scripts:
         worker_id: str,
         *,
         hb_ms: int,
-        counts: tuple[int, int] | None,
+        counts: tuple[int, int, int] | None,
         now_ms: float,
         timeout: float | None,
         host_id: str = "",
         stopping: bool = False,
     ) -> bool:
         """Renew the heartbeat (and its host's); False when the worker is no longer registered.
-        `counts` (running, done) for inspect, None when unchanged since the last beat.
-        A host's process that is `stopping` keeps the host's sessions alive but takes no new one."""
-        running, done = counts if counts is not None else ("", "")
+        `counts` (running, done, waiting for a slot) for inspect, None when unchanged since the
+        last beat. A host's process that is `stopping` keeps the host's sessions alive but
+        takes no new one."""
+        running, done, waiting = counts if counts is not None else ("", "", "")
+        flag = "1" if stopping else "0"
         reply = await self.run(
             "heartbeat",
             [k.beats, k.worker(worker_id), k.alive(worker_id), k.guard],
-            [worker_id, hb_ms, running, done, k.base, host_id, "1" if stopping else "0", int(now_ms)],
+            [worker_id, hb_ms, running, done, k.base, host_id, flag, int(now_ms), waiting],
             timeout=timeout,
         )
         return bool(reply)

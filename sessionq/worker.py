@@ -214,7 +214,7 @@ class Worker:
                 self.worker_id,
                 self.heartbeat_timeout,
                 self.loop,
-                counts=lambda: (self.runner.in_use, self.runner.done),
+                counts=lambda: (self.runner.in_use, self.runner.done, self.runner.waiting),
                 redis_now_ms=self.redis_now_ms,
                 on_lost=lambda: self.spawn(self.registration.lost()),
                 blame=self.runner.blame,
@@ -359,7 +359,7 @@ class Worker:
                 k,
                 self.worker_id,
                 hb_ms=int(self.heartbeat_timeout * 1000),
-                counts=(self.runner.in_use, self.runner.done),
+                counts=(self.runner.in_use, self.runner.done, self.runner.waiting),
                 now_ms=self.redis_now_ms(),
                 timeout=None,
                 host_id=self.host_id,
@@ -368,7 +368,10 @@ class Worker:
             return
         await self.wire.execute_many(
             k.tasks,
-            [("HSET", k.worker(self.worker_id), "max_sessions", -1), ("ZREM", k.free, self.worker_id)],
+            [
+                ("HSET", k.worker(self.worker_id), "max_sessions", -1, "stopping", 1),
+                ("ZREM", k.free, self.worker_id),
+            ],
         )
 
     def _acknowledged(self, stream: str, entry_ids: Iterable[bytes]) -> None:

@@ -571,20 +571,23 @@ async def test_inspect_is_read_only_and_shows_a_dead_worker_and_its_stuck_sessio
 
     before = await key_state(redis_client, key_prefix)
     where = ("--redis-url", redis_url, "--prefix", key_prefix)
-    table_run, json_run, session_run = await asyncio.gather(
+    table_run, json_run, session_run, health_run = await asyncio.gather(
         run_cli("inspect", *where),  # the real command: every table of the overview
         run_cli("inspect", "--json", *where),
-        run_cli("inspect", "session", session.session_id, *where),
+        run_cli("inspect", "session", session.session_id[:12], *where),  # as the tables show it
+        run_cli("inspect", "health", *where),
     )
     for view, extra in (("workers", {}), ("sessions", {"include_ended": True}), ("queues", {})):
         await collect_in_process(redis_url, key_prefix, view, **extra)  # every other view's reads
     after = await key_state(redis_client, key_prefix)
     assert [r.code for r in (table_run, json_run, session_run)] == [0, 0, 0], table_run.err + json_run.err
     assert after == before, "inspect changed Redis"
+    assert health_run.code == 1 and health_run.out.startswith("UNHEALTHY: "), health_run
+    assert "cli-w1 is dead with 1 open session" in health_run.out or "no live worker" in health_run.out
 
     doc = json.loads(json_run.out)
     [w] = doc["workers"]
-    assert (w["identity"], w["alive"], w["open_sessions"]) == ("cli-w1", False, 1)
+    assert (w["identity"], w["alive"], w["state"], w["open_sessions"]) == ("cli-w1", False, "dead", 1)
     [s] = doc["sessions"]
     assert (s["session_id"], s["state"], s["worker_alive"]) == (session.session_id, "OPEN", False)
     [q] = doc["queues"]
@@ -592,13 +595,85 @@ async def test_inspect_is_read_only_and_shows_a_dead_worker_and_its_stuck_sessio
     assert q["oldest_age_s"] is not None and q["oldest_age_s"] >= 0
     table = table_run.out
     assert "DEAD" in table and "worker is dead" in table and session.session_id[:12] in table
-    assert session.session_id in session_run.out and "False" in session_run.out  # worker_alive
+    assert "1 activity queued and no live worker" in table  # the queue is flagged
+    shown = session_run.out
+    assert session.session_id in shown and re.search(r"worker alive\s+│\s+no\b", shown), shown
+    assert re.search(r"created\s+│\s+\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \(.* ago\)", shown), shown
+    assert str(doc["sessions"][0]["created_ms"]) not in shown, "epoch milliseconds are for --json"
 
     missing = await run_cli(
         "inspect", "session", "nosuchsession", "--redis-url", redis_url, "--prefix", key_prefix
     )
     assert_one_line_error(missing, 1, "no session 'nosuchsession'")
     await client.close()
+
+
+async def test_inspect_health_and_a_session_looked_up_by_the_start_of_its_id(
+    redis_url: str, key_prefix: str, task_queue: str, cli_worker: StartWorker,
+) -> None:  # fmt: skip
+    where = ("--redis-url", redis_url, "--prefix", key_prefix)
+    worker = await cli_worker("tests.activities:ALL", "--max-sessions", "4")
+    ok = await run_cli("inspect", "health", "-Q", task_queue, *where)
+    assert ok.code == 0 and ok.out.startswith(f"OK: task queue {task_queue!r}, 1 live worker(s)"), ok
+    other = await run_cli("inspect", "health", "-Q", "nobody-serves-this", *where)
+    assert other.code == 1 and other.out.strip() == "UNHEALTHY: queue 'nobody-serves-this': no live worker"
+
+    async with sessionq.Client(redis_url, prefix=key_prefix) as client:
+        sessions = [await client.create_session(task_queue) for _ in range(3)]
+        ids = sorted(s.session_id for s in sessions)
+        found = await run_cli("inspect", "session", ids[0][:8], "--json", *where)
+        assert found.code == 0 and json.loads(found.out)["session"]["session_id"] == ids[0]
+        # Two ids that share a start: the lookup names both instead of picking one.
+        twin = ids[0][:8] + "zzzzzzzz"
+        record = QueueKeys(key_prefix, task_queue).session(twin)
+        async with redis.asyncio.Redis.from_url(redis_url) as r:
+            await r.hset(record, mapping={"state": "COMPLETED", "worker": worker.identity})
+            await r.pexpire(record, 60_000)
+            ambiguous = await run_cli("inspect", "session", ids[0][:8], *where)
+            await r.delete(record)
+        assert_one_line_error(ambiguous, 2, f"2 sessions begin with {ids[0][:8]!r}", ids[0], twin)
+        for session in sessions:
+            await session.complete()
+        listed = await run_cli("inspect", "sessions", "--all", *where)
+    assert listed.code == 0
+    ended = [line for line in listed.out.splitlines() if ids[0][:12] in line]
+    assert ended and "COMPLETED" in ended[0] and " in " not in ended[0], "an ended session shows a deadline"
+
+
+async def test_inspect_shows_work_waiting_inside_a_worker_a_stopping_worker_and_an_unserved_queue(
+    redis_url: str, key_prefix: str, task_queue: str, cli_worker: StartWorker, tmp_path: Path,
+) -> None:  # fmt: skip
+    worker = await cli_worker(
+        "tests.activities:ALL", "-c", "1", "--heartbeat-timeout", "1", "--shutdown-grace", "30"
+    )
+    unserved = task_queue + "-typo"
+    async with sessionq.Client(redis_url, prefix=key_prefix) as client:
+        session = await client.create_session(task_queue)
+        marker = tmp_path / "m"
+        for _ in range(3):  # one runs, two wait inside the worker for its only slot
+            await session.start_activity(acts.sleep_for, 30, str(marker))
+        await client.start_activity(acts.whoami, task_queue=unserved)
+
+        async def shown(view: str, test: Callable[[dict[str, Any]], bool]) -> bool:
+            return test(await collect_in_process(redis_url, key_prefix, view))
+
+        def waiting(doc: dict[str, Any]) -> bool:
+            return [w["waiting_activities"] for w in doc["workers"]] == [2]
+
+        await wait_for(lambda: shown("workers", waiting), message="the waiting activities never showed")
+        table = await run_cli("inspect", "--redis-url", redis_url, "--prefix", key_prefix)
+        assert "1/1 +2 waiting" in table.out, table.out
+        assert unserved in table.out and "1 activity queued and no live worker" in table.out, table.out
+
+        worker.signal(signal.SIGTERM)  # the running activity has 30 s to finish
+
+        def stopping(doc: dict[str, Any]) -> bool:
+            return [w["state"] for w in doc["workers"]] == ["stopping"]
+
+        await wait_for(lambda: shown("workers", stopping), message="the worker never showed as stopping")
+        listed = await run_cli("inspect", "workers", "--redis-url", redis_url, "--prefix", key_prefix)
+        assert "stopping: takes nothing new" in listed.out, listed.out
+        worker.signal(signal.SIGKILL)
 
 
 async def _gone(client: redis.asyncio.Redis, key: str) -> bool:

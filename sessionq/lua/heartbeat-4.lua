@@ -22,6 +22,7 @@
 -- ARGV[7] stopping  '1' once a host's process stops gracefully: it keeps the host's sessions
 --                   alive while its activities finish, but no new session is placed for it
 -- ARGV[8] now_ms    Redis' time as the worker reckons it (its offset is re-learnt every few s)
+-- ARGV[9] waiting   activities waiting inside the worker for a slot (for inspect; with ARGV[3])
 -- Returns 1, or 0 when the worker (or its host, past its grace) is no longer registered
 -- and must register afresh (its record is checked when its key had lapsed: an earlier
 -- version's reap leaves the heartbeat deadline behind). Cost: O(log n) (n: entries of
@@ -54,7 +55,9 @@ if serve and (redis.call('HEXISTS', KEYS[2], 'max_sessions') == 0
   redis.call('DEL', KEYS[3])
   return 0
 end
-if ARGV[3] ~= '' then redis.call('HSET', KEYS[2], 'beat', now, 'running', ARGV[3], 'done', ARGV[4]) end
+if ARGV[3] ~= '' then
+  redis.call('HSET', KEYS[2], 'beat', now, 'running', ARGV[3], 'done', ARGV[4], 'waiting', ARGV[9] or 0)
+end
 if h then
   local hk = base .. 'worker:' .. h
   redis.call('SET', base .. 'alive:' .. h, '1', 'PX', hb_ms + grace_ms)
