@@ -154,6 +154,34 @@ def unavailable(what: str, waited: float, exc: BaseException) -> RedisUnavailabl
     )
 
 
+class Outage:
+    """Tells of a Redis outage once: one warning when a call first finds Redis away, one
+    line when a retried call gets through again; the retries in between, of any call of
+    this process, log at DEBUG only (a minute of outage was a hundred lines before)."""
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+
+    def failed(self, what: str, exc: BaseException) -> None:
+        if self.since is None:
+            self.since = time.monotonic()
+            log.warning("%s: %s; retrying (quietly until Redis answers)", what, describe(exc))
+        else:
+            log.debug("%s: %s; retrying", what, describe(exc))
+
+    def gave_up(self) -> None:
+        self.since = None
+
+    def answered(self) -> None:
+        if self.since is not None:
+            log.warning("Redis answers again, after %.1f s", time.monotonic() - self.since)
+            self.since = None
+
+
+outage = Outage()
+"""This process's: calls of every Client and Worker share one account of the outage."""
+
+
 async def retrying(
     call: Callable[[], Awaitable[T]],
     *,
@@ -170,21 +198,24 @@ async def retrying(
     except Exception as exc:
         if not is_transient(exc):
             raise
-        log.warning("%s: %s; retrying", what, describe(exc))
+        outage.failed(what, exc)
     started = time.monotonic()
     try:
         async for attempt in AsyncRetrying(
             retry=retry_if_exception(is_transient),
             wait=wait_random_exponential(multiplier=0.05, max=2.0),
             stop=stop_after_delay(within),
-            before_sleep=before_sleep_log(log, logging.WARNING),
+            before_sleep=before_sleep_log(log, logging.DEBUG),  # the outage was told once
             reraise=True,
         ):
             with attempt:
-                return await call()
+                result = await call()
+                outage.answered()
+                return result
     except Exception as exc:
         if not is_transient(exc):
             raise
+        outage.gave_up()  # the caller hears of it now; the next failure warns again
         raise unavailable(what, time.monotonic() - started, exc) from exc
     raise AssertionError("unreachable")  # pragma: no cover
 

@@ -43,7 +43,7 @@ import msgpack
 from .codec import Codec
 from .envelope import Grant, Refusal, RemoteError, Result, decode_result
 from .errors import RedisDataLostError, SessionqError
-from .faults import describe, retrying, unavailable
+from .faults import describe, outage, retrying, unavailable
 from .replies import raw_stream_entries
 from .scripts import Scripts
 from .wire import Wire
@@ -178,7 +178,7 @@ class Inbox:
                 if failing_since is None:
                     # Out of touch since the read should have answered (a timeout), or now.
                     failing_since = min(now, attempt + READ_BLOCK)
-                    log.warning("inbox %s: cannot read (%s); retrying", self.key, describe(exc))
+                    outage.failed(f"reading inbox {self.key}", exc)  # one warning a process
                 if now - failing_since >= self.unavailable_timeout:
                     waited = now - failing_since
                     self._fail_all(functools.partial(unavailable, "waiting for a result", waited, exc))
@@ -188,7 +188,8 @@ class Inbox:
                 continue
             self._take(entries)
             if failing_since is not None:
-                log.warning("inbox %s: reading again", self.key)
+                outage.answered()
+                log.debug("inbox %s: reading again", self.key)
                 now = time.monotonic()
                 self._checks_due = [now + delay for delay in CHECKS_AFTER_OUTAGE]
             backoff, failing_since = 0.05, None

@@ -19,7 +19,7 @@ import contextlib
 import logging
 import time
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import resources
 from .durations import to_ms
@@ -327,6 +327,24 @@ class SessionOpener:
     def __await__(self) -> Generator[Any, None, Session]:
         return self.open().__await__()
 
+    def __getattr__(self, name: str) -> Any:
+        if name in _SESSION_ATTRIBUTES:
+            raise AttributeError(
+                f"{type(self).__name__} has no {name!r}: create_session() returns an opener, not the "
+                "session; use `session = await client.create_session(...)` or "
+                "`async with client.create_session(...) as session:`"
+            )
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __enter__(self) -> NoReturn:
+        raise TypeError(
+            "create_session() of the async Client needs `async with` (or `await`); for a plain "
+            "`with` use sessionq.SyncClient"
+        )
+
+    def __exit__(self, *exc: object) -> None:  # pragma: no cover - __enter__ always raises
+        pass
+
     async def __aenter__(self) -> Session:
         self._session = await self.open()
         current_session.set(self._session.info)
@@ -629,3 +647,11 @@ class SessionOpener:
 class _Requeue(Exception):
     """The caller's place in line was lost (Redis lost it, or it was dropped while the
     client was silent): queue again with the same session id."""
+
+
+_SESSION_ATTRIBUTES = frozenset(name for name in dir(Session) if not name.startswith("_")) | {
+    "session_id",
+    "info",
+    "state",
+}
+"""What a Session has and its opener does not: the names a forgotten await reaches for."""

@@ -15,7 +15,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from .client import ActivityHandle, Client
-from .errors import SessionAlreadyOpenError, SessionqError
+from .errors import ConfigurationError, SessionAlreadyOpenError, SessionqError
 from .options import SessionOptions
 from .session import Session
 from .session_info import SessionInfo, SessionState, current_session
@@ -25,6 +25,14 @@ T = TypeVar("T")
 
 CLEANUP_WAIT = 15.0
 """How long an interrupted call may take to give back what it took (a slot, a running activity)."""
+
+
+def _in_running_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 class _LoopThread:
@@ -46,6 +54,13 @@ class _LoopThread:
         if threading.current_thread() is self.thread:
             coro.close()
             raise RuntimeError("SyncClient cannot be called from its own event loop; use Client there")
+        if _in_running_loop():
+            coro.close()
+            raise ConfigurationError(
+                "SyncClient",
+                "was called from a running event loop (an async function): it would block that loop "
+                "for the whole call; use sessionq.Client there and await its methods",
+            )
         if self.stopped:
             coro.close()
             raise SessionqError("this SyncClient was closed; create a new one")

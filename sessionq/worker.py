@@ -92,12 +92,14 @@ class Worker:
         if max_concurrent_sessions is not None and (
             isinstance(max_concurrent_sessions, bool)
             or not isinstance(max_concurrent_sessions, int)
-            or max_concurrent_sessions < 1
+            or max_concurrent_sessions < 0
         ):
             raise ConfigurationError(
                 "max_concurrent_sessions",
-                f"must be an int >= 1, or None for no limit; got {max_concurrent_sessions!r}",
+                f"must be an int >= 1, or 0 or None for no limit; got {max_concurrent_sessions!r}",
             )
+        if max_concurrent_sessions == 0:
+            max_concurrent_sessions = None  # as `sessionq worker --max-sessions 0`: no limit
         if (
             isinstance(max_concurrent_activities, bool)
             or not isinstance(max_concurrent_activities, int)

@@ -1038,7 +1038,6 @@ async def test_s19_invalid_session_options_raise_configuration_error(
 
 
 BAD_WORKER_OPTIONS = [
-    ("max_concurrent_sessions", 0),
     ("max_concurrent_sessions", -1),
     ("max_concurrent_sessions", 1.5),
     ("max_concurrent_sessions", "2"),
@@ -1061,7 +1060,8 @@ async def test_s19_invalid_worker_limits_raise_configuration_error(
     value: Any,
 ) -> None:
     """Zero, negative or mistyped limits and timeouts of a session worker raise
-    ConfigurationError naming the field, before the worker registers anywhere."""
+    ConfigurationError naming the field, before the worker registers anywhere (but
+    max_concurrent_sessions=0 means no limit, as --max-sessions 0: test_caller_hints)."""
     with pytest.raises(ConfigurationError) as caught:
         Worker(
             redis_url,

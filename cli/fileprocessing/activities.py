@@ -12,6 +12,7 @@ is where the workers' "local disks" live (default: <tmp>/sessionq-fileprocessing
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import shutil
@@ -94,6 +95,8 @@ async def upload_file(path: str, destination: str) -> dict[str, Any]:
     await asyncio.to_thread(shutil.copyfile, source, target)
     size = source.stat().st_size
     source.unlink()
+    with contextlib.suppress(OSError):  # the worker's directory, once nothing is left in it
+        source.parent.rmdir()
     info = sessionq.activity_info()
     return {"uploaded": str(target), "bytes": size, "worker": info.worker_id, "pid": os.getpid()}
 

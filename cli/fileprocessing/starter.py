@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -164,17 +165,25 @@ async def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--files", type=int, default=6)
     parser.add_argument("--redis-url", default=None, help="default: SESSIONQ_REDIS_URL, REDIS_URL, localhost")
     parser.add_argument("--prefix", default="sq")
+    parser.add_argument("--keep", action="store_true", help="keep the input and uploaded files")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="fileprocessing-"))
-    urls = make_inputs(work / "inputs", args.files)
-    async with sessionq.Client(args.redis_url, prefix=args.prefix) as client:
-        outcomes = await asyncio.gather(
-            *(process_with_retry(client, url, str(work / "uploaded"), on_event=print_event) for url in urls)
-        )
-    for outcome in outcomes:
-        result = outcome.result or {}
-        workers = " -> ".join(outcome.workers)
-        print(f"{outcome.file}: {workers}: {result.get('uploaded')} ({outcome.seconds:.1f}s)")
+    try:
+        urls = make_inputs(work / "inputs", args.files)
+        async with sessionq.Client(args.redis_url, prefix=args.prefix) as client:
+            uploads = str(work / "uploaded")
+            outcomes = await asyncio.gather(
+                *(process_with_retry(client, url, uploads, on_event=print_event) for url in urls)
+            )
+        for outcome in outcomes:
+            result = outcome.result or {}
+            workers = " -> ".join(outcome.workers)
+            print(f"{outcome.file}: {workers}: {result.get('uploaded')} ({outcome.seconds:.1f}s)")
+    finally:
+        if args.keep:
+            print(f"inputs and uploads kept in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

@@ -6,7 +6,7 @@
 A session that asks for SessionOptions(resources={"gpu": 1}) is placed only on a worker
 with a GPU free, holds it until it ends, and gives it back; a third such session waits,
 first come first served, until one frees. Same settings as examples/hello:
-SESSIONQ_REDIS_URL and SESSIONQ_PREFIX; GPUS sets how many GPUs this box offers.
+SESSIONQ_REDIS_URL (or REDIS_URL) and SESSIONQ_PREFIX; GPUS sets how many GPUs this box offers.
 """
 
 from __future__ import annotations
@@ -17,14 +17,15 @@ import os
 import signal
 
 import sessionq
+from sessionq.connection import resolve_url
 
 TASK_QUEUE = "gpu"
 
 
 def settings() -> tuple[str, str]:
-    """(Redis URL, key prefix) from the environment: client and worker must agree on both."""
-    url = os.environ.get("SESSIONQ_REDIS_URL", "redis://localhost:6379/0")
-    return url, os.environ.get("SESSIONQ_PREFIX", "sq")
+    """(Redis URL, key prefix) from the environment, as the library and the CLI read them
+    (SESSIONQ_REDIS_URL, else REDIS_URL, else localhost): client and worker must agree."""
+    return resolve_url(), os.environ.get("SESSIONQ_PREFIX", "sq")
 
 
 @sessionq.activity

@@ -3,7 +3,7 @@
     python examples/hello/worker.py          # then, in another terminal:
     python examples/hello/client.py
 
-Redis comes from SESSIONQ_REDIS_URL (default redis://localhost:6379/0) and the key
+Redis comes from SESSIONQ_REDIS_URL or REDIS_URL (default redis://localhost:6379/0) and the key
 prefix from SESSIONQ_PREFIX (default "sq"). Ctrl-C or SIGTERM stops the worker
 gracefully: it finishes what it is running, then deregisters.
 """
@@ -16,6 +16,7 @@ import os
 import signal
 
 import sessionq
+from sessionq.connection import resolve_url
 
 TASK_QUEUE = "hello"
 
@@ -46,9 +47,9 @@ ACTIVITIES = [greet, word_count, divide]
 
 
 def settings() -> tuple[str, str]:
-    """(Redis URL, key prefix) from the environment: client and worker must agree on both."""
-    url = os.environ.get("SESSIONQ_REDIS_URL", "redis://localhost:6379/0")
-    return url, os.environ.get("SESSIONQ_PREFIX", "sq")
+    """(Redis URL, key prefix) from the environment, as the library and the CLI read them
+    (SESSIONQ_REDIS_URL, else REDIS_URL, else localhost): client and worker must agree."""
+    return resolve_url(), os.environ.get("SESSIONQ_PREFIX", "sq")
 
 
 async def main() -> None:
