@@ -61,7 +61,7 @@ def die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def start_redis_server(binary: str, attempts: int = 3) -> Embedded:
+def start_redis_server(binary: str, attempts: int = 3, answer_within: float = 10.0) -> Embedded:
     """redis-server on a free loopback port; retried on another port if that one was taken."""
     last = ""
     for _ in range(attempts):
@@ -77,15 +77,28 @@ def start_redis_server(binary: str, attempts: int = 3) -> Embedded:
             preexec_fn=die_with_parent if sys.platform.startswith("linux") else None,
         )
         url = f"redis://127.0.0.1:{port}/0"
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + answer_within
         while time.monotonic() < deadline and process.poll() is None and not answers(url):
             time.sleep(0.05)
         if process.poll() is None and answers(url):
             stop = functools.partial(stop_process, process, folder)
             return Embedded(url, f"embedded redis-server on 127.0.0.1:{port}", stop)
-        stop_process(process, folder)
+        silent = process.poll() is None
+        if silent:  # running but not answering: stop it, then read what it said
+            process.terminate()
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
         output = process.stdout.read().decode(errors="replace") if process.stdout else ""
-        last = " ".join(output.split())[-300:] or f"exit code {process.returncode}"
+        stop_process(process, folder)
+        last = (
+            f"it ran but did not answer on 127.0.0.1:{port} within {answer_within:g} s (is the loopback "
+            "interface up?)"
+            if silent
+            else " ".join(output.split())[-300:] or f"exit code {process.returncode}"
+        )
     raise EmbeddedError(f"redis-server did not start: {last}")
 
 

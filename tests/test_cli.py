@@ -710,6 +710,23 @@ def test_demo_uses_a_configured_redis_else_the_default_else_an_embedded_one(
     assert demo.choose_backend("redis://flag:8/0", False, None).url == "redis://flag:8/0"
 
 
+def test_an_embedded_server_that_fails_to_start_is_a_clear_error(tmp_path: Path) -> None:
+    """What redis-server said when it exited at once; a hint when it ran but never answered
+    (no loopback interface, as in a bare network namespace): never a traceback."""
+    from sessionq.cli.embedded import EmbeddedError, start_redis_server
+
+    exits = tmp_path / "exits"
+    exits.write_text("#!/bin/sh\necho 'FATAL: cannot use this config'\nexit 3\n")
+    exits.chmod(0o755)
+    with pytest.raises(EmbeddedError, match="FATAL: cannot use this config"):
+        start_redis_server(str(exits), attempts=1)
+    silent = tmp_path / "silent"
+    silent.write_text("#!/bin/sh\nexec sleep 30\n")
+    silent.chmod(0o755)
+    with pytest.raises(EmbeddedError, match=r"did not answer .* within 0\.5 s \(is the loopback"):
+        start_redis_server(str(silent), attempts=1, answer_within=0.5)
+
+
 def test_demo_runs_only_modules_the_wheel_ships() -> None:
     """`pip install sessionq` (a wheel, no checkout) is enough for the demo: its pipeline and
     the workers' MODULE:ATTR live in sessionq.cli.fileprocessing, a package pyproject.toml
