@@ -33,6 +33,7 @@ Queue::
     open_sessions       int   sessions open on the queue's workers
     free_session_slots  int|null  free slots on live session workers (null = unlimited)
     dead_letters        int   malformed entries moved aside to the dead stream
+    activities_differ   bool  its live workers do not all register the same activities
 
 Worker::
 
@@ -170,6 +171,15 @@ def make_table(title: str, rows: list[dict[str, Any]], columns: list[tuple[str, 
     return table
 
 
+def queue_note(q: dict[str, Any]) -> str:
+    notes = []
+    if problem := queue_problem(q):
+        notes.append(f"[bold red]{problem}[/]")
+    if q.get("activities_differ"):
+        notes.append("[yellow]workers register different activities[/] (inspect workers --json)")
+    return "; ".join(notes)
+
+
 def queues_table(rows: list[dict[str, Any]]) -> Table:
     table = Table(title="queues", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     columns: list[tuple[str, Any]] = [
@@ -183,7 +193,7 @@ def queues_table(rows: list[dict[str, Any]]) -> Table:
         ("sessions", lambda q: str(q["open_sessions"])),
         ("free", lambda q: "∞" if q["free_session_slots"] is None else str(q["free_session_slots"])),
         ("dead", lambda q: str(q["dead_letters"])),
-        ("note", lambda q: f"[bold red]{problem}[/]" if (problem := queue_problem(q)) else ""),
+        ("note", queue_note),
     ]
     for header, _ in columns:
         table.add_column(header, justify="left" if header == "queue" else "right", no_wrap=True)

@@ -100,6 +100,7 @@ class Reader:
         mine = [w for w in workers if w["task_queue"] == name]
         session_workers = [w for w in mine if w["sessions_enabled"] and w["alive"] and not w.get("in_grace")]
         unlimited = any(w["max_sessions"] is None for w in session_workers)
+        activity_sets = {tuple(w["activities"]) for w in mine if w["kind"] == "worker" and w["alive"]}
         return {
             "task_queue": name,
             "length": int(length),
@@ -115,6 +116,7 @@ class Reader:
             if unlimited
             else sum(max(0, w["max_sessions"] - w["open_sessions"]) for w in session_workers),
             "dead_letters": int(dead),
+            "activities_differ": len(activity_sets) > 1,
         }
 
     def group(self, k: QueueKeys) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from .errors import ConfigurationError, SessionqError
 from .faults import DEFAULT_UNAVAILABLE_TIMEOUT, describe, public, retrying
 from .handle import ActivityHandle
 from .inbox import Inbox
-from .keys import DEFAULT_PREFIX, QueueKeys, host_of, new_id, queues_index, validate_name
+from .keys import QueueKeys, default_prefix, host_of, new_id, queues_index, validate_name
 from .lease import LeaseKeeper
 from .liveness import LivenessMonitor
 from .options import ActivityOptions, SessionOptions
@@ -36,22 +36,23 @@ class Client:
     """Sends activities to task queues and opens worker sessions.
 
     `redis` is a URL (default: SESSIONQ_REDIS_URL, REDIS_URL, then localhost) or a
-    redis.asyncio.Redis whose connection settings are reused. `unavailable_timeout` is how
-    long a call rides out Redis being unreachable or refusing commands (retrying, or waiting
-    for its result) before it raises RedisUnavailableError.
+    redis.asyncio.Redis whose connection settings are reused. `prefix` begins every key
+    (default: SESSIONQ_PREFIX, then "sq"); clients and workers must agree on it.
+    `unavailable_timeout` is how long a call rides out Redis being unreachable or refusing
+    commands (retrying, or waiting for its result) before it raises RedisUnavailableError.
     """
 
     def __init__(
         self,
         redis: Any = None,
         *,
-        prefix: str = DEFAULT_PREFIX,
+        prefix: str | None = None,
         codec: Codec | None = None,
         identity: str | None = None,
         retention: float = 3600.0,
         unavailable_timeout: Duration = DEFAULT_UNAVAILABLE_TIMEOUT,
     ) -> None:
-        validate_name("prefix", prefix)
+        prefix = validate_name("prefix", prefix if prefix is not None else default_prefix())
         self.unavailable_timeout: float = seconds(  # type: ignore[assignment]
             "unavailable_timeout", unavailable_timeout, optional=False
         )

@@ -19,6 +19,13 @@ from dataclasses import dataclass
 from .errors import ConfigurationError
 
 DEFAULT_PREFIX = "sq"
+
+
+def default_prefix() -> str:
+    """The key prefix when none is given: $SESSIONQ_PREFIX, else "sq" (as the CLI's --prefix)."""
+    return os.environ.get("SESSIONQ_PREFIX") or DEFAULT_PREFIX
+
+
 CONSUMER_GROUP = "workers"
 HOST_MARK = "host="
 """How a host's placement id begins (`host_worker_id`); no worker identity may."""

@@ -23,7 +23,7 @@ from redis.exceptions import ResponseError
 from . import resources
 from .errors import ConfigurationError
 from .faults import describe, error_code, is_transient
-from .keys import CONSUMER_GROUP, queues_index
+from .keys import CONSUMER_GROUP, host_of, queues_index
 from .replies import time_ms
 from .scripts import Registered
 
@@ -31,6 +31,9 @@ if TYPE_CHECKING:
     from .worker import Worker
 
 log = logging.getLogger("sessionq")
+
+ACTIVITY_PEERS = 100
+"""Most other workers a starting worker compares its activities with."""
 
 
 async def server_time_ms(worker: Worker) -> float:
@@ -74,6 +77,46 @@ class Registration:
         await self.ensure_group()
         await self.register()
         await w.wire.execute(queues_index(w.prefix), "SADD", queues_index(w.prefix), w.task_queue)
+        await self.compare_activities()
+
+    async def compare_activities(self) -> None:
+        """Warn, once at start, when other live workers of the queue register other
+        activities: a session placed on one that lacks the caller's activities fails them
+        with ActivityNotRegisteredError, and a plain activity may land there too. Looks at
+        up to ACTIVITY_PEERS workers (two round trips)."""
+        w = self.worker
+        k = w.keys
+        peers = [
+            m.decode()
+            for m in await w.wire.execute(k.tasks, "SRANDMEMBER", k.workers, ACTIVITY_PEERS)
+            if m.decode() != w.worker_id and host_of(m.decode()) is None
+        ]
+        if not peers:
+            return
+        replies = await w.wire.execute_many(
+            k.tasks,
+            [("HGET", k.worker(p), "activities") for p in peers] + [("EXISTS", k.alive(p)) for p in peers],
+        )
+        mine = set(w.registry)
+        differ = []
+        for peer, names, alive in zip(peers, replies[: len(peers)], replies[len(peers) :], strict=True):
+            if names is None or not alive:
+                continue
+            theirs = {n for n in names.decode().split(",") if n}
+            if theirs != mine:
+                lacks, extra = sorted(mine - theirs), sorted(theirs - mine)
+                parts = ([f"lacks {', '.join(lacks)}"] if lacks else []) + (
+                    [f"also runs {', '.join(extra)}"] if extra else []
+                )
+                differ.append(f"{peer} {' and '.join(parts)}")
+        if differ:
+            shown = "; ".join(differ[:3]) + (f"; and {len(differ) - 3} more" if len(differ) > 3 else "")
+            log.warning(
+                "worker %s: workers of task queue %r register other activities than this one (%s); "
+                "an activity sent to a worker without it fails with ActivityNotRegisteredError: give "
+                "every worker of a queue the same activities, or use another task queue",
+                w.worker_id, w.task_queue, shown,
+            )  # fmt: skip
 
     async def deregister(self, reason: str) -> None:
         """Remove this worker's registration and stream; any session still open fails."""

@@ -46,7 +46,7 @@ from .held import HeldSessions
 from .host_queue import HostQueue
 from .housekeeping import Housekeeping
 from .keepalive import Heartbeat
-from .keys import DEFAULT_PREFIX, HOST_MARK, QueueKeys, host_worker_id, validate_name
+from .keys import HOST_MARK, QueueKeys, default_prefix, host_worker_id, validate_name
 from .outbox import Outbox
 from .own_stream import OwnStream
 from .registration import Registration
@@ -80,7 +80,7 @@ class Worker:
         identity: str | None = None,
         heartbeat_timeout: Duration = 10.0,
         shutdown_grace: Duration = 30.0,
-        prefix: str = DEFAULT_PREFIX,
+        prefix: str | None = None,
         codec: Codec | None = None,
         retention: Duration = 3600.0,
         host_id: str | None = None,
@@ -88,7 +88,7 @@ class Worker:
         session_resources: Mapping[str, int] | None = None,
     ) -> None:
         validate_name("task_queue", task_queue)
-        validate_name("prefix", prefix)
+        prefix = validate_name("prefix", prefix if prefix is not None else default_prefix())
         if max_concurrent_sessions is not None and (
             isinstance(max_concurrent_sessions, bool)
             or not isinstance(max_concurrent_sessions, int)

@@ -99,3 +99,22 @@ async def test_verbose_raises_sessionq_logging_only(
     debug = lines_with(worker.output(), " DEBUG ")
     others = [line for line in debug if " DEBUG   sessionq" not in line]
     assert not others, others[:5]
+
+
+async def test_a_worker_whose_queue_mates_register_other_activities_warns_and_inspect_shows_it(
+    redis_url: str, key_prefix: str, task_queue: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A session placed on a worker that lacks the caller's activity fails it
+    (ActivityNotRegisteredError, which says so); the start of the odd worker says so first."""
+    from sessionq import Worker
+    from tests.test_cli import collect_in_process
+
+    settings: dict[str, Any] = {"task_queue": task_queue, "prefix": key_prefix}
+    full = Worker(redis_url, activities=acts.ALL, identity="full", **settings)
+    partial = Worker(redis_url, activities=[acts.whoami, acts.echo], identity="partial", **settings)
+    async with full, partial:
+        doc = await collect_in_process(redis_url, key_prefix, "queues", task_queue=task_queue)
+    warned = [r.getMessage() for r in caplog.records if "register other activities" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("worker partial:"), warned
+    assert "full also runs " in warned[0] and "sleep_for" in warned[0], warned[0]
+    assert [q["activities_differ"] for q in doc["queues"]] == [True]
