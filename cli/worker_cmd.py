@@ -142,6 +142,7 @@ def settings_of(worker: sessionq.Worker) -> dict[str, Any]:
         "host_id": worker.host_id,
         "restart_grace": worker.restart_grace,
         "session_resources": worker.session_resources,
+        "metrics_registry": worker.metrics_registry,
     }
 
 
@@ -283,6 +284,26 @@ def event_loop(choice: str) -> tuple[str, Runner]:
     return "asyncio", asyncio.run
 
 
+def prometheus_registry() -> Any:
+    """prometheus_client's default registry, or a one-line error saying what to install."""
+    try:
+        import prometheus_client
+    except ImportError:
+        raise CliError("--metrics-port needs prometheus-client: pip install 'sessionq[metrics]'", 2) from None
+    return prometheus_client.REGISTRY
+
+
+def serve_metrics(port: int, addr: str) -> None:
+    """/metrics on ADDR:PORT, from a thread of prometheus_client's; one line if it cannot listen."""
+    import prometheus_client
+
+    try:
+        prometheus_client.start_http_server(port, addr)
+    except OSError as exc:
+        raise CliError(f"cannot serve metrics on {addr}:{port}: {exc.strerror or exc}", 1) from None
+    log.info("metrics on http://%s:%d/metrics", addr, port)
+
+
 def run_worker(
     worker: sessionq.Worker,
     burst: bool,
@@ -406,6 +427,21 @@ def run_worker(
     help="Stop when the parent process exits (for `sessionq demo`).",
 )
 @click.option(
+    "--metrics-port",
+    type=click.IntRange(min=1, max=65535),
+    default=None,
+    metavar="N",
+    help="Serve Prometheus metrics on http://ADDR:N/metrics (pip install 'sessionq[metrics]'); "
+    "with --processes, process i serves on N+i-1.",
+)
+@click.option(
+    "--metrics-addr",
+    default="0.0.0.0",
+    show_default=True,
+    metavar="ADDR",
+    help="Address the metrics server listens on.",
+)
+@click.option(
     "--wait-for-redis",
     type=click.FloatRange(min=0),
     default=30.0,
@@ -433,6 +469,8 @@ def worker_command(
     loop: str,
     prefix: str | None,
     stop_with_parent: bool,
+    metrics_port: int | None,
+    metrics_addr: str,
     wait_for_redis: float,
     log_level: str | None,
     log_format: str,
@@ -485,10 +523,14 @@ def worker_command(
         restart_grace=restart_grace,
         session_resources=offered,
     )
+    if metrics_port is not None and processes is None:
+        overrides["metrics_registry"] = prometheus_registry()
     worker = build_worker(loaded, target, overrides)  # checks the options before any process starts
     # Not before: the errors above stay one line.
     configure_logging(log_level, verbose, quiet, default="INFO", log_format=log_format)
     if processes is None:
+        if metrics_port is not None:
+            serve_metrics(metrics_port, metrics_addr)
         run_worker(worker, burst, stop_with_parent, loop, wait_for_redis)
         return
     if isinstance(worker._redis_target, str):
@@ -526,7 +568,10 @@ def worker_command(
         # A replacement gets an identity of its own: its predecessor's heartbeat key may
         # still be alive (a SIGKILLed process's lives on for its heartbeat_timeout).
         named = ["--identity", f"{identity}-{number}" + (f".{generation}" if generation > 1 else "")]
-        return [sys.executable, "-m", "sessionq.cli", "worker", *common, *(named if identity else [])]
+        metrics = [] if metrics_port is None else ["--metrics-port", str(metrics_port + number - 1),
+                                                   "--metrics-addr", metrics_addr]  # fmt: skip
+        own = [*(named if identity else []), *metrics]
+        return [sys.executable, "-m", "sessionq.cli", "worker", *common, *own]
 
     log.info(
         "supervising %d worker processes of host %s on task queue %r",

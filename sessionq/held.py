@@ -125,6 +125,8 @@ class HeldSessions:
         self.open[sid] = held
         left = (deadline_ms - w.redis_now_ms()) / 1000
         self._arm(held, left)
+        if w.metrics is not None:
+            w.metrics.session_opened()
         if log.isEnabledFor(logging.INFO):
             asked = f", holding {resources.encode(held_resources)}" if held_resources else ""
             fields = {"worker": w.worker_id, "queue": w.task_queue, "session": sid, "event": "session_opened"}
@@ -279,6 +281,8 @@ class HeldSessions:
                 f"session {sid} {'was completed' if kind == 'completed' else 'failed: ' + reason}",
             )
         w = self.worker
+        if w.metrics is not None:
+            w.metrics.session_ended(kind)
         how = kind if kind == "completed" else f"{kind} ({reason})"
         fields = {"worker": w.worker_id, "queue": w.task_queue, "session": sid, "event": "session_ended"}
         fields.update(outcome=kind, reason=reason)

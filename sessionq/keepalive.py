@@ -82,6 +82,8 @@ class Heartbeat:
         self.stall_limit = stall_limit
         self.beats = 0
         self.failed_at = -1e9  # monotonic time of the last failed beat
+        self.last_ok: float | None = None
+        """Monotonic time of the last beat that got through (for the metrics)."""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_tick = time.monotonic()
@@ -201,6 +203,7 @@ class Heartbeat:
             return True
         self._sent_counts = counts if registered else None
         self.beats = max(self.beats, 0) + 1
+        self.last_ok = time.monotonic()
         if failing:
             log.warning("worker %s: heartbeat is back", self.worker_id)
         if not registered:

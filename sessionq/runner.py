@@ -141,13 +141,21 @@ class ActivityRunner:
             refusal = self._refusal(task, held)
             if refusal is not None:
                 message = encode_error(w.codec, task.activity_id, refusal)
-                activity_log.not_started(self._info(task, held), refusal)
+                info = self._info(task, held)
+                activity_log.not_started(info, refusal)
+                if w.metrics is not None:
+                    w.metrics.finished(info, 0.0, refusal, started=False)
             else:
                 execution = Execution(task, _RunningActivity(self._info(task, held)))
                 activity_log.started(execution.running.info)
+                if w.metrics is not None:
+                    w.metrics.started(execution.running.info)
                 began = time.perf_counter()
                 message, error = await self._execute(execution, held)
-                activity_log.finished(execution.running.info, time.perf_counter() - began, error)
+                took = time.perf_counter() - began
+                activity_log.finished(execution.running.info, took, error)
+                if w.metrics is not None:
+                    w.metrics.finished(execution.running.info, took, error)
         except asyncio.CancelledError:
             if ack is not None:
                 if queue is not None and not w.stopping:  # not a stop: make sure it is found again

@@ -47,6 +47,7 @@ from .host_queue import HostQueue
 from .housekeeping import Housekeeping
 from .keepalive import Heartbeat
 from .keys import HOST_MARK, QueueKeys, default_prefix, host_worker_id, validate_name
+from .metrics import WorkerMetrics
 from .outbox import Outbox
 from .own_stream import OwnStream
 from .registration import Registration
@@ -65,7 +66,9 @@ the same identity would share the first's stream (every session activity run twi
 class Worker:
     """Runs activities from a task queue and, with `enable_sessions`, holds sessions.
 
-    `redis` is a URL or a redis.asyncio.Redis. See the README for every option.
+    `redis` is a URL or a redis.asyncio.Redis. `metrics_registry`, a prometheus_client
+    CollectorRegistry, turns on the worker's metrics there (sessionq/metrics.py; `pip
+    install 'sessionq[metrics]'`). See the README for every option.
     """
 
     def __init__(
@@ -86,6 +89,7 @@ class Worker:
         host_id: str | None = None,
         restart_grace: Duration = 30.0,
         session_resources: Mapping[str, int] | None = None,
+        metrics_registry: Any = None,
     ) -> None:
         validate_name("task_queue", task_queue)
         prefix = validate_name("prefix", prefix if prefix is not None else default_prefix())
@@ -158,6 +162,11 @@ class Worker:
         self.own_stream: OwnStream = None  # type: ignore[assignment]
         self.dead_letters: DeadLetters = None  # type: ignore[assignment]
         self.heartbeat: Heartbeat | None = None
+        self.metrics_registry = metrics_registry
+        self.metrics = (
+            None if metrics_registry is None else WorkerMetrics(metrics_registry, task_queue, self.worker_id)
+        )
+        """Prometheus series (metrics.py), when a registry was given."""
         self._stopping = asyncio.Event()  # set by stop(), even before run() starts
         self._stopped = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
@@ -226,6 +235,14 @@ class Worker:
                 retention_ms=self.retention_ms,
             )
             await self.heartbeat.start()
+            if self.metrics is not None:
+                beat = self.heartbeat
+                self.metrics.watch(
+                    running=lambda: self.runner.in_use,
+                    slots_used=lambda: len(self.sessions),
+                    slots_total=self.max_concurrent_sessions or 0,
+                    last_beat=lambda: beat.last_ok,
+                )
             self._tasks = [
                 asyncio.create_task(self._loop(self.shared_queue.poll), name="sessionq-poll-shared"),
                 asyncio.create_task(self._loop(self.own_stream.poll), name="sessionq-poll-own"),
