@@ -191,7 +191,26 @@ class Client:
         kwargs: dict[str, Any] | None = None,
         **options: Any,
     ) -> ActivityHandle:
-        """Queue an activity on the task queue's shared stream; any worker may run it."""
+        """Queue an activity on the task queue's shared stream, where any worker may take it,
+        and return at once; its handle's ``result()`` waits for it.
+
+        Args:
+            activity: a function decorated with ``@sessionq.activity``, or its registered name.
+            *args: its positional arguments (encoded by the client's codec: msgpack types,
+                or what the Codec was taught).
+            task_queue: the queue whose workers may run it (required here).
+            kwargs: its keyword arguments, as a dict (this call's own keywords are options).
+            **options: ActivityOptions fields: ``start_to_close_timeout``,
+                ``schedule_to_close_timeout``, ``schedule_to_start_timeout``,
+                ``heartbeat_timeout``, ``retry_policy``.
+
+        Returns:
+            An ActivityHandle: ``await handle.result()``, ``await handle.cancel()``.
+
+        Raises:
+            RedisUnavailableError: Redis stayed unreachable for ``unavailable_timeout``.
+            ConfigurationError, SerializationError: bad options or arguments; nothing was sent.
+        """
         opts = self.resolve_options(None, options)
         queue = task_queue or opts.task_queue
         if not queue:
@@ -230,7 +249,32 @@ class Client:
         kwargs: dict[str, Any] | None = None,
         **options: Any,
     ) -> Any:
-        """Run an activity on any worker of the task queue and return its result."""
+        """Run an activity on any worker of the task queue and return its result
+        (at-least-once: a worker that dies while running it is replaced by another).
+
+        Args:
+            activity: a function decorated with ``@sessionq.activity``, or its registered name.
+            *args: its positional arguments (encoded by the client's codec: msgpack types,
+                or what the Codec was taught).
+            task_queue: the queue whose workers may run it (required here).
+            kwargs: its keyword arguments, as a dict (this call's own keywords are options).
+            **options: ActivityOptions fields: ``start_to_close_timeout``,
+                ``schedule_to_close_timeout``, ``schedule_to_start_timeout``,
+                ``heartbeat_timeout``, ``retry_policy``.
+
+        Returns:
+            What the activity returned.
+
+        Raises:
+            ActivityError: the activity raised, after the retry policy's attempts; its
+                ``cause`` has the remote type, message and traceback.
+            ActivityTimeoutError: a timeout passed (``timeout_type`` says which).
+            ActivityCancelledError: it was cancelled (``handle.cancel()``, a cancelled await).
+            ActivityNotRegisteredError: the worker that took it does not have it.
+            RedisUnavailableError: Redis stayed unreachable for ``unavailable_timeout``.
+            RedisDataLostError: Redis lost the task or its result (failover, restart).
+            ConfigurationError, SerializationError: bad options or arguments; nothing was sent.
+        """
         handle = await self._start_activity(activity, *args, task_queue=task_queue, kwargs=kwargs, **options)
         try:
             return await handle.outcome()
@@ -263,11 +307,46 @@ class Client:
 
     # -- sessions -----------------------------------------------------------------------
     def create_session(self, task_queue: str, options: SessionOptions | None = None) -> SessionOpener:
-        """Reserve a slot on one worker of `task_queue`; use with `await` or `async with`."""
+        """Reserve a slot on one live worker of `task_queue` for a session: every activity
+        run through it runs on that worker until the session ends.
+
+        Use as ``session = await client.create_session(...)`` (then ``await
+        session.complete()``, in a ``finally``) or ``async with client.create_session(...) as
+        session:`` (completed when the block ends). Callers wait first come, first served,
+        for up to ``options.creation_timeout``.
+
+        Args:
+            task_queue: the queue whose session workers may hold it.
+            options: SessionOptions: creation_timeout, execution_timeout, owner_timeout,
+                resources (default: SessionOptions()).
+
+        Returns:
+            A SessionOpener, to await or enter; it gives the Session.
+
+        Raises (when awaited or entered):
+            SessionCreationTimeoutError: no slot came free within creation_timeout.
+            SessionAlreadyOpenError: this context already holds an open session.
+            RedisUnavailableError: Redis stayed unreachable for ``unavailable_timeout``.
+            ConfigurationError: bad options (raised at once).
+        """
         return SessionOpener(self, task_queue, options or SessionOptions(), token=None)
 
     def recreate_session(self, token: bytes, options: SessionOptions | None = None) -> SessionOpener:
-        """Open a new session on the same worker as the session that gave `token`."""
+        """Open a new session on the same worker (or host) as the session that gave `token`,
+        to carry on where its files are (``session.info.recreate_token`` of an earlier one).
+
+        Args:
+            token: bytes from ``SessionInfo.recreate_token``.
+            options: as for create_session; resources default to the earlier session's.
+
+        Returns:
+            A SessionOpener, to await or enter.
+
+        Raises (when awaited or entered):
+            SessionFailedError: that worker is gone (no other worker will do).
+            SessionCreationTimeoutError: it had no free slot within creation_timeout.
+            ConfigurationError: a token of another prefix, or not a token (raised at once).
+        """
         parsed = decode_token(token)
         if parsed.prefix != self.prefix:
             raise ConfigurationError(

@@ -69,11 +69,18 @@ class ActivityHandle:
         self._cancel = cancel
 
     def done(self) -> bool:
+        """Whether the activity's outcome has arrived (``result()`` would not wait)."""
         return self._future.done()
 
     @public("waiting for an activity's result")
     async def result(self) -> Any:
-        """The activity's return value; raises the sessionq error for any failure."""
+        """Wait for the activity and return what it returned.
+
+        Raises:
+            ActivityError, ActivityTimeoutError, ActivityCancelledError,
+            ActivityNotRegisteredError, SessionFailedError (a session activity),
+            RedisUnavailableError, RedisDataLostError: as for ``execute_activity``.
+        """
         return await self.outcome()
 
     async def outcome(self) -> Any:

@@ -102,7 +102,18 @@ class Session:
         kwargs: dict[str, Any] | None = None,
         **options: Any,
     ) -> ActivityHandle:
-        """Queue an activity on the session's worker; returns at once with a handle."""
+        """Queue an activity on the session's worker and return at once with its handle.
+
+        Args: as for execute_activity.
+
+        Returns:
+            An ActivityHandle: ``await handle.result()``, ``await handle.cancel()``.
+
+        Raises:
+            SessionFailedError, SessionCompletedError: the session already ended.
+            RedisUnavailableError: Redis stayed unreachable for ``unavailable_timeout``.
+            ConfigurationError, SerializationError: bad options or arguments; nothing was sent.
+        """
         self._raise_if_closed()
         opts = self.client.resolve_options(self.options.activity_options, options)
         activity_id, name, payload = self.client.prepare(
@@ -151,7 +162,34 @@ class Session:
         kwargs: dict[str, Any] | None = None,
         **options: Any,
     ) -> Any:
-        """Run an activity on the session's worker and return its result."""
+        """Run an activity on the session's worker and return its result.
+
+        Args:
+            activity: a function decorated with ``@sessionq.activity``, or its registered name.
+            *args: its positional arguments (encoded by the client's codec: msgpack types,
+                or what the Codec was taught).
+            kwargs: its keyword arguments, as a dict (this call's own keywords are options).
+            **options: ActivityOptions fields: ``start_to_close_timeout``,
+                ``schedule_to_close_timeout``, ``schedule_to_start_timeout``,
+                ``heartbeat_timeout``, ``retry_policy``.
+
+        Returns:
+            What the activity returned.
+
+        Raises:
+            ActivityError: the activity raised, after the retry policy's attempts; its
+                ``cause`` has the remote type, message and traceback.
+            ActivityTimeoutError: a timeout passed (``timeout_type`` says which).
+            ActivityCancelledError: it was cancelled (``handle.cancel()``, a cancelled await,
+                the session's completion).
+            ActivityNotRegisteredError: the worker that took it does not have it.
+            SessionFailedError: the session failed (its worker died, its execution timeout
+                passed, its owner went away); the activity's fate is unknown.
+            SessionCompletedError: the session was completed before this call.
+            RedisUnavailableError: Redis stayed unreachable for ``unavailable_timeout``.
+            RedisDataLostError: Redis lost the task or its result (failover, restart).
+            ConfigurationError, SerializationError: bad options or arguments; nothing was sent.
+        """
         handle = await self._start_activity(activity, *args, kwargs=kwargs, **options)
         try:
             return await handle.outcome()
@@ -211,8 +249,14 @@ class Session:
     # -- ending --------------------------------------------------------------------------
     @public("completing a session")
     async def complete(self) -> None:
-        """Release the worker's slot and cancel the session's activities. Idempotent;
-        safe on a failed session (use it in `finally`)."""
+        """End the session: release the worker's slot (to the next waiting caller) and cancel
+        the session's activities still running there. Idempotent; safe on a failed session
+        (use it in ``finally``).
+
+        Raises:
+            RedisUnavailableError: Redis stayed unreachable for ``unavailable_timeout`` (the
+                session then ends by its owner lease or its execution timeout).
+        """
         if self.info.state is SessionState.OPEN:
             try:
                 await self.client.retrying(lambda: self._end("complete", ""), what="completing a session")

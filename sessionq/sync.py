@@ -124,9 +124,11 @@ class SyncActivityHandle:
         self.activity_id = handle.activity_id
 
     def result(self) -> Any:
+        """Block until the activity ends; its return value. Raises as ActivityHandle.result."""
         return self._runner.call(self._handle.result())
 
     def cancel(self) -> None:
+        """Ask the worker to cancel the activity; ``result()`` then raises ActivityCancelledError."""
         self._runner.call(self._handle.cancel())
 
 
@@ -139,17 +141,22 @@ class SyncSession:
 
     @property
     def info(self) -> SessionInfo:
+        """The session's id, worker, host, state and recreate token."""
         return self._session.info
 
     def execute_activity(self, activity: Any, *args: Any, **options: Any) -> Any:
+        """Run an activity on the session's worker and block until its result (arguments,
+        result and errors as Session.execute_activity)."""
         return self._runner.call(self._session.execute_activity(activity, *args, **options))
 
     def start_activity(self, activity: Any, *args: Any, **options: Any) -> SyncActivityHandle:
+        """Queue an activity on the session's worker; a handle whose ``result()`` blocks."""
         return SyncActivityHandle(
             self._runner.call(self._session.start_activity(activity, *args, **options)), self._runner
         )
 
     def complete(self) -> None:
+        """End the session and free its slot (as Session.complete; ``with`` does it on exit)."""
         self._runner.call(self._session.complete())
         if current_session.get() is self._session.info:
             current_session.set(None)
@@ -185,9 +192,12 @@ class SyncClient:
         return self._client
 
     def execute_activity(self, activity: Any, *args: Any, **options: Any) -> Any:
+        """Run an activity on any worker of ``task_queue=`` and block until its result
+        (arguments, result and errors as Client.execute_activity)."""
         return self._runner.call(self._client.execute_activity(activity, *args, **options))
 
     def start_activity(self, activity: Any, *args: Any, **options: Any) -> SyncActivityHandle:
+        """Queue an activity on ``task_queue=``; a handle whose ``result()`` blocks."""
         return SyncActivityHandle(
             self._runner.call(self._client.start_activity(activity, *args, **options)), self._runner
         )
@@ -201,10 +211,14 @@ class SyncClient:
         return SyncSession(self._runner.call(opener.open()), self._runner)
 
     def create_session(self, task_queue: str, options: SessionOptions | None = None) -> SyncSession:
-        """Open a session (blocking); use it plainly or as `with ... as session`."""
+        """Open a session, blocking until a worker's slot is reserved (arguments and errors
+        as Client.create_session); use it plainly (then ``complete()``) or as ``with ... as
+        session`` (completed on exit)."""
         return self._open(self._client.create_session(task_queue, options))
 
     def recreate_session(self, token: bytes, options: SessionOptions | None = None) -> SyncSession:
+        """A new session on the worker of the session that gave `token` (as
+        Client.recreate_session), blocking until it is open."""
         return self._open(self._client.recreate_session(token, options))
 
     def close(self) -> None:

@@ -180,8 +180,17 @@ class Worker:
     # -- public lifecycle -----------------------------------------------------------------
     @public("running a worker")
     async def run(self, *, burst: bool = False) -> None:
-        """Run until stop() (or, with burst=True, until the queue is drained and no session
-        is open). Stops gracefully: see `_shutdown`."""
+        """Register, serve the task queue, and return once stopped: after stop() (or, with
+        ``burst=True``, once the queue is drained and no session is open). The stop is
+        graceful: nothing new is taken, running activities get ``shutdown_grace`` to
+        finish, then the sessions still held fail and the worker deregisters.
+        ``async with worker:`` runs it in the background instead, until the block ends.
+
+        Raises:
+            ConfigurationError: another live worker uses this identity on the queue, or
+                the host's other processes run with other settings.
+            RedisUnavailableError: Redis could not be reached to register.
+        """
         self.burst = burst
         self.loop = asyncio.get_running_loop()
         here = (self.prefix, self.task_queue, self.worker_id)
@@ -284,9 +293,11 @@ class Worker:
 
     @property
     def stopping(self) -> bool:
+        """Whether stop() was called (the worker takes nothing new)."""
         return self._stopping.is_set()
 
     async def wait_stopped(self) -> None:
+        """Wait until run() has finished stopping."""
         await self._stopped.wait()
 
     async def wait_started(self, timeout: float = 30.0) -> None:
