@@ -84,13 +84,7 @@ def start_redis_server(binary: str, attempts: int = 3, answer_within: float = 10
             stop = functools.partial(stop_process, process, folder)
             return Embedded(url, f"embedded redis-server on 127.0.0.1:{port}", stop)
         silent = process.poll() is None
-        if silent:  # running but not answering: stop it, then read what it said
-            process.terminate()
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        terminate(process)  # running but not answering: stop it, then read what it said
         output = process.stdout.read().decode(errors="replace") if process.stdout else ""
         stop_process(process, folder)
         last = (
@@ -102,7 +96,8 @@ def start_redis_server(binary: str, attempts: int = 3, answer_within: float = 10
     raise EmbeddedError(f"redis-server did not start: {last}")
 
 
-def stop_process(process: subprocess.Popen[bytes], folder: str) -> None:
+def terminate(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL after 5 s; returns once it exited."""
     if process.poll() is None:
         process.terminate()
         try:
@@ -110,6 +105,10 @@ def stop_process(process: subprocess.Popen[bytes], folder: str) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def stop_process(process: subprocess.Popen[bytes], folder: str) -> None:
+    terminate(process)
     if process.stdout is not None:
         process.stdout.close()
     shutil.rmtree(folder, ignore_errors=True)

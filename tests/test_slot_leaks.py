@@ -267,13 +267,13 @@ async def test_d06_leaving_async_with_client_completes_the_sessions_it_holds(
     assert "never retrieved" not in caplog.text
 
 
-OWNER_THAT_DIES = """
+CALLER_THAT_DIES = """
 import asyncio, sys
 import sessionq
 
-async def main(url, prefix, queue, owner_timeout):
+async def main(url, prefix, queue, seconds, option="owner_timeout"):
     client = sessionq.Client(url, prefix=prefix)
-    opts = sessionq.SessionOptions(creation_timeout=10, owner_timeout=float(owner_timeout))
+    opts = sessionq.SessionOptions(creation_timeout=10, **{option: float(seconds)})
     session = await client.create_session(queue, opts)
     print("OPEN", session.session_id, flush=True)
     await asyncio.Event().wait()
@@ -291,7 +291,7 @@ async def test_d06_a_killed_callers_session_ends_after_its_owner_timeout(
     owner_timeout = 2.0
     await workers(redis_url, max_concurrent_sessions=1)
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", OWNER_THAT_DIES, redis_url, key_prefix, task_queue, str(owner_timeout),
+        sys.executable, "-c", CALLER_THAT_DIES, redis_url, key_prefix, task_queue, str(owner_timeout),
         stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
     try:
@@ -346,26 +346,13 @@ async def test_d08_a_clock_step_on_the_worker_does_not_end_sessions_early(
 
 # --- 6b. who ends a session at its execution deadline ---------------------------------------
 
-SILENT_CALLER = """
-import asyncio, sys
-import sessionq
-
-async def main(url, prefix, queue, execution_timeout):
-    client = sessionq.Client(url, prefix=prefix)
-    opts = sessionq.SessionOptions(creation_timeout=10, execution_timeout=float(execution_timeout))
-    session = await client.create_session(queue, opts)
-    print("OPEN", session.session_id, flush=True)
-    await asyncio.Event().wait()
-
-asyncio.run(main(*sys.argv[1:]))
-"""
-
 
 async def open_and_vanish(redis_url: str, key_prefix: str, task_queue: str, execution_timeout: float) -> str:
     """A caller process opens a session and is SIGKILLed: nobody on the caller's side will
     end it. Returns its id."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", SILENT_CALLER, redis_url, key_prefix, task_queue, str(execution_timeout),
+        sys.executable, "-c", CALLER_THAT_DIES, redis_url, key_prefix, task_queue, str(execution_timeout),
+        "execution_timeout",
         stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
     try:
