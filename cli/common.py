@@ -105,12 +105,27 @@ def url_configured(flag: str | None) -> bool:
 
 def ping(url: str, timeout: float = 3.0) -> str | None:
     """None when Redis answers at `url`, else the reason it does not (one line)."""
+    failure = probe(url, timeout)
+    return None if failure is None else one_line(failure)
+
+
+def probe(url: str, timeout: float = 3.0) -> Exception | None:
+    """None when Redis answers at `url`, else what went wrong."""
     try:
         with sync_client(url, timeout) as client:
             client.ping()
     except Exception as exc:
-        return one_line(exc)
+        return exc
     return None
+
+
+def may_pass(failure: Exception | None) -> bool:
+    """Whether waiting can help: Redis not up yet, or loading; not a wrong password or URL."""
+    import redis
+
+    if isinstance(failure, redis.exceptions.AuthenticationError | redis.exceptions.ResponseError):
+        return isinstance(failure, redis.exceptions.BusyLoadingError)
+    return isinstance(failure, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError | OSError)
 
 
 def require_redis(url: str, wait: float = 0.0) -> None:
@@ -123,8 +138,11 @@ def require_redis(url: str, wait: float = 0.0) -> None:
             "for Redis Cluster, redis+sentinel://host:port/service_name for Sentinel)",
             2,
         )
-    problem = ping(url)
-    if problem is not None and wait > 0:
+    failure = probe(url)
+    problem = None if failure is None else one_line(failure)
+    waited = ""
+    if failure is not None and wait > 0 and may_pass(failure):
+        waited = f" (tried for {wait:g}s)"
         logging.getLogger("sessionq.cli").warning(
             "cannot reach Redis at %s yet (%s); trying again for up to %gs (--wait-for-redis)",
             redact(url), problem, wait,
@@ -132,17 +150,18 @@ def require_redis(url: str, wait: float = 0.0) -> None:
         retrying = tenacity.Retrying(
             stop=tenacity.stop_after_delay(wait),
             wait=tenacity.wait_exponential(multiplier=0.1, max=2.0),
-            retry=tenacity.retry_if_result(lambda answer: answer is not None),
-            retry_error_callback=lambda state: state.outcome.result() if state.outcome else problem,
+            retry=tenacity.retry_if_result(may_pass),
+            retry_error_callback=lambda state: state.outcome.result() if state.outcome else failure,
         )
-        problem = retrying(ping, url, min(3.0, wait))
+        failure = retrying(probe, url, min(3.0, wait))
+        problem = None if failure is None else one_line(failure)
         if problem is None:
             logging.getLogger("sessionq.cli").info("Redis at %s answers", redact(url))
     if problem is not None:
-        waited = f" (tried for {wait:g}s)" if wait > 0 else ""
+        fix = "check the password or user in the URL" if not may_pass(failure) else "start Redis"
         raise CliError(
             f"cannot reach Redis at {redact(url)}{waited}: {problem} "
-            "(start Redis, or pass --redis-url / set SESSIONQ_REDIS_URL)",
+            f"({fix}, or pass --redis-url / set SESSIONQ_REDIS_URL)",
             1,
         )
 
@@ -173,6 +192,15 @@ def configure_logging(
 _RECORD_ATTRIBUTES = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
 
+def _plain(value: object) -> object:
+    """A value json.dumps takes as it is, else its repr()."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return repr(value)
+    return value
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object a line, for log shippers: time (UTC, ISO 8601), level, logger,
     message, pid, the record's own fields (an activity's queue, name, id, session, attempt,
@@ -192,7 +220,12 @@ class JsonFormatter(logging.Formatter):
                 line[key] = value
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
-        return json.dumps(line, default=str, ensure_ascii=False)
+        if record.stack_info:
+            line["stack"] = self.formatStack(record.stack_info)
+        try:
+            return json.dumps(line, default=str, ensure_ascii=False, allow_nan=False)
+        except (TypeError, ValueError):  # tuple keys, a cycle, NaN: the field as repr(), the line kept
+            return json.dumps({k: _plain(v) for k, v in line.items()}, ensure_ascii=False)
 
 
 def logging_options(default: str) -> Callable[[F], F]:

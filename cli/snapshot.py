@@ -28,10 +28,15 @@ MIN_PREFIX = 6
 class AmbiguousSession(LookupError):
     """Several sessions begin with what was given."""
 
-    def __init__(self, start: str, matches: list[tuple[str, str]]) -> None:
+    def __init__(self, start: str, matches: list[tuple[str, str]], too_short: bool = False) -> None:
         shown = ", ".join(f"{sid} ({queue})" for queue, sid in matches[:5])
         more = f" and {len(matches) - 5} more" if len(matches) > 5 else ""
-        super().__init__(f"{len(matches)} sessions begin with {start!r}: {shown}{more}; give more of the id")
+        text = (
+            f"no session {start!r}; give the whole id, or at least {MIN_PREFIX} characters of it"
+            if too_short
+            else f"{len(matches)} sessions begin with {start!r}: {shown}{more}; give more of the id"
+        )
+        super().__init__(text)
         self.matches = matches
 
 
@@ -375,8 +380,10 @@ class Reader:
         """One session by its id, or by the start of it (as the tables show: 12 characters);
         AmbiguousSession when several match."""
         found = self._find_exact(sid, queues)
-        if found is not None or len(sid) < MIN_PREFIX:
+        if found is not None:
             return found
+        if len(sid) < MIN_PREFIX:
+            raise AmbiguousSession(sid, [], too_short=True)
         matches = self.sessions_starting_with(sid, queues)
         if len(matches) > 1:
             raise AmbiguousSession(sid, sorted(matches))
@@ -386,11 +393,16 @@ class Reader:
         """(queue, session id) of the sessions (kept records and waiting callers) whose id
         begins with `start`."""
         out = []
+        wanted = set(queues)
+        # One walk of the keyspace for every queue: <prefix>:{<queue>}:session:<start>*
+        pattern = glob_escape(self.prefix) + ":{*}:session:" + glob_escape(start) + "*"
+        for key in self.r.scan_iter(match=pattern, count=1000):
+            head, _, sid = key.decode(errors="replace").rpartition(":session:")
+            queue = head[len(self.prefix) + 2 : -1]
+            if queue in wanted:
+                out.append((queue, sid))
         for queue in queues:
             k = QueueKeys(self.prefix, queue)
-            head = k.base + "session:"
-            pattern = glob_escape(head + start) + "*"
-            out += [(queue, key.decode()[len(head) :]) for key in self.r.scan_iter(match=pattern, count=1000)]
             out += [
                 (queue, m.decode()) for m in self.r.zrange(k.waiters, 0, -1) if m.decode().startswith(start)
             ]
@@ -433,6 +445,8 @@ def collect(
         doc["queues"] = [reader.queue(q, workers) for q in queues]
         doc["workers"] = workers
         doc["problems"] = health_problems(doc["queues"], workers, max_age_s, task_queue)
+        if not queues:
+            doc["problems"].append(f"no task queues under prefix {prefix!r} (a wrong --prefix?)")
         doc["healthy"] = not doc["problems"]
         return doc
     if view in ("overview", "queues"):

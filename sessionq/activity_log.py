@@ -108,6 +108,14 @@ def finished(info: ActivityInfo, seconds: float, error: RemoteError | None) -> N
         )  # fmt: skip
 
 
+def interrupted(info: ActivityInfo, seconds: float, what_next: str) -> None:
+    """The worker stopped while the activity ran (its shutdown grace passed)."""
+    log.warning(
+        "%s: interrupted after %s by the worker's stop; %s", _head(info), took(seconds), what_next,
+        extra=_fields(info, seconds, "interrupted"),
+    )  # fmt: skip
+
+
 def not_started(info: ActivityInfo, error: RemoteError) -> None:
     """The worker answered without running the activity (cancelled before it started, its
     session ended while it waited for a slot, the worker is stopping, no attempt left)."""

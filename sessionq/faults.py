@@ -193,8 +193,11 @@ async def retrying(
     Only for idempotent operations (a dropped connection leaves it unknown whether the
     command ran). Raises RedisUnavailableError when Redis stays away or keeps refusing.
     """
-    try:  # the common case pays nothing for the retry machinery
-        return await call()
+    try:  # the common case pays nothing for the retry machinery (one attribute check)
+        result = await call()
+        if outage.since is not None:
+            outage.answered()
+        return result
     except Exception as exc:
         if not is_transient(exc):
             raise
@@ -217,6 +220,9 @@ async def retrying(
             raise
         outage.gave_up()  # the caller hears of it now; the next failure warns again
         raise unavailable(what, time.monotonic() - started, exc) from exc
+    except BaseException:  # cancelled while retrying: a later outage must still be told
+        outage.gave_up()
+        raise
     raise AssertionError("unreachable")  # pragma: no cover
 
 

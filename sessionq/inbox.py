@@ -182,6 +182,7 @@ class Inbox:
                 if now - failing_since >= self.unavailable_timeout:
                     waited = now - failing_since
                     self._fail_all(functools.partial(unavailable, "waiting for a result", waited, exc))
+                    outage.gave_up()
                     failing_since = None
                 await asyncio.sleep(backoff * (0.5 + os.urandom(1)[0] / 255))
                 backoff = min(backoff * 2, 2.0)

@@ -8,7 +8,8 @@ Workers of one process can share a registry.
     sessionq_activities_started_total{queue,worker,activity}
     sessionq_activities_finished_total{queue,worker,activity,outcome}
         outcome: completed, failed, timed_out, cancelled, ended_with_its_session,
-        not_started, or the error's kind (ActivityNotRegisteredError...)
+        not_started, interrupted (by the worker's stop), or the error's kind
+        (ActivityNotRegisteredError...)
     sessionq_activity_duration_seconds{queue,worker,activity}   histogram, all attempts
     sessionq_activities_running{queue,worker}
     sessionq_session_slots_used{queue,worker}
@@ -20,7 +21,9 @@ Workers of one process can share a registry.
 
 from __future__ import annotations
 
+import contextlib
 import time
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +38,7 @@ OUTCOMES = {
     "ActivityTimeoutError": "timed_out",
     "ActivityCancelledError": "cancelled",
     "SessionFailedError": "ended_with_its_session",
+    "Interrupted": "interrupted",
 }
 """The outcome label of a finished activity, by the kind of error it ended with."""
 
@@ -78,36 +82,44 @@ class _Families:
         )
 
 
-_families: dict[int, _Families] = {}
+_families: weakref.WeakKeyDictionary[Any, _Families] = weakref.WeakKeyDictionary()
+"""By registry (weak: a registry made anew after one was dropped gets its own families)."""
 
 
 class WorkerMetrics:
     """One worker's series in `registry`."""
 
     def __init__(self, registry: Any, queue: str, worker: str) -> None:
-        key = id(registry)
-        if key not in _families:
-            _families[key] = _Families(registry)
-        self.f = _families[key]
+        if registry not in _families:
+            _families[registry] = _Families(registry)
+        self.f = _families[registry]
         self.labels = (queue, worker)
 
     def watch(
         self,
         running: Callable[[], float],
         slots_used: Callable[[], float],
-        slots_total: float,
+        slots_total: float | None,
         last_beat: Callable[[], float | None],
     ) -> None:
-        """Gauges read when scraped: what runs, the sessions held, the heartbeat's age."""
+        """Gauges read when scraped: what runs, the sessions held (slots_total None: sessions
+        are off, no slot gauges), the heartbeat's age."""
         self.f.running.labels(*self.labels).set_function(running)
-        self.f.slots_used.labels(*self.labels).set_function(slots_used)
-        self.f.slots_total.labels(*self.labels).set(slots_total)
+        if slots_total is not None:
+            self.f.slots_used.labels(*self.labels).set_function(slots_used)
+            self.f.slots_total.labels(*self.labels).set(slots_total)
 
         def age() -> float:
             beat = last_beat()
             return float("nan") if beat is None else time.monotonic() - beat
 
         self.f.heartbeat_age.labels(*self.labels).set_function(age)
+
+    def close(self) -> None:
+        """The worker stopped: drop its gauges (they would read a stopped worker's state)."""
+        for gauge in (self.f.running, self.f.slots_used, self.f.slots_total, self.f.heartbeat_age):
+            with contextlib.suppress(KeyError):
+                gauge.remove(*self.labels)
 
     def started(self, info: ActivityInfo) -> None:
         self.f.started.labels(*self.labels, info.name).inc()

@@ -35,6 +35,10 @@ log = logging.getLogger("sessionq")
 CANCELLED_MEMORY = 10_000
 
 
+INTERRUPTED = RemoteError("Interrupted", "", "the worker stopped while it ran")
+"""The metrics' outcome of an execution cut by the worker's own stop ("Interrupted")."""
+
+
 class ActivityRunner:
     """The worker's activity slots and executions."""
 
@@ -146,17 +150,22 @@ class ActivityRunner:
                 if w.metrics is not None:
                     w.metrics.finished(info, 0.0, refusal, started=False)
             else:
+                began = time.perf_counter()
                 execution = Execution(task, _RunningActivity(self._info(task, held)))
                 activity_log.started(execution.running.info)
                 if w.metrics is not None:
                     w.metrics.started(execution.running.info)
-                began = time.perf_counter()
                 message, error = await self._execute(execution, held)
                 took = time.perf_counter() - began
                 activity_log.finished(execution.running.info, took, error)
                 if w.metrics is not None:
                     w.metrics.finished(execution.running.info, took, error)
         except asyncio.CancelledError:
+            if execution is not None:
+                left = "left for another worker" if ack is not None else "its caller gets SessionFailedError"
+                activity_log.interrupted(execution.running.info, time.perf_counter() - began, left)
+                if w.metrics is not None:
+                    w.metrics.finished(execution.running.info, time.perf_counter() - began, INTERRUPTED)
             if ack is not None:
                 if queue is not None and not w.stopping:  # not a stop: make sure it is found again
                     self._seen.pop(task.activity_id, None)  # and that the copy found then runs

@@ -58,8 +58,9 @@ class _LoopThread:
             coro.close()
             raise ConfigurationError(
                 "SyncClient",
-                "was called from a running event loop (an async function): it would block that loop "
-                "for the whole call; use sessionq.Client there and await its methods",
+                "was called from a running event loop (an async function, or a Jupyter cell): it "
+                "would block that loop for the whole call; use sessionq.Client there and await its "
+                "methods (Jupyter runs top-level await)",
             )
         if self.stopped:
             coro.close()

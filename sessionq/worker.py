@@ -249,7 +249,7 @@ class Worker:
                 self.metrics.watch(
                     running=lambda: self.runner.in_use,
                     slots_used=lambda: len(self.sessions),
-                    slots_total=self.max_concurrent_sessions or 0,
+                    slots_total=(self.max_concurrent_sessions or 0) if self.enable_sessions else None,
                     last_beat=lambda: beat.last_ok,
                 )
             self._tasks = [
@@ -279,6 +279,8 @@ class Worker:
         finally:
             if self.heartbeat is not None:
                 await asyncio.to_thread(self.heartbeat.stop)
+            if self.metrics is not None:
+                self.metrics.close()
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)

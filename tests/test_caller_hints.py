@@ -106,3 +106,27 @@ async def test_no_future_exception_was_never_retrieved_after_timeouts_or_a_close
             await asyncio.sleep(0.1)
             gc.collect()
     assert "never retrieved" not in caplog.text and "was destroyed" not in caplog.text, caplog.text
+
+
+async def test_an_outage_after_a_call_cancelled_in_an_earlier_one_still_warns(
+    redis_url: str, key_prefix: str, task_queue: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A call cancelled while it retried must not leave the process thinking the outage
+    goes on: the next outage warns again."""
+    async with Relay(redis_url) as relay:
+        client = Client(relay.url, prefix=key_prefix, unavailable_timeout=30)
+        try:
+            await client.start_activity(acts.echo, 0, task_queue=task_queue)
+            for _ in range(2):
+                caplog.clear()
+                with caplog.at_level(logging.WARNING, logger="sessionq"):
+                    relay.cut()
+                    with pytest.raises(asyncio.TimeoutError):
+                        started = client.start_activity(acts.echo, 1, task_queue=task_queue)
+                        await asyncio.wait_for(started, 0.5)
+                    relay.heal()
+                    await client.start_activity(acts.echo, 2, task_queue=task_queue)
+                told = [m for r in caplog.records if "quietly until Redis answers" in (m := r.getMessage())]
+                assert len(told) == 1, told
+        finally:
+            await client.close()

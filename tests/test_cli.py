@@ -617,6 +617,10 @@ async def test_inspect_health_and_a_session_looked_up_by_the_start_of_its_id(
     assert ok.code == 0 and ok.out.startswith(f"OK: task queue {task_queue!r}, 1 live worker(s)"), ok
     other = await run_cli("inspect", "health", "-Q", "nobody-serves-this", *where)
     assert other.code == 1 and other.out.strip() == "UNHEALTHY: queue 'nobody-serves-this': no live worker"
+    wrong = await run_cli("inspect", "health", "--redis-url", redis_url, "--prefix", key_prefix + "-typo")
+    assert wrong.code == 1 and "no task queues under prefix" in wrong.out, wrong
+    short = await run_cli("inspect", "session", "abc", *where)
+    assert_one_line_error(short, 2, "at least 6 characters")
 
     async with sessionq.Client(redis_url, prefix=key_prefix) as client:
         sessions = [await client.create_session(task_queue) for _ in range(3)]

@@ -6,6 +6,7 @@ a registry of the user's fills that one instead.
 from __future__ import annotations
 
 import asyncio
+import gc
 import urllib.request
 from typing import Any
 
@@ -99,3 +100,17 @@ async def test_a_worker_fills_a_registry_of_the_users_and_two_workers_can_share_
             for w in ("a", "b")
         ]
     assert sum(finished) == 4
+
+
+async def test_a_registry_made_after_another_was_dropped_gets_its_own_series(
+    redis_url: str, key_prefix: str, task_queue: str, client: Client
+) -> None:
+    for round_ in range(3):
+        registry = CollectorRegistry()
+        async with Worker(redis_url, task_queue=task_queue, activities=acts.ALL, prefix=key_prefix,
+                          identity=f"r{round_}", metrics_registry=registry):  # fmt: skip
+            await client.execute_activity(acts.echo, round_, task_queue=task_queue)
+            labels = {"queue": task_queue, "worker": f"r{round_}", "activity": "echo"}
+            assert registry.get_sample_value("sessionq_activities_started_total", labels) == 1
+        del registry
+        gc.collect()

@@ -8,6 +8,7 @@ Every test runs the real command in a subprocess and reads what it wrote.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -118,3 +119,13 @@ async def test_a_worker_whose_queue_mates_register_other_activities_warns_and_in
     assert len(warned) == 1 and warned[0].startswith("worker partial:"), warned
     assert "full also runs " in warned[0] and "sleep_for" in warned[0], warned[0]
     assert [q["activities_differ"] for q in doc["queues"]] == [True]
+
+
+def test_the_json_log_format_keeps_a_line_whatever_its_fields_hold() -> None:
+    from sessionq.cli.common import JsonFormatter
+
+    record = logging.LogRecord("sessionq", logging.INFO, __file__, 1, "odd %s", ("fields",), None)
+    record.__dict__.update(tuple_keys={(1, 2): 3}, ratio=float("nan"), fine=[1, "two"])
+    line = json.loads(JsonFormatter().format(record))
+    assert line["message"] == "odd fields" and line["fine"] == [1, "two"]
+    assert line["tuple_keys"] == "{(1, 2): 3}" and line["ratio"] == "nan"
