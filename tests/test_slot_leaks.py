@@ -290,19 +290,7 @@ async def test_d06_a_killed_callers_session_ends_after_its_owner_timeout(
     owner went away") and its slot frees within owner_timeout plus one heartbeat pass."""
     owner_timeout = 2.0
     await workers(redis_url, max_concurrent_sessions=1)
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", CALLER_THAT_DIES, redis_url, key_prefix, task_queue, str(owner_timeout),
-        stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        assert process.stdout is not None
-        line = await asyncio.wait_for(process.stdout.readline(), 20)
-        assert line.startswith(b"OPEN"), line
-        sid = line.split()[1].decode()
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            process.kill()
-        await process.wait()
+    sid = await open_and_vanish(redis_url, key_prefix, task_queue, owner_timeout, "owner_timeout")
     killed = time.monotonic()
     session = await client_on(clients, redis_url, key_prefix).create_session(
         task_queue, SessionOptions(creation_timeout=owner_timeout + HB + 5)
@@ -347,12 +335,13 @@ async def test_d08_a_clock_step_on_the_worker_does_not_end_sessions_early(
 # --- 6b. who ends a session at its execution deadline ---------------------------------------
 
 
-async def open_and_vanish(redis_url: str, key_prefix: str, task_queue: str, execution_timeout: float) -> str:
-    """A caller process opens a session and is SIGKILLed: nobody on the caller's side will
-    end it. Returns its id."""
+async def open_and_vanish(
+    redis_url: str, key_prefix: str, task_queue: str, seconds: float, option: str = "execution_timeout"
+) -> str:
+    """A caller process opens a session (its `option` set to `seconds`) and is SIGKILLed:
+    nobody on the caller's side will end it. Returns its id."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", CALLER_THAT_DIES, redis_url, key_prefix, task_queue, str(execution_timeout),
-        "execution_timeout",
+        sys.executable, "-c", CALLER_THAT_DIES, redis_url, key_prefix, task_queue, str(seconds), option,
         stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
     try:
