@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -25,8 +24,11 @@ from redis.cluster import ClusterNode, RedisCluster
 
 from sessionq.connection import split_cluster_url
 from tests.helpers import stop_processes
+from tests.ports import release, reserve_ports
 
 MASTERS = 3
+BUS_OFFSET = 10000
+"""A node's cluster bus listens on its port plus this."""
 START_TIMEOUT = 20.0
 
 
@@ -34,27 +36,6 @@ def cluster_tools() -> str | None:
     """None when redis-server and redis-cli are on PATH, else what is missing."""
     missing = [tool for tool in ("redis-server", "redis-cli") if shutil.which(tool) is None]
     return ", ".join(missing) + " not on PATH" if missing else None
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_cluster_ports(count: int) -> list[int]:
-    """Loopback ports P whose cluster bus port P+10000 is free too."""
-    ports: list[int] = []
-    while len(ports) < count:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        if port < 55000 and port not in ports and _port_free(port + 10000):
-            ports.append(port)
-    return ports
 
 
 def sync_cluster(url: str) -> RedisCluster:
@@ -135,7 +116,7 @@ class LocalCluster:
     cluster-node-timeout: how long a silent master takes to be failed over."""
 
     def __init__(self, masters: int = MASTERS, replicas: int = 0, node_timeout_ms: int = 15000) -> None:
-        self.ports = free_cluster_ports(masters * (1 + replicas))
+        self.ports = reserve_ports(masters * (1 + replicas), bus_offset=BUS_OFFSET)
         self.replicas = replicas
         self.node_timeout_ms = node_timeout_ms
         self.dir = Path(tempfile.mkdtemp(prefix="sessionq-cluster."))
@@ -238,6 +219,7 @@ class LocalCluster:
         stop_processes(self.processes)
         self.processes.clear()
         shutil.rmtree(self.dir, ignore_errors=True)
+        release(*self.ports, bus_offset=BUS_OFFSET)
 
 
 def main() -> None:

@@ -52,6 +52,8 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import pytest
 import redis
 
+from tests.ports import release, reserve_port
+
 log = logging.getLogger("tests.faultkit")
 
 __all__ = [
@@ -965,10 +967,9 @@ START_TIMEOUT = 10.0
 
 
 def free_port() -> int:
-    """A loopback port nobody listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback port nobody listens on, reserved from the other test processes until
+    released (tests/ports.py: a killed server's port must not go to another test's server)."""
+    return reserve_port()
 
 
 def _pong(port: int, timeout: float = 0.5) -> bool:
@@ -1170,6 +1171,8 @@ class PrivateRedis:
         self._stopped = True
         if self._process is not None:
             _terminate(self._process)
+        if self.port is not None:
+            release(self.port)
         if self._log is not None:
             self._log.close()
             self._log = None

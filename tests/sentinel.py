@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -21,22 +20,17 @@ from pathlib import Path
 import redis
 
 from tests.helpers import stop_processes
+from tests.ports import release, reserve_port
 
 SERVICE = "mymaster"
 START_TIMEOUT = 20.0
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class LocalSentinel:
     def __init__(self, down_after_ms: int = 1000, sentinels: int = 3) -> None:
-        self.primary_port = _free_port()
-        self.replica_port = _free_port()
-        self.sentinel_ports = [_free_port() for _ in range(sentinels)]
+        self.primary_port = reserve_port()
+        self.replica_port = reserve_port()
+        self.sentinel_ports = [reserve_port() for _ in range(sentinels)]
         self.down_after_ms = down_after_ms
         self.dir = Path(tempfile.mkdtemp(prefix="sessionq-sentinel."))
         self.by_port: dict[int, subprocess.Popen[bytes]] = {}
@@ -179,6 +173,7 @@ class LocalSentinel:
         stop_processes(list(self.by_port.values()))
         self.by_port.clear()
         shutil.rmtree(self.dir, ignore_errors=True)
+        release(self.primary_port, self.replica_port, *self.sentinel_ports)
 
 
 def _entries(port: int, what: str) -> list[dict[str, str]]:

@@ -38,6 +38,7 @@ from sessionq.keys import QueueKeys
 from tests import activities as acts
 from tests.faultkit import private_server
 from tests.helpers import pid_running, wait_for
+from tests.ports import reserve_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = Path(sys.executable).with_name("sessionq")
@@ -188,9 +189,8 @@ async def cli_worker(
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port nothing listens on (reserved: no other test's server may take it meanwhile)."""
+    return reserve_port()
 
 
 def assert_one_line_error(ran: Ran, code: int, *needles: str) -> None:
