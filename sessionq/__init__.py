@@ -27,7 +27,7 @@ Reading the code, one path at a time (the wire format: envelope.py; the keys: ke
 """
 
 from .activity import ActivityInfo, activity, activity_info, get_session_info, heartbeat, is_cancelled
-from .client import ActivityHandle, Client
+from .client import Client
 from .codec import Codec
 from .errors import (
     ActivityCancelledError,
@@ -46,6 +46,7 @@ from .errors import (
     SessionFailedError,
     SessionqError,
 )
+from .handle import ActivityHandle
 from .options import ActivityOptions, RetryPolicy, SessionOptions
 from .session import Session
 from .session_info import SessionInfo, SessionState

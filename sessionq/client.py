@@ -8,10 +8,11 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING, Any, overload
 
 from .activity import name_of
+from .calls import R
 from .codec import Codec, default_codec
 from .connection import connect, resolve_url
 from .durations import Duration, seconds
@@ -28,6 +29,11 @@ from .scripts import Scripts
 from .session import Session, SessionOpener
 from .session_info import decode_token
 from .wire import Wire
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from .calls import ClientCall, ClientCallWithKwargs, Ts
 
 log = logging.getLogger("sessionq")
 
@@ -90,7 +96,8 @@ class Client:
         try:
             yield
         finally:
-            self._opening.discard(task)  # type: ignore[arg-type]
+            if task is not None:
+                self._opening.discard(task)
 
     def hold(self, session: Session) -> None:
         """A session opened: complete it on close, keep its owner lease alive meanwhile."""
@@ -190,27 +197,8 @@ class Client:
         task_queue: str | None = None,
         kwargs: dict[str, Any] | None = None,
         **options: Any,
-    ) -> ActivityHandle:
-        """Queue an activity on the task queue's shared stream, where any worker may take it,
-        and return at once; its handle's ``result()`` waits for it.
-
-        Args:
-            activity: a function decorated with ``@sessionq.activity``, or its registered name.
-            *args: its positional arguments (encoded by the client's codec: msgpack types,
-                or what the Codec was taught).
-            task_queue: the queue whose workers may run it (required here).
-            kwargs: its keyword arguments, as a dict (this call's own keywords are options).
-            **options: ActivityOptions fields: ``start_to_close_timeout``,
-                ``schedule_to_close_timeout``, ``schedule_to_start_timeout``,
-                ``heartbeat_timeout``, ``retry_policy``.
-
-        Returns:
-            An ActivityHandle: ``await handle.result()``, ``await handle.cancel()``.
-
-        Raises:
-            RedisUnavailableError: Redis stayed unreachable for ``unavailable_timeout``.
-            ConfigurationError, SerializationError: bad options or arguments; nothing was sent.
-        """
+    ) -> ActivityHandle[Any]:
+        """start_activity, without the public-API wrapper (execute_activity has its own)."""
         opts = self.resolve_options(None, options)
         queue = task_queue or opts.task_queue
         if not queue:
@@ -238,9 +226,68 @@ class Client:
             cancel=lambda: self._cancel_plain(keys, activity_id, entry_id),
         )
 
-    start_activity = public("starting an activity")(_start_activity)
+    @overload
+    async def start_activity(
+        self, activity: Callable[[Unpack[Ts]], Awaitable[R]], *args: Unpack[Ts], **call: Unpack[ClientCall]
+    ) -> ActivityHandle[R]: ...
+    @overload
+    async def start_activity(
+        self, activity: Callable[[Unpack[Ts]], R], *args: Unpack[Ts], **call: Unpack[ClientCall]
+    ) -> ActivityHandle[R]: ...
+    @overload
+    async def start_activity(
+        self, activity: Callable[..., Any], *args: Any, **call: Unpack[ClientCallWithKwargs]
+    ) -> ActivityHandle[Any]: ...
+    @overload
+    async def start_activity(
+        self, activity: str, *args: Any, **call: Unpack[ClientCall]
+    ) -> ActivityHandle[Any]: ...
+    @public("starting an activity")  # type: ignore[misc]  # mypy misreads an implementation of *args: *Ts
+    async def start_activity(
+        self,
+        activity: Any,
+        *args: Any,
+        task_queue: str | None = None,
+        kwargs: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> ActivityHandle[Any]:
+        """Queue an activity on the task queue's shared stream, where any worker may take it,
+        and return at once; its handle's ``result()`` waits for it.
 
-    @public("running an activity")
+        Args:
+            activity: a function decorated with ``@sessionq.activity``, or its registered name.
+            *args: its positional arguments (encoded by the client's codec: msgpack types,
+                or what the Codec was taught).
+            task_queue: the queue whose workers may run it (required here).
+            kwargs: its keyword arguments, as a dict (this call's own keywords are options).
+            **options: ActivityOptions fields: ``start_to_close_timeout``,
+                ``schedule_to_close_timeout``, ``schedule_to_start_timeout``,
+                ``heartbeat_timeout``, ``retry_policy``.
+
+        Returns:
+            An ActivityHandle: ``await handle.result()``, ``await handle.cancel()``.
+
+        Raises:
+            RedisUnavailableError: Redis stayed unreachable for ``unavailable_timeout``.
+            ConfigurationError, SerializationError: bad options or arguments; nothing was sent.
+        """
+        return await self._start_activity(activity, *args, task_queue=task_queue, kwargs=kwargs, **options)
+
+    @overload
+    async def execute_activity(
+        self, activity: Callable[[Unpack[Ts]], Awaitable[R]], *args: Unpack[Ts], **call: Unpack[ClientCall]
+    ) -> R: ...
+    @overload
+    async def execute_activity(
+        self, activity: Callable[[Unpack[Ts]], R], *args: Unpack[Ts], **call: Unpack[ClientCall]
+    ) -> R: ...
+    @overload
+    async def execute_activity(
+        self, activity: Callable[..., Any], *args: Any, **call: Unpack[ClientCallWithKwargs]
+    ) -> Any: ...
+    @overload
+    async def execute_activity(self, activity: str, *args: Any, **call: Unpack[ClientCall]) -> Any: ...
+    @public("running an activity")  # type: ignore[misc]  # mypy misreads an implementation of *args: *Ts
     async def execute_activity(
         self,
         activity: Any,

@@ -201,11 +201,15 @@ class _RaisedByActivity(Exception):
         self.cancelled = cancelled
 
 
-def _cancelled_from_outside() -> bool:
-    """Whether the running task itself is being cancelled (Python 3.11+ can tell)."""
-    task = asyncio.current_task()
+def cancel_requests(task: asyncio.Task[Any] | None) -> int:
+    """How many cancellations of `task` are pending (Python 3.11+ can tell; 0 on 3.10)."""
     cancelling = getattr(task, "cancelling", None)
-    return bool(cancelling()) if cancelling is not None else False
+    return int(cancelling()) if cancelling is not None else 0
+
+
+def _cancelled_from_outside() -> bool:
+    """Whether the running task itself is being cancelled."""
+    return cancel_requests(asyncio.current_task()) > 0
 
 
 def _consumed_cancellation() -> None:
@@ -214,7 +218,7 @@ def _consumed_cancellation() -> None:
     next attempt raises itself is not mistaken for a cancellation from outside."""
     task = asyncio.current_task()
     uncancel = getattr(task, "uncancel", None)
-    if uncancel is not None and task is not None and task.cancelling():
+    if uncancel is not None and cancel_requests(task):
         uncancel()
 
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic
 
+from .calls import R
 from .envelope import RemoteError, Result
 from .errors import (
     REMOTE_ERRORS,
@@ -46,8 +47,9 @@ def to_exception(error: RemoteError, name: str, activity_id: str) -> SessionqErr
     return cls(error.message)
 
 
-class ActivityHandle:
-    """A started activity; `await handle.result()` for its value or its error."""
+class ActivityHandle(Generic[R]):
+    """A started activity; `await handle.result()` for its value or its error (typed as
+    the activity's return value when it was started with the decorated function)."""
 
     def __init__(
         self,
@@ -73,7 +75,7 @@ class ActivityHandle:
         return self._future.done()
 
     @public("waiting for an activity's result")
-    async def result(self) -> Any:
+    async def result(self) -> R:
         """Wait for the activity and return what it returned.
 
         Raises:
@@ -83,7 +85,7 @@ class ActivityHandle:
         """
         return await self.outcome()
 
-    async def outcome(self) -> Any:
+    async def outcome(self) -> R:
         """result() without the public-API wrapper, for callers that already have one."""
         try:
             if self._deadline is None:
@@ -96,7 +98,8 @@ class ActivityHandle:
         assert isinstance(message, Result)
         if message.error is not None:
             raise to_exception(message.error, self.name, self.activity_id)
-        return message.value
+        value: R = message.value  # decoded by the codec: the activity's return type, we trust
+        return value
 
     async def _wait_until_deadline(self) -> Any:
         assert self._deadline is not None

@@ -51,7 +51,8 @@ class RetryPolicy:
 
     def delay_before(self, attempt: int) -> float:
         """The wait before running `attempt` (2 = the first retry)."""
-        assert isinstance(self.initial_interval, float)
+        assert isinstance(self.initial_interval, float)  # __post_init__ made both seconds
+        assert self.maximum_interval is None or isinstance(self.maximum_interval, float)
         cap = self.maximum_interval or self.initial_interval * 100
         return float(min(cap, self.initial_interval * self.backoff_coefficient ** max(0, attempt - 2)))
 

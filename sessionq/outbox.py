@@ -77,7 +77,7 @@ class Outbox:
         if not replies and not acks:
             return
         self._replies, self._acks = [], []
-        by_inbox: dict[str, list[tuple[bytes, bytes | None]]] = {}
+        by_inbox: dict[str, list[tuple[bytes, tuple[str, bytes] | None]]] = {}
         for inbox, message, ack in replies:
             by_inbox.setdefault(inbox, []).append((message, ack))
         commands: list[tuple[Any, ...]] = []

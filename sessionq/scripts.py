@@ -330,7 +330,7 @@ class Scripts:
             [stream or k.tasks, k.alive(consumer), where],
             [CONSUMER_GROUP, consumer, me, count, mark if marked else "", int(host_id is not None)],
         )
-        return reply or []  # type: ignore[no-any-return]
+        return reply or []
 
 
 def _no_script(reply: object) -> bool:

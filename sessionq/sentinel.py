@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis.asyncio as aredis
@@ -145,7 +145,7 @@ class PrimaryWatch:
     """
 
     def __init__(self, client: aredis.Redis, on_primary: Callable[[tuple[str, int]], None]) -> None:
-        self.pool: SentinelConnectionPool = client.connection_pool
+        self.pool = cast(SentinelConnectionPool, client.connection_pool)
         self.on_primary = on_primary
         self._task: asyncio.Task[None] | None = None
         self._closed = False

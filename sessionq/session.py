@@ -18,10 +18,12 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, overload
 
 from . import resources
+from .calls import R
 from .durations import to_ms
 from .envelope import Grant, Refusal, Result
 from .errors import (
@@ -46,6 +48,9 @@ from .session_info import RecreateToken, SessionInfo, SessionState, current_sess
 if TYPE_CHECKING:
     from collections.abc import Generator
 
+    from typing_extensions import Unpack
+
+    from .calls import SessionCall, SessionCallWithKwargs, Ts
     from .client import Client
 
 log = logging.getLogger("sessionq")
@@ -101,19 +106,8 @@ class Session:
         *args: Any,
         kwargs: dict[str, Any] | None = None,
         **options: Any,
-    ) -> ActivityHandle:
-        """Queue an activity on the session's worker and return at once with its handle.
-
-        Args: as for execute_activity.
-
-        Returns:
-            An ActivityHandle: ``await handle.result()``, ``await handle.cancel()``.
-
-        Raises:
-            SessionFailedError, SessionCompletedError: the session already ended.
-            RedisUnavailableError: Redis stayed unreachable for ``unavailable_timeout``.
-            ConfigurationError, SerializationError: bad options or arguments; nothing was sent.
-        """
+    ) -> ActivityHandle[Any]:
+        """start_activity, without the public-API wrapper (execute_activity has its own)."""
         self._raise_if_closed()
         opts = self.client.resolve_options(self.options.activity_options, options)
         activity_id, name, payload = self.client.prepare(
@@ -152,9 +146,59 @@ class Session:
             cancel=lambda: self._cancel_activity(activity_id, sent),
         )
 
-    start_activity = public("starting a session activity")(_start_activity)
+    @overload
+    async def start_activity(
+        self, activity: Callable[[Unpack[Ts]], Awaitable[R]], *args: Unpack[Ts], **call: Unpack[SessionCall]
+    ) -> ActivityHandle[R]: ...
+    @overload
+    async def start_activity(
+        self, activity: Callable[[Unpack[Ts]], R], *args: Unpack[Ts], **call: Unpack[SessionCall]
+    ) -> ActivityHandle[R]: ...
+    @overload
+    async def start_activity(
+        self, activity: Callable[..., Any], *args: Any, **call: Unpack[SessionCallWithKwargs]
+    ) -> ActivityHandle[Any]: ...
+    @overload
+    async def start_activity(
+        self, activity: str, *args: Any, **call: Unpack[SessionCall]
+    ) -> ActivityHandle[Any]: ...
+    @public("starting a session activity")  # type: ignore[misc]  # mypy misreads an implementation of *args: *Ts
+    async def start_activity(
+        self,
+        activity: Any,
+        *args: Any,
+        kwargs: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> ActivityHandle[Any]:
+        """Queue an activity on the session's worker and return at once with its handle.
 
-    @public("running a session activity")
+        Args: as for execute_activity.
+
+        Returns:
+            An ActivityHandle: ``await handle.result()``, ``await handle.cancel()``.
+
+        Raises:
+            SessionFailedError, SessionCompletedError: the session already ended.
+            RedisUnavailableError: Redis stayed unreachable for ``unavailable_timeout``.
+            ConfigurationError, SerializationError: bad options or arguments; nothing was sent.
+        """
+        return await self._start_activity(activity, *args, kwargs=kwargs, **options)
+
+    @overload
+    async def execute_activity(
+        self, activity: Callable[[Unpack[Ts]], Awaitable[R]], *args: Unpack[Ts], **call: Unpack[SessionCall]
+    ) -> R: ...
+    @overload
+    async def execute_activity(
+        self, activity: Callable[[Unpack[Ts]], R], *args: Unpack[Ts], **call: Unpack[SessionCall]
+    ) -> R: ...
+    @overload
+    async def execute_activity(
+        self, activity: Callable[..., Any], *args: Any, **call: Unpack[SessionCallWithKwargs]
+    ) -> Any: ...
+    @overload
+    async def execute_activity(self, activity: str, *args: Any, **call: Unpack[SessionCall]) -> Any: ...
+    @public("running a session activity")  # type: ignore[misc]  # mypy misreads an implementation of *args: *Ts
     async def execute_activity(
         self,
         activity: Any,

@@ -75,8 +75,8 @@ def encode_token(
     prefix: str, task_queue: str, worker_id: str, hostname: str, resources: dict[str, int] | None = None
 ) -> bytes:
     if not resources:  # version 1, which releases before session resources read too
-        return msgpack.packb([1, prefix, task_queue, worker_id, hostname])
-    return msgpack.packb([_TOKEN_VERSION, prefix, task_queue, worker_id, hostname, dict(resources)])
+        return bytes(msgpack.packb([1, prefix, task_queue, worker_id, hostname]))
+    return bytes(msgpack.packb([_TOKEN_VERSION, prefix, task_queue, worker_id, hostname, dict(resources)]))
 
 
 def decode_token(token: bytes) -> RecreateToken:

@@ -10,15 +10,23 @@ import asyncio
 import concurrent.futures
 import contextlib
 import threading
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
-from .client import ActivityHandle, Client
+from .calls import R
+from .client import Client
 from .errors import ConfigurationError, SessionAlreadyOpenError, SessionqError
+from .execution import cancel_requests
+from .handle import ActivityHandle
 from .options import SessionOptions
 from .session import Session
 from .session_info import SessionInfo, SessionState, current_session
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from .calls import ClientCall, ClientCallWithKwargs, SessionCall, SessionCallWithKwargs, Ts
 
 T = TypeVar("T")
 
@@ -90,7 +98,7 @@ class _LoopThread:
 
     async def _settled(self) -> None:
         """Until the calls cancelled have finished cleaning up."""
-        cancelled = [t for t in self._tasks if t.cancelled() or t.cancelling()]  # type: ignore[attr-defined]
+        cancelled = [t for t in self._tasks if t.cancelled() or cancel_requests(t)]
         if cancelled:
             await asyncio.wait(cancelled)
 
@@ -116,15 +124,15 @@ class _LoopThread:
             self.loop.close()
 
 
-class SyncActivityHandle:
+class SyncActivityHandle(Generic[R]):
     """Blocking view of an ActivityHandle."""
 
-    def __init__(self, handle: ActivityHandle, runner: _LoopThread) -> None:
+    def __init__(self, handle: ActivityHandle[R], runner: _LoopThread) -> None:
         self._handle = handle
         self._runner = runner
         self.activity_id = handle.activity_id
 
-    def result(self) -> Any:
+    def result(self) -> R:
         """Block until the activity ends; its return value. Raises as ActivityHandle.result."""
         return self._runner.call(self._handle.result())
 
@@ -145,12 +153,42 @@ class SyncSession:
         """The session's id, worker, host, state and recreate token."""
         return self._session.info
 
-    def execute_activity(self, activity: Any, *args: Any, **options: Any) -> Any:
+    @overload
+    def execute_activity(
+        self, activity: Callable[[Unpack[Ts]], Awaitable[R]], *args: Unpack[Ts], **call: Unpack[SessionCall]
+    ) -> R: ...
+    @overload
+    def execute_activity(
+        self, activity: Callable[[Unpack[Ts]], R], *args: Unpack[Ts], **call: Unpack[SessionCall]
+    ) -> R: ...
+    @overload
+    def execute_activity(
+        self, activity: Callable[..., Any], *args: Any, **call: Unpack[SessionCallWithKwargs]
+    ) -> Any: ...
+    @overload
+    def execute_activity(self, activity: str, *args: Any, **call: Unpack[SessionCall]) -> Any: ...
+    def execute_activity(self, activity: Any, *args: Any, **options: Any) -> Any:  # type: ignore[misc]
         """Run an activity on the session's worker and block until its result (arguments,
         result and errors as Session.execute_activity)."""
         return self._runner.call(self._session.execute_activity(activity, *args, **options))
 
-    def start_activity(self, activity: Any, *args: Any, **options: Any) -> SyncActivityHandle:
+    @overload
+    def start_activity(
+        self, activity: Callable[[Unpack[Ts]], Awaitable[R]], *args: Unpack[Ts], **call: Unpack[SessionCall]
+    ) -> SyncActivityHandle[R]: ...
+    @overload
+    def start_activity(
+        self, activity: Callable[[Unpack[Ts]], R], *args: Unpack[Ts], **call: Unpack[SessionCall]
+    ) -> SyncActivityHandle[R]: ...
+    @overload
+    def start_activity(
+        self, activity: Callable[..., Any], *args: Any, **call: Unpack[SessionCallWithKwargs]
+    ) -> SyncActivityHandle[Any]: ...
+    @overload
+    def start_activity(
+        self, activity: str, *args: Any, **call: Unpack[SessionCall]
+    ) -> SyncActivityHandle[Any]: ...
+    def start_activity(self, activity: Any, *args: Any, **options: Any) -> SyncActivityHandle[Any]:  # type: ignore[misc]
         """Queue an activity on the session's worker; a handle whose ``result()`` blocks."""
         return SyncActivityHandle(
             self._runner.call(self._session.start_activity(activity, *args, **options)), self._runner
@@ -192,12 +230,42 @@ class SyncClient:
         """The async Client underneath."""
         return self._client
 
-    def execute_activity(self, activity: Any, *args: Any, **options: Any) -> Any:
+    @overload
+    def execute_activity(
+        self, activity: Callable[[Unpack[Ts]], Awaitable[R]], *args: Unpack[Ts], **call: Unpack[ClientCall]
+    ) -> R: ...
+    @overload
+    def execute_activity(
+        self, activity: Callable[[Unpack[Ts]], R], *args: Unpack[Ts], **call: Unpack[ClientCall]
+    ) -> R: ...
+    @overload
+    def execute_activity(
+        self, activity: Callable[..., Any], *args: Any, **call: Unpack[ClientCallWithKwargs]
+    ) -> Any: ...
+    @overload
+    def execute_activity(self, activity: str, *args: Any, **call: Unpack[ClientCall]) -> Any: ...
+    def execute_activity(self, activity: Any, *args: Any, **options: Any) -> Any:  # type: ignore[misc]
         """Run an activity on any worker of ``task_queue=`` and block until its result
         (arguments, result and errors as Client.execute_activity)."""
         return self._runner.call(self._client.execute_activity(activity, *args, **options))
 
-    def start_activity(self, activity: Any, *args: Any, **options: Any) -> SyncActivityHandle:
+    @overload
+    def start_activity(
+        self, activity: Callable[[Unpack[Ts]], Awaitable[R]], *args: Unpack[Ts], **call: Unpack[ClientCall]
+    ) -> SyncActivityHandle[R]: ...
+    @overload
+    def start_activity(
+        self, activity: Callable[[Unpack[Ts]], R], *args: Unpack[Ts], **call: Unpack[ClientCall]
+    ) -> SyncActivityHandle[R]: ...
+    @overload
+    def start_activity(
+        self, activity: Callable[..., Any], *args: Any, **call: Unpack[ClientCallWithKwargs]
+    ) -> SyncActivityHandle[Any]: ...
+    @overload
+    def start_activity(
+        self, activity: str, *args: Any, **call: Unpack[ClientCall]
+    ) -> SyncActivityHandle[Any]: ...
+    def start_activity(self, activity: Any, *args: Any, **options: Any) -> SyncActivityHandle[Any]:  # type: ignore[misc]
         """Queue an activity on ``task_queue=``; a handle whose ``result()`` blocks."""
         return SyncActivityHandle(
             self._runner.call(self._client.start_activity(activity, *args, **options)), self._runner

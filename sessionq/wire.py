@@ -47,6 +47,7 @@ from .errors import SessionqError
 from .faults import suggests_failover
 from .sentinel import PrimaryWatch, is_sentinel_client
 
+_hiredis_pack: Callable[..., bytes] | None
 try:  # hiredis' C command packer: byte for byte what redis-py's Python one writes, ~6x faster
     from hiredis import pack_command as _hiredis_pack
 except ImportError:  # hiredis not installed, or older than 2.1
@@ -111,11 +112,11 @@ class Multiplexer:
         if conn is None or not conn.is_connected:
             conn = await self._connect()
         packed = pack(conn, commands)  # may raise: then nothing was queued or written
+        writer = writer_of(conn)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout
         futures = [loop.create_future() for _ in commands]
         self._replies.extend((future, deadline) for future in futures)
-        writer = conn._writer  # type: ignore[attr-defined]
         try:  # into the transport's buffer, at once: no await between queueing and writing
             writer.writelines((packed,) if isinstance(packed, bytes) else packed)
         except Exception as exc:  # the transport is gone: these fail with every other in flight
@@ -174,7 +175,7 @@ class Multiplexer:
         await conn.connect()
         conn.socket_timeout = None  # the reader waits for replies while idle: the watchdog bounds it
         self._conn = conn
-        transport = conn._writer.transport  # type: ignore[attr-defined]
+        transport = writer_of(conn).transport
         limits = getattr(transport, "get_write_buffer_limits", None)  # absent on fakeredis' fake sockets
         self._high_water = limits()[1] if limits is not None else -1  # -1: always wait for the drain
         self._buffered = getattr(transport, "get_write_buffer_size", lambda: 0)
@@ -291,7 +292,7 @@ class BlockingConnection:
             await conn.connect()
             conn.socket_timeout = None  # the watchdog bounds the reads
         packed = pack(conn, commands)
-        writer = conn._writer  # type: ignore[attr-defined]
+        writer = writer_of(conn)
         loop = asyncio.get_running_loop()
         self._reading_since, self._overdue = loop.time(), False
         if self._watchdog is None:
@@ -547,11 +548,19 @@ def pack(conn: AbstractConnection, commands: Sequence[Command]) -> bytes | list[
     if _hiredis_pack is not None:
         try:
             if len(commands) == 1:
-                return _hiredis_pack(tuple(commands[0]))  # type: ignore[no-any-return]
+                return _hiredis_pack(tuple(commands[0]))
             return b"".join([_hiredis_pack(tuple(command)) for command in commands])
         except TypeError:
             pass
     return conn.pack_command(*commands[0]) if len(commands) == 1 else conn.pack_commands(commands)
+
+
+def writer_of(conn: AbstractConnection) -> asyncio.StreamWriter:
+    """The stream a connected redis-py connection writes to (we write to it directly)."""
+    writer: asyncio.StreamWriter | None = getattr(conn, "_writer", None)
+    if writer is None:  # disconnected meanwhile
+        raise rexc.ConnectionError("Redis connection closed")
+    return writer
 
 
 def _node_connection_factory(node: Any) -> ConnectionFactory:

@@ -41,6 +41,7 @@ from .connection import connect, resolve_url
 from .dead_letters import DeadLetters
 from .durations import Duration, seconds
 from .errors import ConfigurationError, SessionqError
+from .execution import cancel_requests
 from .faults import Kind, describe, kind_of, public, retrying
 from .held import HeldSessions
 from .host_queue import HostQueue
@@ -233,7 +234,7 @@ class Worker:
                 self.keys,
                 self.worker_id,
                 self.heartbeat_timeout,
-                self.loop,
+                asyncio.get_running_loop(),
                 counts=lambda: (self.runner.in_use, self.runner.done, self.runner.waiting),
                 redis_now_ms=self.redis_now_ms,
                 on_lost=lambda: self.spawn(self.registration.lost()),
@@ -349,7 +350,7 @@ class Worker:
         while True:
             # Python < 3.12's wait_for, which redis-py uses to send, can swallow a cancel: honour
             # it anyway, or stopping would wait on this loop until the shutdown timeout.
-            if task is not None and getattr(task, "cancelling", lambda: 0)():
+            if task is not None and cancel_requests(task):
                 raise asyncio.CancelledError
             try:
                 await step()

@@ -17,26 +17,26 @@ from worker import TASK_QUEUE, divide, greet, settings
 
 import sessionq
 
-TIMEOUTS = {"start_to_close_timeout": 10, "schedule_to_close_timeout": 30}
+TIMEOUTS = sessionq.ActivityOptions(start_to_close_timeout=10, schedule_to_close_timeout=30)
 """No worker running? Then the call fails after 30 s instead of waiting forever."""
 
 
 async def main() -> int:
     url, prefix = settings()
     async with sessionq.Client(url, prefix=prefix) as client:
-        greeting = await client.execute_activity(greet, "world", task_queue=TASK_QUEUE, **TIMEOUTS)
+        greeting = await client.execute_activity(greet, "world", task_queue=TASK_QUEUE, options=TIMEOUTS)
         print(f"greet: {greeting}")
 
         counts = await client.execute_activity(
-            "word_count", "the cat saw the other cat", task_queue=TASK_QUEUE, **TIMEOUTS
+            "word_count", "the cat saw the other cat", task_queue=TASK_QUEUE, options=TIMEOUTS
         )
         print(f"word_count: {json.dumps(counts, sort_keys=True)}")
 
         try:
             await client.execute_activity(
                 divide, 1, 0, task_queue=TASK_QUEUE,
+                options=TIMEOUTS,
                 retry_policy=sessionq.RetryPolicy(maximum_attempts=1),  # a bug, not a hiccup: no retry
-                **TIMEOUTS,
             )  # fmt: skip
         except sessionq.ActivityError as exc:
             print(f"divide: remote {exc.cause.type}: {exc.cause.message}")
