@@ -90,9 +90,10 @@ class ApplicationError(SessionqError):
         self.message = message
         """The remote exception's text."""
         self.type = type
-        """The remote exception's type name: a builtin's bare name ("ValueError"), another's
-        qualified by its module ("myapp.errors.Invalid"), or the `type` an ApplicationError
-        was raised with; "sessionq.WorkerLost" when the worker died with no attempt left."""
+        """The remote exception's type name: bare for a builtin or a class of ``__main__``
+        ("ValueError"), else qualified by its module ("myapp.errors.Invalid"), or the `type`
+        an ApplicationError was raised with; "sessionq.WorkerLost" when the worker died with
+        no attempt left."""
         self.traceback = traceback
         """The remote traceback as text (it cannot be re-raised locally)."""
         self.non_retryable = non_retryable
