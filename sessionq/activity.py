@@ -34,7 +34,16 @@ def activity(*, name: str | None = None) -> Callable[[F], F]: ...
 
 def activity(fn: Any = None, *, name: str | None = None) -> Any:
     """Mark a function as an activity. `async def` runs on the worker's event loop, a plain
-    `def` in the worker's thread pool. The function stays callable as before."""
+    `def` in the worker's thread pool. The function stays callable as before.
+
+    Use bare (``@sessionq.activity``) or called (``@sessionq.activity(name="process")``).
+
+    Args:
+        fn: the function, when used bare.
+        name: the name callers send and workers register it under (default: the function's
+            ``__name__``); callers may pass the name instead of the function, so a caller
+            need not import the worker's code.
+    """
 
     def mark(func: F) -> F:
         if not callable(func):
@@ -73,15 +82,25 @@ def name_of(fn_or_name: Any) -> str:
 
 @dataclass(frozen=True)
 class ActivityInfo:
-    """What a running activity knows about itself."""
+    """What a running activity knows about itself: ``sessionq.activity_info()``."""
 
     activity_id: str
+    """Id of this activity execution, the same across its attempts (the caller's
+    ``handle.activity_id``): a key for making a rerun idempotent."""
     name: str
+    """The name it was sent and registered under."""
     attempt: int
+    """1 for the first attempt, 2 for the first retry, and so on (an attempt cut short by its
+    worker's death counts too)."""
     task_queue: str
+    """The task queue of the worker running it."""
     worker_id: str
+    """Identity of the worker process running it (in a host session: this process)."""
     session: SessionInfo | None = None
+    """The session it runs in, or None for a plain activity."""
     heartbeat_timeout: float | None = None
+    """Its ``heartbeat_timeout`` in seconds, or None: when set, call ``sessionq.heartbeat()``
+    more often than this or the attempt is cancelled."""
 
 
 @dataclass

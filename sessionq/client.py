@@ -41,11 +41,23 @@ log = logging.getLogger("sessionq")
 class Client:
     """Sends activities to task queues and opens worker sessions.
 
-    `redis` is a URL (default: SESSIONQ_REDIS_URL, REDIS_URL, then localhost) or a
-    redis.asyncio.Redis whose connection settings are reused. `prefix` begins every key
-    (default: SESSIONQ_PREFIX, then "sq"); clients and workers must agree on it.
-    `unavailable_timeout` is how long a call rides out Redis being unreachable or refusing
-    commands (retrying, or waiting for its result) before it raises RedisUnavailableError.
+    Use it as ``async with Client() as client:``, or call ``await client.close()``, which
+    completes the sessions it still holds.
+
+    Args:
+        redis: a URL (default: SESSIONQ_REDIS_URL, REDIS_URL, then localhost) or a
+            redis.asyncio.Redis whose connection settings are reused.
+        prefix: begins every key (default: SESSIONQ_PREFIX, then "sq"); clients and
+            workers must agree on it.
+        codec: encodes arguments and results (default: a plain ``Codec()``); workers must
+            be taught the same types.
+        identity: the owner name its sessions record, shown by ``sessionq inspect``
+            (default ``<pid>@<hostname>``).
+        retention: seconds an ended session's record stays in Redis, for ``sessionq
+            inspect`` (default 3600).
+        unavailable_timeout: how long a call rides out Redis being unreachable or refusing
+            commands (retrying, or waiting for its result) before it raises
+            RedisUnavailableError, in seconds (default 15).
     """
 
     def __init__(
@@ -81,10 +93,12 @@ class Client:
 
     @property
     def closing(self) -> bool:
+        """Whether close() began: the client takes no new calls."""
         return self._closing
 
     @property
     def closed(self) -> bool:
+        """Whether close() finished: its connections are gone."""
         return self._closed
 
     @contextlib.contextmanager
@@ -112,9 +126,11 @@ class Client:
 
     # -- plumbing shared with sessions --------------------------------------------------
     def keys(self, task_queue: str) -> QueueKeys:
+        """The Redis keys of `task_queue` under this client's prefix."""
         return QueueKeys(self.prefix, validate_name("task_queue", task_queue))
 
     def inbox(self, task_queue: str) -> Inbox:
+        """This client's inbox on `task_queue`, where results and session grants arrive."""
         if self._closing:
             raise SessionqError("this Client was closed; create a new one")
         inbox = self._inboxes.get(task_queue)
@@ -137,6 +153,7 @@ class Client:
 
     @staticmethod
     def resolve_options(base: ActivityOptions | None, options: dict[str, Any]) -> ActivityOptions:
+        """A call's options: its ``options=`` (else `base`) with its keyword options applied."""
         given = options.pop("options", None)
         if given is not None and not isinstance(given, ActivityOptions):
             raise ConfigurationError("options", "must be a sessionq.ActivityOptions")
@@ -368,9 +385,10 @@ class Client:
                 resources (default: SessionOptions()).
 
         Returns:
-            A SessionOpener, to await or enter; it gives the Session.
+            A SessionOpener, to await or enter; it gives the Session, and raises the errors
+                below (but ConfigurationError, raised at once).
 
-        Raises (when awaited or entered):
+        Raises:
             SessionCreationTimeoutError: no slot came free within creation_timeout.
             SessionAlreadyOpenError: this context already holds an open session.
             RedisUnavailableError: Redis stayed unreachable for ``unavailable_timeout``.
@@ -387,9 +405,10 @@ class Client:
             options: as for create_session; resources default to the earlier session's.
 
         Returns:
-            A SessionOpener, to await or enter.
+            A SessionOpener, to await or enter; it gives the Session, and raises the errors
+                below (but ConfigurationError, raised at once).
 
-        Raises (when awaited or entered):
+        Raises:
             SessionFailedError: that worker is gone (no other worker will do).
             SessionCreationTimeoutError: it had no free slot within creation_timeout.
             ConfigurationError: a token of another prefix, or not a token (raised at once).

@@ -13,11 +13,19 @@ DEFAULT_MAX_PAYLOAD_SIZE = 1024 * 1024
 
 
 class Codec:
-    """Turns values into bytes and back.
+    """Turns activity arguments and results into bytes and back, with msgpack; never pickle,
+    so a message read from Redis cannot run code.
 
-    Handles bytes, str, int, float, bool, None, lists/tuples and dicts out of the box;
-    teach it more types with `register`. Every worker and client of a task queue must
-    be taught the same types.
+    Handles bytes, str, int, float, bool, None, lists/tuples and dicts out of the box
+    (tuples, sets and frozensets arrive as lists); teach it more types with `register`.
+    Every worker and client of a task queue must be taught the same types: pass the same
+    Codec as ``Client(codec=...)`` and ``Worker(codec=...)``.
+
+    Args:
+        max_payload_size: the largest encoded message, in bytes (default 1 MiB): an
+            activity's arguments with its options, or its result. A bigger one raises
+            SerializationError before anything is sent, since every payload sits in Redis'
+            memory until it is read; pass large data by reference (a file, object storage).
     """
 
     def __init__(self, max_payload_size: int = DEFAULT_MAX_PAYLOAD_SIZE) -> None:
@@ -34,7 +42,18 @@ class Codec:
     def register(
         self, cls: type, code: int, encode: Callable[[Any], bytes], decode: Callable[[bytes], Any]
     ) -> None:
-        """Teach the codec a type: `encode(obj) -> bytes`, `decode(bytes) -> obj`, code 0-127."""
+        """Teach the codec a type, as a msgpack extension type.
+
+        Args:
+            cls: the type; its subclasses are encoded the same way, unless registered too.
+            code: the extension type code, 0-127, unique in this codec; it is what travels,
+                so every process must register the type under the same code.
+            encode: ``encode(obj) -> bytes``.
+            decode: ``decode(bytes) -> obj``.
+
+        Raises:
+            ConfigurationError: the code is outside 0-127 or already registered.
+        """
         if not 0 <= code <= 127:
             raise ConfigurationError("code", f"must be 0..127, got {code}")
         if code in self._decoders:
@@ -66,7 +85,12 @@ class Codec:
         return decode(data)
 
     def dumps(self, value: Any, what: str = "value") -> bytes:
-        """Encode `value`; `what` names it in the error ("argument 2 of 'process'")."""
+        """Encode `value`; `what` names it in the error ("the arguments of activity 'process'").
+
+        Raises:
+            SerializationError: a value msgpack cannot encode (a type the codec was not
+                taught, an int over 64 bits), or over ``max_payload_size``.
+        """
         try:
             data: bytes = msgpack.packb(value, default=self._default, use_bin_type=True)
         except (TypeError, ValueError, OverflowError) as exc:
@@ -83,7 +107,12 @@ class Codec:
         return data
 
     def loads(self, data: bytes) -> Any:
-        """Decode bytes produced by `dumps` (raises msgpack/ValueError errors on garbage)."""
+        """Decode bytes produced by `dumps`.
+
+        Raises:
+            SerializationError: an extension type this codec was not taught.
+            ValueError: the bytes are not msgpack (msgpack's own errors derive from it).
+        """
         return msgpack.unpackb(data, raw=False, ext_hook=self._ext_hook, strict_map_key=False)
 
 

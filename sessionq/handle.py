@@ -79,9 +79,13 @@ class ActivityHandle(Generic[R]):
         """Wait for the activity and return what it returned.
 
         Raises:
-            ActivityError, ActivityTimeoutError, ActivityCancelledError,
-            ActivityNotRegisteredError, SessionFailedError (a session activity),
-            RedisUnavailableError, RedisDataLostError: as for ``execute_activity``.
+            ActivityError: the activity raised, after the retry policy's attempts.
+            ActivityTimeoutError: a timeout passed (``timeout_type`` says which).
+            ActivityCancelledError: it was cancelled.
+            ActivityNotRegisteredError: the worker that took it does not have it.
+            SessionFailedError: its session failed (a session activity).
+            RedisUnavailableError: Redis stayed unreachable for ``unavailable_timeout``.
+            RedisDataLostError: Redis lost the task or its result.
         """
         return await self.outcome()
 

@@ -71,6 +71,7 @@ class Session:
         self.client = client
         self.keys = keys
         self.info = info
+        """The session's id, worker, host, state and recreate token."""
         self.options = options
         self.deadline_ms = deadline_ms
         self.hb_ms = hb_ms
@@ -82,10 +83,12 @@ class Session:
 
     @property
     def session_id(self) -> str:
+        """The session's unique id (``info.session_id``)."""
         return self.info.session_id
 
     @property
     def state(self) -> SessionState:
+        """OPEN, COMPLETED or FAILED, as this caller last learnt (``info.state``)."""
         return self.info.state
 
     # -- activities --------------------------------------------------------------------
@@ -266,6 +269,7 @@ class Session:
 
     @property
     def past_deadline(self) -> bool:
+        """Whether its execution timeout passed, by this process' clock."""
         return time.monotonic() >= self._expires_at
 
     async def _cancel_activity(self, activity_id: str, entry_id: bytes) -> None:

@@ -14,11 +14,17 @@ from .resources import validate as validate_resources
 
 
 class SessionState(str, enum.Enum):
-    """Lifecycle of a session. OPEN until completed by the caller or failed."""
+    """Lifecycle of a session: OPEN until its caller completes it or it fails; either end is
+    final. A str, so ``state == "OPEN"`` holds, as in ``sessionq inspect --json``."""
 
     OPEN = "OPEN"
+    """Holding its slot: activities sent through it run on its worker."""
     COMPLETED = "COMPLETED"
+    """Ended by its caller (``complete()``, leaving its ``with`` block, ``Client.close()``):
+    the slot is free again, activities still running there were cancelled."""
     FAILED = "FAILED"
+    """Ended without its caller: its worker died or stopped, its execution timeout passed,
+    its owner went away, or Redis lost its record; ``SessionInfo.failure`` says which."""
 
 
 _TOKEN_VERSION = 2
@@ -27,7 +33,8 @@ _TOKEN_VERSION = 2
 
 @dataclass
 class SessionInfo:
-    """A session's identity and where it runs (the seed's SessionInfo)."""
+    """A session's identity and where it runs: ``session.info`` for its caller,
+    ``sessionq.get_session_info()`` inside its activities (the Go SDK's SessionInfo)."""
 
     session_id: str
     """Unique id of the session."""
@@ -42,8 +49,10 @@ class SessionInfo:
     state: SessionState = SessionState.OPEN
     """OPEN, COMPLETED or FAILED; updated as the caller learns of changes."""
     failure: str | None = field(default=None, repr=False)
-    """Why the session failed, when it did."""
+    """Why the session failed, when it did (e.g. "execution timeout passed"); else None."""
     prefix: str = field(default="sq", repr=False)
+    """The key prefix of the client and workers it lives under; the recreate token carries
+    it, so a client of another prefix refuses the token."""
     host_id: str | None = None
     """The host the session is placed on, for a worker started with `host_id` (its
     activities run on any live process of that host), else None."""

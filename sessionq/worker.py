@@ -67,9 +67,50 @@ the same identity would share the first's stream (every session activity run twi
 class Worker:
     """Runs activities from a task queue and, with `enable_sessions`, holds sessions.
 
-    `redis` is a URL or a redis.asyncio.Redis. `metrics_registry`, a prometheus_client
-    CollectorRegistry, turns on the worker's metrics there (sessionq/metrics.py; `pip
-    install 'sessionq[metrics]'`). See the README for every option.
+    Start it with ``await worker.run()`` (or ``sessionq worker MODULE:ATTR``, which runs a
+    Worker defined in your module); ``async with worker:`` runs it in the background.
+    Durations are in seconds (or a timedelta).
+
+    Args:
+        redis: a URL (default: SESSIONQ_REDIS_URL, REDIS_URL, then localhost;
+            ``redis+cluster://`` and ``redis+sentinel://`` too) or a redis.asyncio client whose
+            connection settings are reused.
+        task_queue: the queue it serves.
+        activities: the functions it runs, decorated with ``@sessionq.activity`` (a plain
+            function is registered under its ``__name__``). Give every worker of a queue the
+            same ones: an activity sent to a worker without it fails.
+        enable_sessions: hold sessions (default False: plain activities only).
+        max_concurrent_sessions: the most sessions it holds at once, a hard limit (for the
+            whole host with `host_id`); None or 0: no limit.
+        max_concurrent_activities: the most activities it runs at once, plain and session
+            ones together, a hard limit (default 100); it reads no more plain activities
+            than it has free slots, leaving work to idle workers.
+        identity: its id in Redis, unique on the queue (default ``<pid>@<hostname>``); the
+            tables of ``sessionq inspect`` show it.
+        heartbeat_timeout: how long after its last heartbeat it counts as dead (default 10;
+            it beats every third of it). Its sessions' callers learn of its death within
+            this plus ``min(1 s, heartbeat_timeout / 5)``; keep it above Redis' failover
+            time.
+        shutdown_grace: on a graceful stop, how long running activities get to finish
+            (default 30) before they are cancelled.
+        prefix: the key prefix (default: SESSIONQ_PREFIX, then "sq"); clients must use the
+            same.
+        codec: the Codec for arguments and results (default: a plain ``Codec()``); clients
+            must be taught the same types.
+        retention: how long an ended session's record stays in Redis for ``sessionq
+            inspect`` (default 3600).
+        host_id: make this process one of a host's: processes with the same host_id share
+            one session limit and one set of sessions, which outlive any one process (needs
+            `enable_sessions`).
+        restart_grace: with `host_id`, how long the host's sessions wait for a process of it
+            after its last one stopped beating (default 30); then they fail.
+        session_resources: typed capacity sessions can ask for, e.g. ``{"gpu": 2}`` (the
+            host's, with `host_id`; needs `enable_sessions`).
+        metrics_registry: a prometheus_client CollectorRegistry to publish the worker's
+            metrics in (``pip install 'sessionq[metrics]'``); None: no metrics.
+
+    Raises:
+        ConfigurationError: an invalid option (nothing touched Redis).
     """
 
     def __init__(
@@ -332,6 +373,7 @@ class Worker:
 
     @property
     def open_sessions(self) -> int:
+        """How many sessions this worker process holds now."""
         return len(self.sessions) if self.sessions is not None else 0
 
     def redis_now_ms(self) -> float:
