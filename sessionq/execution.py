@@ -94,13 +94,19 @@ def application_error(exc: BaseException, attempt: int) -> RemoteError:
         )
         message, non_retryable = _text_of(exc), False
     frames = exc.__traceback__
-    while frames is not None and frames.tb_frame.f_globals.get("__name__") == __name__:
-        frames = frames.tb_next  # sessionq's own frames, which called the activity
+    while frames is not None and _calls_activities(frames.tb_frame.f_globals.get("__name__", "")):
+        frames = frames.tb_next  # the frames that called the activity: noise to its author
     try:
         text = "".join(traceback.format_exception(type(exc), exc, frames))
     except Exception as broken:
         text = f"(the traceback could not be formatted: {broken!r})"
     return RemoteError("ApplicationError", name, message, text, attempt, non_retryable=non_retryable)
+
+
+def _calls_activities(module: str) -> bool:
+    """Whether a frame of `module` is machinery between the worker and an activity: this
+    module, the thread a plain `def` runs on, asyncio's and concurrent.futures' plumbing."""
+    return module in (__name__, "sessionq.threads") or module.startswith(("asyncio.", "concurrent.futures."))
 
 
 def _text_of(exc: BaseException) -> str:

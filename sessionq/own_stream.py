@@ -62,7 +62,10 @@ class OwnStream:
         elif kind == b"o":
             w.sessions.opened(fields[b"s"].decode(), fields, entry_id)
         elif kind == b"c":
-            w.sessions.ended_remotely(fields[b"s"].decode(), fields.get(b"r", b"complete").decode())
+            why = fields.get(b"why")  # absent from an earlier version's scripts
+            w.sessions.ended_remotely(
+                fields[b"s"].decode(), fields.get(b"r", b"complete").decode(), why.decode() if why else None
+            )
         elif kind == b"x":
             activity_id = fields.get(b"i", b"").decode()
             w.runner.cancel(activity_id, "cancelled", "the caller cancelled the activity")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -314,6 +315,10 @@ async def test_remote_error_carries_type_message_and_traceback(
     assert activity.__name__ in error.cause.traceback
     assert "raise_value_error_deep_inside" in error.cause.traceback
     assert "ValueError: disk full" in error.cause.traceback
+    frames = re.findall(r'File "([^"]+)"', error.cause.traceback)
+    assert frames and frames[0].endswith("test_activities.py"), f"not the activity's frame first: {frames}"
+    noise = ("sessionq/execution.py", "sessionq/threads.py", "asyncio/", "concurrent/futures/")
+    assert not [f for f in frames if f.endswith(noise) or any(n in f for n in noise[2:])], frames
     assert error.activity_name == activity.__name__
     assert error.attempt == 1
     assert "disk full" in str(error)

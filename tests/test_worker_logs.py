@@ -7,8 +7,10 @@ Every test runs the real command in a subprocess and reads what it wrote.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +70,25 @@ async def test_worker_logs_each_outcome_retry_and_session(
     assert f"session {ids['session'][:12]}" in inside and "completed in" in inside
     assert lines_with(out, f"session {ids['session']} opened (execution timeout in")
     assert lines_with(out, f"session {ids['session']} ended: completed")
+
+
+async def test_session_end_lines_name_the_real_reason(
+    cli_worker: Any, client: Client, task_queue: str  # noqa: F811
+) -> None:  # fmt: skip
+    """A session that ends in Redis is logged with the reason Redis recorded, not a generic
+    "session failed": one the caller failed on purpose, one the worker's SIGTERM failed."""
+    worker = await cli_worker("tests.activities:ALL", identity="logs-w4")
+    first = await client.create_session(task_queue)
+    await first._end("fail", "the caller gave up on it")  # what the library does on a hopeless session
+    await wait_for(lambda: f"session {first.session_id} ended" in worker.output(), message="no end line")
+    (line,) = lines_with(worker.output(), f"session {first.session_id} ended")
+    assert line.endswith("ended: failed (the caller gave up on it)"), line
+
+    second = await client.create_session(task_queue)
+    worker.signal(signal.SIGTERM)
+    assert await asyncio.wait_for(worker.process.wait(), 30) == 0, worker.output()
+    (line,) = lines_with(worker.output(), f"session {second.session_id} ended")
+    assert line.endswith("ended: failed (worker logs-w4 shut down)"), line
 
 
 async def test_worker_log_format_json_carries_each_records_fields(
