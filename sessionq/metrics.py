@@ -43,6 +43,14 @@ OUTCOMES = {
 """The outcome label of a finished activity, by the kind of error it ended with."""
 
 
+DURATION_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, float("inf"),
+)  # fmt: skip
+"""Seconds: prometheus-client's defaults (5 ms to 10 s), then up to an hour, since session
+activities (a download, a training step, a transcode) often take minutes."""
+
+
 def _prometheus() -> Any:
     try:
         import prometheus_client
@@ -60,8 +68,8 @@ class _Families:
         p = _prometheus()
         base = ("queue", "worker")
 
-        def make(kind: Any, name: str, text: str, *labels: str) -> Any:
-            return kind(name, text, [*base, *labels], registry=registry)
+        def make(kind: Any, name: str, text: str, *labels: str, **more: Any) -> Any:
+            return kind(name, text, [*base, *labels], registry=registry, **more)
 
         self.started = make(p.Counter, "sessionq_activities_started", "Executions started.", "activity")
         self.finished = make(
@@ -70,7 +78,7 @@ class _Families:
         )  # fmt: skip
         self.duration = make(
             p.Histogram, "sessionq_activity_duration_seconds", "How long an execution took, all attempts.",
-            "activity",
+            "activity", buckets=DURATION_BUCKETS,
         )  # fmt: skip
         self.running = make(p.Gauge, "sessionq_activities_running", "Activities running now.")
         self.slots_used = make(p.Gauge, "sessionq_session_slots_used", "Sessions open on the worker.")

@@ -65,6 +65,8 @@ async def test_a_live_worker_serves_metrics_that_follow_its_work(
     assert value(page, finished, **base, activity="echo", outcome="completed") == 3
     assert value(page, finished, **base, activity="fail", outcome="failed") == 1
     assert value(page, "sessionq_activity_duration_seconds_count", **base, activity="whoami") == 1
+    hour = value(page, "sessionq_activity_duration_seconds_bucket", **base, activity="whoami", le="3600.0")
+    assert hour == 1, "the duration buckets reach an hour (session activities take minutes)"
     assert value(page, "sessionq_session_slots_used", **base) == 1
     assert value(page, "sessionq_session_slots_total", **base) == 3
     assert value(page, "sessionq_sessions_opened_total", **base) == 1
