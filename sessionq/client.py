@@ -279,7 +279,8 @@ class Client:
             kwargs: its keyword arguments, as a dict (this call's own keywords are options).
             **options: ActivityOptions fields: ``start_to_close_timeout``,
                 ``schedule_to_close_timeout``, ``schedule_to_start_timeout``,
-                ``heartbeat_timeout``, ``retry_policy``.
+                ``heartbeat_timeout``, ``retry_policy``; or ``options``, a whole
+                ActivityOptions, which those override.
 
         Returns:
             An ActivityHandle: ``await handle.result()``, ``await handle.cancel()``.
@@ -324,7 +325,8 @@ class Client:
             kwargs: its keyword arguments, as a dict (this call's own keywords are options).
             **options: ActivityOptions fields: ``start_to_close_timeout``,
                 ``schedule_to_close_timeout``, ``schedule_to_start_timeout``,
-                ``heartbeat_timeout``, ``retry_policy``.
+                ``heartbeat_timeout``, ``retry_policy``; or ``options``, a whole
+                ActivityOptions, which those override.
 
         Returns:
             What the activity returned.

@@ -175,7 +175,7 @@ class Session:
     ) -> ActivityHandle[Any]:
         """Queue an activity on the session's worker and return at once with its handle.
 
-        Args: as for execute_activity.
+        It takes the arguments of `execute_activity`.
 
         Returns:
             An ActivityHandle: ``await handle.result()``, ``await handle.cancel()``.
@@ -218,7 +218,8 @@ class Session:
             kwargs: its keyword arguments, as a dict (this call's own keywords are options).
             **options: ActivityOptions fields: ``start_to_close_timeout``,
                 ``schedule_to_close_timeout``, ``schedule_to_start_timeout``,
-                ``heartbeat_timeout``, ``retry_policy``.
+                ``heartbeat_timeout``, ``retry_policy``; or ``options``, a whole
+                ActivityOptions, which those override.
 
         Returns:
             What the activity returned.
