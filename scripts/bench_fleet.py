@@ -3,8 +3,9 @@
 dead worker is noticed among them, and how sessions and waiting callers behave by the
 hundred thousand.
 
-    python scripts/bench_fleet.py [--quick] [--only idle,death,sessions,waiters] [--json PATH|-]
+    python scripts/bench_fleet.py [--quick] [--only idle,death,sessions,waiters,hosts] [--json PATH|-]
                                   [--processes P] [--per-process W] [--heartbeat-timeout S]
+                                  [--host-size K]
                                   [--window S] [--settle S] [--sessions N] [--creates N]
                                   [--openers N] [--waiters N]
 
@@ -46,6 +47,11 @@ waiters   One worker with max_concurrent_sessions=1, its slot taken by a holder 
           create_session returning, p50/p99/max (target p99 < 5 ms), and the order the N got
           their slots in, against the order they joined and the sorted set's (violations
           must be 0).
+
+hosts     The idle fleet as hosts: the same P x W Worker objects, every K of them (default 10)
+          the processes of one host (`host_id`, as `sessionq worker --processes K` makes);
+          Redis commands/s per host process over the window, redis-server's CPU. Target:
+          as a plain worker's, <= 3 commands/s per process (x 10/hb at another hb).
 
 --quick: 2 x 20 workers, heartbeat_timeout 2 s, 5 s windows, 2,000 sessions, 200 waiters
 (under a minute). Its heartbeat_timeout is a fifth of the default, so the workers'
@@ -93,7 +99,7 @@ STARTS = "fleetbench:starts"
 """Stream (under the run's prefix) where `hold` records each start: kind, pid, worker, attempt, t."""
 LONG = 24 * 3600.0
 """How long a held activity sleeps and its timeouts: longer than any run."""
-SCENARIOS = ("idle", "death", "sessions", "waiters")
+SCENARIOS = ("idle", "death", "sessions", "waiters", "hosts")
 START_BATCH = 10
 """Workers of one process started at a time: all 100 at once, on a busy 2-core machine, could
 run past Worker.wait_started's 30 s."""
@@ -150,6 +156,8 @@ class Sizes:
     opener_concurrency: int
     creates: int
     waiters: int
+    host_size: int
+    """hosts: Worker objects per host (the processes of one host)."""
 
     @property
     def settle(self) -> float:
@@ -167,6 +175,7 @@ FULL = Sizes(
     opener_concurrency=64,
     creates=2_000,
     waiters=10_000,
+    host_size=10,
 )
 QUICK = Sizes(
     processes=2,
@@ -179,6 +188,7 @@ QUICK = Sizes(
     opener_concurrency=64,
     creates=500,
     waiters=200,
+    host_size=10,
 )
 SESSION_FLEET = [("solo", 1), ("s1", 3), ("s2", 3), ("s3", 3)]
 """The sessions scenario's worker processes (name, Worker objects): 10 workers, one alone in
@@ -330,10 +340,16 @@ class Stage:
         return child
 
     async def spawn_workers(
-        self, names: Sequence[str], per_process: int, heartbeat_timeout: float, max_sessions: int = 0
+        self,
+        names: Sequence[str],
+        per_process: int,
+        heartbeat_timeout: float,
+        max_sessions: int = 0,
+        host_size: int = 0,
     ) -> list[bench.WorkerProcess]:
-        """Start worker processes of `per_process` Workers each (identities <name>-<k>), all at
-        once, and wait until every one printed READY (all its Workers registered)."""
+        """Start worker processes of `per_process` Workers each (identities <name>-<k>; with
+        `host_size`, every that many of them one host's processes), all at once, and wait
+        until every one printed READY (all its Workers registered)."""
         started = [
             self.launch(
                 name,
@@ -344,6 +360,8 @@ class Stage:
                 str(heartbeat_timeout),
                 "--max-sessions",
                 str(max_sessions),
+                "--host-size",
+                str(host_size),
             )
             for name in names
         ]
@@ -560,6 +578,25 @@ async def scenario_fleet(st: Stage, sizes: Sizes, do_idle: bool, do_death: bool)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(client.close(), 10)
     return out
+
+
+async def scenario_hosts(st: Stage, sizes: Sizes) -> dict[str, Any]:
+    """P x W idle Workers grouped in hosts of K processes: Redis' cost of the idle hosts."""
+    p, w, hb, k = sizes.processes, sizes.per_process, sizes.heartbeat_timeout, sizes.host_size
+    n = p * w
+    with contextlib.suppress(redis.RedisError):
+        st.sync.config_set("maxclients", max(10_000, 8 * n + 1_000))
+    t = time.perf_counter()
+    await st.spawn_workers([f"p{i}" for i in range(p)], w, hb, max_sessions=4, host_size=k)
+    started_s = time.perf_counter() - t
+    await asyncio.sleep(sizes.settle)
+    idle = await window(st, sizes.window_s, n)
+    hosts = p * -(-w // k)
+    idle.update(
+        processes=p, host_processes=n, host_size=k, hosts=hosts, start_s=round(started_s, 1),
+        commands_per_s_per_host=round(idle["commands_per_s"] / hosts, 2) if hosts else None,
+    )  # fmt: skip
+    return idle
 
 
 async def kill_victim(
@@ -909,6 +946,17 @@ def rows(sizes: Sizes, quick: bool) -> list[Row]:
         Row("waiters", "handover_p99_ms", "waiters: complete -> next waiter's slot p99 (ms)", "<", 5),
         Row("waiters", "handover_max_ms", "waiters: complete -> next waiter's slot max (ms)"),
         Row("waiters", "fcfs_violations", "waiters: first-come-first-served violations", "==", 0),
+        Row("hosts", "host_processes", "hosts: host processes (Worker objects)"),
+        Row("hosts", "hosts", "hosts: hosts (host_size processes each)"),
+        Row("hosts", "commands_per_s", "hosts: Redis commands/s, total"),
+        Row(
+            "hosts",
+            "commands_per_s_per_worker",
+            f"hosts: cmd/s per host process{at_hb}",
+            "<=",
+            idle_bound,
+        ),
+        Row("hosts", "redis_cpu_pct", "hosts: redis-server CPU, % of one core", "<", 10),
     ]
 
 
@@ -949,10 +997,10 @@ def table(report: dict[str, Any], sizes: Sizes, quick: bool) -> str:
             verdicts[f"{row.scenario}.{row.metric}"] = verdict.rsplit(" ", 1)[-1]
         lines.append(f"{row.label:<{width}}  {show(value):>12}  {verdict}")
     report["verdicts"] = verdicts
-    idle = results.get("idle")
-    if idle:
-        top = ", ".join(f"{k} {v:g}" for k, v in list(idle["by_command_per_s"].items())[:8])
-        lines.append(f"\nidle: busiest commands per second: {top}")
+    for name in ("idle", "hosts"):
+        if name in results:
+            top = ", ".join(f"{k} {v:g}" for k, v in list(results[name]["by_command_per_s"].items())[:8])
+            lines.append(f"\n{name}: busiest commands per second: {top}")
     death = results.get("death")
     if death:
         lines.append(
@@ -1015,6 +1063,8 @@ async def run_all(children: Children, workdir: Path, sizes: Sizes, names: Sequen
         results["sessions"] = await timed("sessions", lambda st: scenario_sessions(st, sizes))
     if "waiters" in names:
         results["waiters"] = await timed("waiters", lambda st: scenario_waiters(st, sizes))
+    if "hosts" in names:
+        results["hosts"] = await timed("hosts", lambda st: scenario_hosts(st, sizes))
     return report
 
 
@@ -1037,6 +1087,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     size.add_argument("--openers", type=int, help="sessions: opener processes (full 4)")
     size.add_argument("--creates", type=int, help="sessions: timed sequential creates (full 2,000)")
     size.add_argument("--waiters", type=int, help="waiters: callers waiting (full 10,000)")
+    size.add_argument("--host-size", type=int, help="hosts: processes per host (10)")
     child = parser.add_argument_group("child process (internal)")
     child.add_argument("--_worker", action="store_true", dest="worker", help=argparse.SUPPRESS)
     child.add_argument("--_opener", action="store_true", dest="opener", help=argparse.SUPPRESS)
@@ -1068,6 +1119,7 @@ async def worker_main(args: argparse.Namespace) -> None:
             identity=f"{args.identity}-{k}",
             heartbeat_timeout=args.heartbeat_timeout,
             prefix=args.prefix,
+            host_id=f"{args.identity}-h{k // args.host_size}" if args.host_size else None,  # --host-size
         )
         for k in range(args.fleet)
     ]
@@ -1103,6 +1155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "openers",
             "creates",
             "waiters",
+            "host_size",
         )
         if getattr(args, k) is not None
     }
