@@ -41,7 +41,8 @@ MARK_RETRY_MS = 1000
 """A takeover mark handed out comes due again this much later (a third of heartbeat_timeout
 when that is shorter), for another worker, in case its taker cannot finish it."""
 HOST_AUDIT_EVERY = 10
-"""A host's process looks at its host stream's whole consumer group every this many passes."""
+"""A host's processes look at the host stream's whole consumer group about once every this
+many passes between them: each process every HOST_AUDIT_EVERY x (consumers of the group)."""
 
 
 class Housekeeping:
@@ -49,6 +50,7 @@ class Housekeeping:
         self.worker = worker
         self.passes = 0
         self._trimmed_to = b"0-0"
+        self._host_audit_every = HOST_AUDIT_EVERY  # grows with the host's processes (claim_orphans)
 
     async def step(self) -> None:
         w = self.worker
@@ -80,7 +82,7 @@ class Housekeeping:
             await w.sessions.reconcile()
         if swept.audit:
             await self.audit()
-        if w.host_queue is not None and self.passes % HOST_AUDIT_EVERY == 1 and not w.stopping:
+        if w.host_queue is not None and self.passes % self._host_audit_every == 1 and not w.stopping:
             await self.claim_orphans(w.host_queue)
         if w.burst and await self.drained():
             log.info("worker %s: burst mode and nothing left to do; stopping", w.worker_id)
@@ -198,6 +200,8 @@ class Housekeeping:
         consumers = await w.wire.execute(
             tasks, "XINFO", "CONSUMERS", tasks, CONSUMER_GROUP
         )  # NOGROUP: re-created
+        if queue is w.host_queue:  # its sibling processes audit it too: between them, as often as one
+            self._host_audit_every = HOST_AUDIT_EVERY * max(1, len(consumers))
         for consumer in map(field_map, consumers):
             name = consumer[b"name"].decode()
             if name == w.worker_id:

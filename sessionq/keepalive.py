@@ -58,10 +58,12 @@ class Heartbeat:
         blame: Callable[[], str],
         stall_limit: float,
         host_id: str = "",
+        grace_ms: int = 0,
         overdue: Callable[[float], list[str]] | None = None,
         retention_ms: int = 0,
     ) -> None:
         self.host_id = host_id
+        self.grace_ms = grace_ms
         self.overdue = overdue
         """The held sessions whose deadline passed by Redis' time given (HeldSessions.overdue)."""
         self.retention_ms = retention_ms
@@ -193,6 +195,7 @@ class Heartbeat:
                 now_ms=self.redis_now_ms(),
                 timeout=self.interval,
                 host_id=self.host_id,
+                grace_ms=self.grace_ms,
                 stopping=self.stopping,
             )
         except Exception as exc:

@@ -278,18 +278,19 @@ class Scripts:
         now_ms: float,
         timeout: float | None,
         host_id: str = "",
+        grace_ms: int = 0,
         stopping: bool = False,
     ) -> bool:
-        """Renew the heartbeat (and its host's); False when the worker is no longer registered.
-        `counts` (running, done, waiting for a slot) for inspect, None when unchanged since the
-        last beat. A host's process that is `stopping` keeps the host's sessions alive but
-        takes no new one."""
+        """Renew the heartbeat (and its host's, whose key lives `grace_ms` longer); False when
+        the worker is no longer registered. `counts` (running, done, waiting for a slot) for
+        inspect, None when unchanged since the last beat. A host's process that is `stopping`
+        keeps the host's sessions alive but takes no new one."""
         running, done, waiting = counts if counts is not None else ("", "", "")
         flag = "1" if stopping else "0"
         reply = await self.run(
             "heartbeat",
             [k.beats, k.worker(worker_id), k.alive(worker_id), k.guard],
-            [worker_id, hb_ms, running, done, k.base, host_id, flag, int(now_ms), waiting],
+            [worker_id, hb_ms, running, done, k.base, host_id, flag, int(now_ms), waiting, grace_ms],
             timeout=timeout,
         )
         return bool(reply)

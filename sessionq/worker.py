@@ -282,6 +282,7 @@ class Worker:
                 blame=self.runner.blame,
                 stall_limit=max(60.0, 10 * self.heartbeat_timeout),
                 host_id=self.host_id or "",
+                grace_ms=int(self.restart_grace * 1000),
                 overdue=self.sessions.overdue,
                 retention_ms=self.retention_ms,
             )
@@ -438,6 +439,7 @@ class Worker:
                 now_ms=self.redis_now_ms(),
                 timeout=None,
                 host_id=self.host_id,
+                grace_ms=int(self.restart_grace * 1000),
                 stopping=True,
             )
             return

@@ -23,10 +23,14 @@
 --                   alive while its activities finish, but no new session is placed for it
 -- ARGV[8] now_ms    Redis' time as the worker reckons it (its offset is re-learnt every few s)
 -- ARGV[9] waiting   activities waiting inside the worker for a slot (for inspect; with ARGV[3])
+-- ARGV[10] grace_ms a host's restart grace (its processes agree on it: register_worker.lua)
 -- Returns 1, or 0 when the worker (or its host, past its grace) is no longer registered
 -- and must register afresh (its record is checked when its key had lapsed: an earlier
 -- version's reap leaves the heartbeat deadline behind). Cost: O(log n) (n: entries of
--- `beats`), plus granting waiters when it comes back (slots.lua).
+-- `beats`), plus granting waiters when it comes back (slots.lua). A host's process sends 6
+-- more commands (HEXISTS, SET, ZADD, SET, SADD, HSET): its host's record is checked, and
+-- the host's key (renewed only if there: SET XX), deadline, 'up' (SET GET: was it there?),
+-- process set and record's beat are renewed.
 -- @include slots
 
 local base, hb_ms, hid, stopping = ARGV[5], tonumber(ARGV[2]), ARGV[6] or '', ARGV[7] == '1'
@@ -39,13 +43,15 @@ if redis.call('ZADD', beats, 'XX', 'CH', now + hb_ms, 'w:' .. ARGV[1]) == 0
   return 0
 end
 local h = nil
-local grace_ms = 0
+local grace_ms = tonumber(ARGV[10]) or 0
 if hid ~= '' then
   h = HOST_MARK .. hid
-  local hk = base .. 'worker:' .. h
-  local rec = redis.call('HMGET', hk, 'max_sessions', 'grace_ms')
-  if not rec[1] or redis.call('EXISTS', base .. 'alive:' .. h) == 0 then return 0 end
-  grace_ms = tonumber(rec[2]) or 0
+  -- Its record lost its fields (evicted, deleted by hand), or its key lapsed (reaped, its
+  -- grace passed): register again (the key is renewed only if it is there).
+  if redis.call('HEXISTS', base .. 'worker:' .. h, 'max_sessions') == 0
+      or not redis.call('SET', base .. 'alive:' .. h, '1', 'PX', hb_ms + grace_ms, 'XX') then
+    return 0
+  end
 end
 local serve = not redis.call('SET', KEYS[3], '1', 'PX', hb_ms, 'GET')
 if serve and (redis.call('HEXISTS', KEYS[2], 'max_sessions') == 0
@@ -60,15 +66,13 @@ if ARGV[3] ~= '' then
 end
 if h then
   local hk = base .. 'worker:' .. h
-  redis.call('SET', base .. 'alive:' .. h, '1', 'PX', hb_ms + grace_ms)
   redis.call('ZADD', beats, now + hb_ms + grace_ms, 'w:' .. h)
   local up = host_key(base, 'up:', h)
   if stopping then
     redis.call('HSET', KEYS[2], 'stopping', 1)
     if not host_has_live_process(base, h, ARGV[1], true) then redis.call('DEL', up) end
   else
-    if redis.call('EXISTS', up) == 0 then serve = true end
-    redis.call('SET', up, '1', 'PX', hb_ms)
+    if not redis.call('SET', up, '1', 'PX', hb_ms, 'GET') then serve = true end
   end
   redis.call('SADD', host_key(base, 'hprocs:', h), ARGV[1])
   redis.call('HSET', hk, 'beat', now)

@@ -25,8 +25,8 @@
 -- {mark, ...} takeover marks for the caller ("o:<worker>", "h:<host_id>:<worker>"), 1 if
 -- the audit is due (and now handed to the caller)}.
 -- Cost: O(log n) when nothing is due (n: entries of the two indexes), 3 commands; per item
--- due O(log n) plus, for a dead worker, what reaping it costs (reap.lua); a host's process
--- also reads its host's marks (O(marks), usually none).
+-- due O(log n) plus, for a dead worker, what reaping it costs (reap.lua), for a host's
+-- marks that come due O(marks).
 -- @include slots
 -- @include reap
 
@@ -81,6 +81,16 @@ for _, item in ipairs(redis.call('ZRANGEBYSCORE', beats, '-inf', now, 'LIMIT', 0
     -- Its own mark (it was declared dead, and is back) is left for another worker, whose
     -- claim sees it alive and drops the mark; registering again drops it too.
     if rest ~= me and can_take then marks[#marks + 1] = item end
+  elseif kind == 'm:' then
+    -- Its host's processes left entries of the host's stream (hmarks): handed to a process
+    -- of that host only, and due again while any is left (claim_orphans drops each).
+    if rest == hid and can_take then
+      local left = redis.call('SMEMBERS', base .. 'hmarks:' .. hid)
+      for _, w in ipairs(left) do
+        if w ~= me then marks[#marks + 1] = 'h:' .. hid .. ':' .. w end
+      end
+      if #left == 0 then redis.call('ZREM', beats, item) else redis.call('ZADD', beats, now + retry_ms, item) end
+    end
   elseif item == 'scan' then
     audit = 1
     redis.call('ZADD', beats, now + audit_ms, item)
@@ -92,11 +102,6 @@ end
 -- them (no free slot); claim_orphans removes each once nothing of its consumer is pending.
 for _, mark in ipairs(marks) do
   if string.sub(mark, 1, 2) == 'o:' then redis.call('ZADD', beats, now + retry_ms, mark) end
-end
-if hid ~= '' and can_take then
-  for _, w in ipairs(redis.call('SMEMBERS', base .. 'hmarks:' .. hid)) do
-    if w ~= me then marks[#marks + 1] = 'h:' .. hid .. ':' .. w end
-  end
 end
 if (expired > 0 or released) and redis.call('ZCARD', base .. 'waiters') > 0 then grant_waiters(base, now) end
 return {expired, now, reaped, marks, audit}

@@ -8,8 +8,9 @@
 --     "o:<worker>"  a takeover mark: a reaped worker left entries of the shared stream in
 --                   its pending list; a live worker takes them over (claim_orphans);
 --     "scan"        when a worker next audits the whole queue (housekeeping.py);
---   `hmarks:<host_id>`, a set: the host's processes reaped with entries of the host's
---   stream pending, taken over by another process of that host only.
+--     "m:<host_id>" when a process of that host next looks at its `hmarks:<host_id>`, a
+--                   set: the host's processes reaped with entries of the host's stream
+--                   pending, taken over by another process of that host only.
 
 -- Consumer w of `stream`'s group: marked for takeover if it left anything pending there
 -- (`beats` member "o:<w>", or member w of a host's `hmarks` set), else dropped from the
@@ -24,6 +25,7 @@ local function settle_consumer(base, stream, w, hid, now)
   end
   if hid then
     redis.call('SADD', base .. 'hmarks:' .. hid, w)
+    redis.call('ZADD', base .. 'beats', now, 'm:' .. hid)
     return 'h:' .. hid .. ':' .. w
   end
   redis.call('ZADD', base .. 'beats', now, 'o:' .. w)
@@ -67,6 +69,7 @@ local function reap(base, w, reason, force, now, retention_ms, marks)
   if is_host(w) then
     -- Its stream is gone, and with it what its processes had left there.
     redis.call('DEL', host_key(base, 'hprocs:', w), host_key(base, 'up:', w), host_key(base, 'hmarks:', w))
+    redis.call('ZREM', base .. 'beats', 'm:' .. string.sub(w, #HOST_MARK + 1))
   else
     local made = {settle_consumer(base, base .. 'tasks', w, nil, now)}
     if rec[1] then
