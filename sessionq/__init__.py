@@ -27,6 +27,7 @@ Reading the code, one path at a time (the wire format: envelope.py; the keys: ke
 """
 
 from .activity import ActivityInfo, activity, activity_info, get_session_info, heartbeat, is_cancelled
+from .calls import ActivityCallOptions
 from .client import Client
 from .codec import Codec
 from .errors import (
@@ -56,6 +57,7 @@ from .worker import Worker
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActivityCallOptions",
     "ActivityCancelledError",
     "ActivityError",
     "ActivityHandle",

@@ -25,6 +25,10 @@ from .options import ActivityOptions, RetryPolicy
 R = TypeVar("R")
 """What the activity returns (awaited, for an ``async def``)."""
 
+R_co = TypeVar("R_co", covariant=True)
+"""What a handle's ``result()`` gives: covariant, so an ``ActivityHandle[bytes]`` is an
+``ActivityHandle[object]`` (a list of handles of different activities)."""
+
 if TYPE_CHECKING:
     from typing_extensions import TypeVarTuple
 
@@ -33,20 +37,33 @@ if TYPE_CHECKING:
 
 
 class ActivityCallOptions(TypedDict, total=False):
-    """The options a call takes as keywords (the fields of ActivityOptions, or one whole)."""
+    """The options execute_activity / start_activity take as keywords: the fields of
+    ActivityOptions, or ``options``, one whole. Annotate a dict of them with it to pass it
+    as ``**options`` (a type checker cannot match a plain ``dict[str, int]`` to them)::
 
-    options: ActivityOptions
+        TIMEOUTS: sessionq.ActivityCallOptions = {"start_to_close_timeout": 10}
+        await client.execute_activity(greet, "world", task_queue="hello", **TIMEOUTS)
+    """
+
+    options: ActivityOptions | None
+    """All of them at once; the other keywords override its fields."""
     start_to_close_timeout: Duration | None
+    """As ActivityOptions.start_to_close_timeout."""
     schedule_to_close_timeout: Duration | None
+    """As ActivityOptions.schedule_to_close_timeout."""
     schedule_to_start_timeout: Duration | None
+    """As ActivityOptions.schedule_to_start_timeout."""
     heartbeat_timeout: Duration | None
+    """As ActivityOptions.heartbeat_timeout."""
     retry_policy: RetryPolicy | None
+    """As ActivityOptions.retry_policy."""
 
 
 class SessionCall(ActivityCallOptions, total=False):
     """Session.execute_activity's keywords: the options, and the activity's keyword arguments."""
 
     kwargs: dict[str, Any] | None
+    """The activity's keyword arguments (the call's own keywords are its options)."""
 
 
 class SessionCallWithKwargs(ActivityCallOptions):
@@ -59,6 +76,7 @@ class ClientCall(SessionCall, total=False):
     """Client.execute_activity's keywords: a session's, and the task queue."""
 
     task_queue: str | None
+    """The queue whose workers may run it (required, here or in ``options``)."""
 
 
 class ClientCallWithKwargs(SessionCallWithKwargs, total=False):

@@ -245,19 +245,19 @@ class Client:
 
     @overload
     async def start_activity(
-        self, activity: Callable[[Unpack[Ts]], Awaitable[R]], *args: Unpack[Ts], **call: Unpack[ClientCall]
+        self, activity: Callable[[Unpack[Ts]], Awaitable[R]], *args: Unpack[Ts], **options: Unpack[ClientCall]
     ) -> ActivityHandle[R]: ...
     @overload
     async def start_activity(
-        self, activity: Callable[[Unpack[Ts]], R], *args: Unpack[Ts], **call: Unpack[ClientCall]
+        self, activity: Callable[[Unpack[Ts]], R], *args: Unpack[Ts], **options: Unpack[ClientCall]
     ) -> ActivityHandle[R]: ...
     @overload
     async def start_activity(
-        self, activity: Callable[..., Any], *args: Any, **call: Unpack[ClientCallWithKwargs]
+        self, activity: Callable[..., Any], *args: Any, **options: Unpack[ClientCallWithKwargs]
     ) -> ActivityHandle[Any]: ...
     @overload
     async def start_activity(
-        self, activity: str, *args: Any, **call: Unpack[ClientCall]
+        self, activity: str, *args: Any, **options: Unpack[ClientCall]
     ) -> ActivityHandle[Any]: ...
     @public("starting an activity")  # type: ignore[misc]  # mypy misreads an implementation of *args: *Ts
     async def start_activity(
@@ -293,18 +293,18 @@ class Client:
 
     @overload
     async def execute_activity(
-        self, activity: Callable[[Unpack[Ts]], Awaitable[R]], *args: Unpack[Ts], **call: Unpack[ClientCall]
+        self, activity: Callable[[Unpack[Ts]], Awaitable[R]], *args: Unpack[Ts], **options: Unpack[ClientCall]
     ) -> R: ...
     @overload
     async def execute_activity(
-        self, activity: Callable[[Unpack[Ts]], R], *args: Unpack[Ts], **call: Unpack[ClientCall]
+        self, activity: Callable[[Unpack[Ts]], R], *args: Unpack[Ts], **options: Unpack[ClientCall]
     ) -> R: ...
     @overload
     async def execute_activity(
-        self, activity: Callable[..., Any], *args: Any, **call: Unpack[ClientCallWithKwargs]
+        self, activity: Callable[..., Any], *args: Any, **options: Unpack[ClientCallWithKwargs]
     ) -> Any: ...
     @overload
-    async def execute_activity(self, activity: str, *args: Any, **call: Unpack[ClientCall]) -> Any: ...
+    async def execute_activity(self, activity: str, *args: Any, **options: Unpack[ClientCall]) -> Any: ...
     @public("running an activity")  # type: ignore[misc]  # mypy misreads an implementation of *args: *Ts
     async def execute_activity(
         self,

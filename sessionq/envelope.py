@@ -19,7 +19,9 @@ A worker's own stream ``w:<worker>`` entries, by ``t``::
     a  a session activity         d = task
     o  a session opened here      s = session id, x = execution timeout ms, d = deadline
                                   (ms, Redis' clock), c = owner client id, l = owner_timeout ms
-    c  a session ended            s = session id, r = complete | expire | fail | owner
+    c  a session ended            s = session id, r = complete | expire | fail | owner,
+                                  m = the reason Redis recorded (absent from an earlier
+                                  version's entry; empty for complete)
     x  cancel an activity         i = activity id
     h  the registration's first entry (the stream must exist: senders use NOMKSTREAM)
 

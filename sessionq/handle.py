@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic
 
-from .calls import R
+from .calls import R_co
 from .envelope import RemoteError, Result
 from .errors import (
     REMOTE_ERRORS,
@@ -47,7 +47,7 @@ def to_exception(error: RemoteError, name: str, activity_id: str) -> SessionqErr
     return cls(error.message)
 
 
-class ActivityHandle(Generic[R]):
+class ActivityHandle(Generic[R_co]):
     """A started activity; `await handle.result()` for its value or its error (typed as
     the activity's return value when it was started with the decorated function)."""
 
@@ -63,7 +63,10 @@ class ActivityHandle(Generic[R]):
         cancel: Callable[[], Any] | None = None,
     ) -> None:
         self.activity_id = activity_id
+        """The activity execution's id (retries keep it): in the worker's logs, and in
+        ``sessionq inspect``."""
         self.name = name
+        """The activity's registered name."""
         self._future = future
         self._inbox = inbox
         self._deadline = None if schedule_to_close is None else time.monotonic() + schedule_to_close
@@ -75,7 +78,7 @@ class ActivityHandle(Generic[R]):
         return self._future.done()
 
     @public("waiting for an activity's result")
-    async def result(self) -> R:
+    async def result(self) -> R_co:
         """Wait for the activity and return what it returned.
 
         Raises:
@@ -89,7 +92,7 @@ class ActivityHandle(Generic[R]):
         """
         return await self.outcome()
 
-    async def outcome(self) -> R:
+    async def outcome(self) -> R_co:
         """result() without the public-API wrapper, for callers that already have one."""
         try:
             if self._deadline is None:
@@ -102,7 +105,7 @@ class ActivityHandle(Generic[R]):
         assert isinstance(message, Result)
         if message.error is not None:
             raise to_exception(message.error, self.name, self.activity_id)
-        value: R = message.value  # decoded by the codec: the activity's return type, we trust
+        value: R_co = message.value  # decoded by the codec: the activity's return type, we trust
         return value
 
     async def _wait_until_deadline(self) -> Any:

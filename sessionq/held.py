@@ -288,18 +288,6 @@ class HeldSessions:
         fields.update(outcome=kind, reason=reason)
         log.info("worker %s: session %s ended: %s", w.worker_id, sid, how, extra=fields)
 
-    def ended_remotely(self, sid: str, mode: str, reason: str | None = None) -> None:
-        """A 'c' entry: the session ended in Redis (its caller completed it, or it failed),
-        for `reason` (None from an earlier version's script: then the mode says it)."""
-        if mode == "complete":
-            self.end(sid, "completed", reason or "session was completed")
-        elif mode == "expire":
-            self.end(sid, "failed", reason or "execution timeout passed")
-        elif mode == "owner":
-            self.end(sid, "failed", reason or "its owner went away")
-        else:
-            self.end(sid, "failed", reason or "session failed")
-
     def why_not_open(self, sid: str) -> tuple[str, str]:
         """For an activity of a session not held here: ("completed"|"failed", reason)."""
         return self.ended.get(sid, ("failed", f"session {sid} is not open on worker {self.worker.worker_id}"))

@@ -10,7 +10,7 @@ what was read), in order, so a session's activities start in the order they were
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .envelope import RemoteError, decode_task, encode_error
 from .replies import stream_entries
@@ -23,6 +23,22 @@ if TYPE_CHECKING:
 log = logging.getLogger("sessionq")
 
 BATCH = 256
+
+
+Endings = dict[bytes, tuple[str, str]]
+"""The sessions a batch ends (their 'c' entries): session id -> ending_of its entry."""
+
+
+def ending_of(fields: dict[bytes, bytes]) -> tuple[str, str]:
+    """How a 'c' entry says its session ended: ("completed"|"failed", reason), the reason as
+    Redis recorded it, or (an earlier version's entry, without it) as its mode says."""
+    mode, why = fields.get(b"r", b"complete"), fields.get(b"m")
+    if why:
+        return ("completed" if mode == b"complete" else "failed"), why.decode(errors="replace")
+    if mode == b"complete":
+        return "completed", "session was completed"
+    fallback = {b"expire": "execution timeout passed", b"owner": "its owner went away"}
+    return "failed", fallback.get(mode, "session failed")
 
 
 class OwnStream:
@@ -43,7 +59,7 @@ class OwnStream:
         entries = stream_entries(reply)
         if not entries:
             return
-        ending = {f.get(b"s") for _, f in entries if f.get(b"t") == b"c"}
+        ending = {f[b"s"]: ending_of(f) for _, f in entries if f.get(b"t") == b"c" and b"s" in f}
         for entry_id, fields in entries:
             try:
                 self._handle(entry_id, fields, ending)
@@ -53,7 +69,9 @@ class OwnStream:
                 )  # fails: read again
             self.last_id = entry_id  # past this entry only once it is handled
 
-    def _handle(self, entry_id: bytes, fields: dict[bytes, bytes], ending: set[Any]) -> None:
+    def _handle(
+        self, entry_id: bytes, fields: dict[bytes, bytes], ending: dict[bytes, tuple[str, str]]
+    ) -> None:
         """Act on one entry; raises on a malformed one."""
         w = self.worker
         kind = fields.get(b"t")
@@ -62,17 +80,14 @@ class OwnStream:
         elif kind == b"o":
             w.sessions.opened(fields[b"s"].decode(), fields, entry_id)
         elif kind == b"c":
-            why = fields.get(b"why")  # absent from an earlier version's scripts
-            w.sessions.ended_remotely(
-                fields[b"s"].decode(), fields.get(b"r", b"complete").decode(), why.decode() if why else None
-            )
+            w.sessions.end(fields[b"s"].decode(), *ending_of(fields))
         elif kind == b"x":
             activity_id = fields.get(b"i", b"").decode()
             w.runner.cancel(activity_id, "cancelled", "the caller cancelled the activity")
         elif kind != b"h":
             raise ValueError(f"unknown entry type {kind!r}")
 
-    def _start_session_activity(self, entry_id: bytes, fields: dict[bytes, bytes], ending: set[Any]) -> None:
+    def _start_session_activity(self, entry_id: bytes, fields: dict[bytes, bytes], ending: Endings) -> None:
         """Start it if its session is open here (and not ending in this same batch);
         otherwise tell the caller why it did not start."""
         w = self.worker
@@ -83,10 +98,9 @@ class OwnStream:
             return
         sid = task.session_id or ""
         held = w.sessions.open.get(sid)
-        if held is None or sid.encode() in ending:
-            kind, reason = w.sessions.why_not_open(sid)
-            if sid.encode() in ending and held is not None:
-                kind, reason = "completed", "session was completed"
+        ended_here = ending.get(sid.encode())
+        if held is None or ended_here is not None:
+            kind, reason = ended_here if held is not None and ended_here else w.sessions.why_not_open(sid)
             error = "ActivityCancelledError" if kind == "completed" else "SessionFailedError"
             message = encode_error(
                 w.codec,

@@ -151,19 +151,22 @@ class Session:
 
     @overload
     async def start_activity(
-        self, activity: Callable[[Unpack[Ts]], Awaitable[R]], *args: Unpack[Ts], **call: Unpack[SessionCall]
+        self,
+        activity: Callable[[Unpack[Ts]], Awaitable[R]],
+        *args: Unpack[Ts],
+        **options: Unpack[SessionCall],
     ) -> ActivityHandle[R]: ...
     @overload
     async def start_activity(
-        self, activity: Callable[[Unpack[Ts]], R], *args: Unpack[Ts], **call: Unpack[SessionCall]
+        self, activity: Callable[[Unpack[Ts]], R], *args: Unpack[Ts], **options: Unpack[SessionCall]
     ) -> ActivityHandle[R]: ...
     @overload
     async def start_activity(
-        self, activity: Callable[..., Any], *args: Any, **call: Unpack[SessionCallWithKwargs]
+        self, activity: Callable[..., Any], *args: Any, **options: Unpack[SessionCallWithKwargs]
     ) -> ActivityHandle[Any]: ...
     @overload
     async def start_activity(
-        self, activity: str, *args: Any, **call: Unpack[SessionCall]
+        self, activity: str, *args: Any, **options: Unpack[SessionCall]
     ) -> ActivityHandle[Any]: ...
     @public("starting a session activity")  # type: ignore[misc]  # mypy misreads an implementation of *args: *Ts
     async def start_activity(
@@ -189,18 +192,21 @@ class Session:
 
     @overload
     async def execute_activity(
-        self, activity: Callable[[Unpack[Ts]], Awaitable[R]], *args: Unpack[Ts], **call: Unpack[SessionCall]
+        self,
+        activity: Callable[[Unpack[Ts]], Awaitable[R]],
+        *args: Unpack[Ts],
+        **options: Unpack[SessionCall],
     ) -> R: ...
     @overload
     async def execute_activity(
-        self, activity: Callable[[Unpack[Ts]], R], *args: Unpack[Ts], **call: Unpack[SessionCall]
+        self, activity: Callable[[Unpack[Ts]], R], *args: Unpack[Ts], **options: Unpack[SessionCall]
     ) -> R: ...
     @overload
     async def execute_activity(
-        self, activity: Callable[..., Any], *args: Any, **call: Unpack[SessionCallWithKwargs]
+        self, activity: Callable[..., Any], *args: Any, **options: Unpack[SessionCallWithKwargs]
     ) -> Any: ...
     @overload
-    async def execute_activity(self, activity: str, *args: Any, **call: Unpack[SessionCall]) -> Any: ...
+    async def execute_activity(self, activity: str, *args: Any, **options: Unpack[SessionCall]) -> Any: ...
     @public("running a session activity")  # type: ignore[misc]  # mypy misreads an implementation of *args: *Ts
     async def execute_activity(
         self,

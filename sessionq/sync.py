@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
-from .calls import R
+from .calls import R, R_co
 from .client import Client
 from .errors import ConfigurationError, SessionAlreadyOpenError, SessionqError
 from .execution import cancel_requests
@@ -124,15 +124,16 @@ class _LoopThread:
             self.loop.close()
 
 
-class SyncActivityHandle(Generic[R]):
+class SyncActivityHandle(Generic[R_co]):
     """Blocking view of an ActivityHandle."""
 
-    def __init__(self, handle: ActivityHandle[R], runner: _LoopThread) -> None:
+    def __init__(self, handle: ActivityHandle[R_co], runner: _LoopThread) -> None:
         self._handle = handle
         self._runner = runner
         self.activity_id = handle.activity_id
+        """As ActivityHandle.activity_id."""
 
-    def result(self) -> R:
+    def result(self) -> R_co:
         """Block until the activity ends; its return value. Raises as ActivityHandle.result."""
         return self._runner.call(self._handle.result())
 
@@ -155,40 +156,46 @@ class SyncSession:
 
     @overload
     def execute_activity(
-        self, activity: Callable[[Unpack[Ts]], Awaitable[R]], *args: Unpack[Ts], **call: Unpack[SessionCall]
+        self,
+        activity: Callable[[Unpack[Ts]], Awaitable[R]],
+        *args: Unpack[Ts],
+        **options: Unpack[SessionCall],
     ) -> R: ...
     @overload
     def execute_activity(
-        self, activity: Callable[[Unpack[Ts]], R], *args: Unpack[Ts], **call: Unpack[SessionCall]
+        self, activity: Callable[[Unpack[Ts]], R], *args: Unpack[Ts], **options: Unpack[SessionCall]
     ) -> R: ...
     @overload
     def execute_activity(
-        self, activity: Callable[..., Any], *args: Any, **call: Unpack[SessionCallWithKwargs]
+        self, activity: Callable[..., Any], *args: Any, **options: Unpack[SessionCallWithKwargs]
     ) -> Any: ...
     @overload
-    def execute_activity(self, activity: str, *args: Any, **call: Unpack[SessionCall]) -> Any: ...
-    def execute_activity(self, activity: Any, *args: Any, **options: Any) -> Any:  # type: ignore[misc]
+    def execute_activity(self, activity: str, *args: Any, **options: Unpack[SessionCall]) -> Any: ...
+    def execute_activity(self, activity: Any, *args: Any, **options: Any) -> Any:  # type: ignore[misc]  # mypy misreads an implementation of *args: *Ts
         """Run an activity on the session's worker and block until its result (arguments,
         result and errors as Session.execute_activity)."""
         return self._runner.call(self._session.execute_activity(activity, *args, **options))
 
     @overload
     def start_activity(
-        self, activity: Callable[[Unpack[Ts]], Awaitable[R]], *args: Unpack[Ts], **call: Unpack[SessionCall]
+        self,
+        activity: Callable[[Unpack[Ts]], Awaitable[R]],
+        *args: Unpack[Ts],
+        **options: Unpack[SessionCall],
     ) -> SyncActivityHandle[R]: ...
     @overload
     def start_activity(
-        self, activity: Callable[[Unpack[Ts]], R], *args: Unpack[Ts], **call: Unpack[SessionCall]
+        self, activity: Callable[[Unpack[Ts]], R], *args: Unpack[Ts], **options: Unpack[SessionCall]
     ) -> SyncActivityHandle[R]: ...
     @overload
     def start_activity(
-        self, activity: Callable[..., Any], *args: Any, **call: Unpack[SessionCallWithKwargs]
+        self, activity: Callable[..., Any], *args: Any, **options: Unpack[SessionCallWithKwargs]
     ) -> SyncActivityHandle[Any]: ...
     @overload
     def start_activity(
-        self, activity: str, *args: Any, **call: Unpack[SessionCall]
+        self, activity: str, *args: Any, **options: Unpack[SessionCall]
     ) -> SyncActivityHandle[Any]: ...
-    def start_activity(self, activity: Any, *args: Any, **options: Any) -> SyncActivityHandle[Any]:  # type: ignore[misc]
+    def start_activity(self, activity: Any, *args: Any, **options: Any) -> SyncActivityHandle[Any]:  # type: ignore[misc]  # as above
         """Queue an activity on the session's worker; a handle whose ``result()`` blocks."""
         return SyncActivityHandle(
             self._runner.call(self._session.start_activity(activity, *args, **options)), self._runner
@@ -232,40 +239,40 @@ class SyncClient:
 
     @overload
     def execute_activity(
-        self, activity: Callable[[Unpack[Ts]], Awaitable[R]], *args: Unpack[Ts], **call: Unpack[ClientCall]
+        self, activity: Callable[[Unpack[Ts]], Awaitable[R]], *args: Unpack[Ts], **options: Unpack[ClientCall]
     ) -> R: ...
     @overload
     def execute_activity(
-        self, activity: Callable[[Unpack[Ts]], R], *args: Unpack[Ts], **call: Unpack[ClientCall]
+        self, activity: Callable[[Unpack[Ts]], R], *args: Unpack[Ts], **options: Unpack[ClientCall]
     ) -> R: ...
     @overload
     def execute_activity(
-        self, activity: Callable[..., Any], *args: Any, **call: Unpack[ClientCallWithKwargs]
+        self, activity: Callable[..., Any], *args: Any, **options: Unpack[ClientCallWithKwargs]
     ) -> Any: ...
     @overload
-    def execute_activity(self, activity: str, *args: Any, **call: Unpack[ClientCall]) -> Any: ...
-    def execute_activity(self, activity: Any, *args: Any, **options: Any) -> Any:  # type: ignore[misc]
+    def execute_activity(self, activity: str, *args: Any, **options: Unpack[ClientCall]) -> Any: ...
+    def execute_activity(self, activity: Any, *args: Any, **options: Any) -> Any:  # type: ignore[misc]  # mypy misreads an implementation of *args: *Ts
         """Run an activity on any worker of ``task_queue=`` and block until its result
         (arguments, result and errors as Client.execute_activity)."""
         return self._runner.call(self._client.execute_activity(activity, *args, **options))
 
     @overload
     def start_activity(
-        self, activity: Callable[[Unpack[Ts]], Awaitable[R]], *args: Unpack[Ts], **call: Unpack[ClientCall]
+        self, activity: Callable[[Unpack[Ts]], Awaitable[R]], *args: Unpack[Ts], **options: Unpack[ClientCall]
     ) -> SyncActivityHandle[R]: ...
     @overload
     def start_activity(
-        self, activity: Callable[[Unpack[Ts]], R], *args: Unpack[Ts], **call: Unpack[ClientCall]
+        self, activity: Callable[[Unpack[Ts]], R], *args: Unpack[Ts], **options: Unpack[ClientCall]
     ) -> SyncActivityHandle[R]: ...
     @overload
     def start_activity(
-        self, activity: Callable[..., Any], *args: Any, **call: Unpack[ClientCallWithKwargs]
+        self, activity: Callable[..., Any], *args: Any, **options: Unpack[ClientCallWithKwargs]
     ) -> SyncActivityHandle[Any]: ...
     @overload
     def start_activity(
-        self, activity: str, *args: Any, **call: Unpack[ClientCall]
+        self, activity: str, *args: Any, **options: Unpack[ClientCall]
     ) -> SyncActivityHandle[Any]: ...
-    def start_activity(self, activity: Any, *args: Any, **options: Any) -> SyncActivityHandle[Any]:  # type: ignore[misc]
+    def start_activity(self, activity: Any, *args: Any, **options: Any) -> SyncActivityHandle[Any]:  # type: ignore[misc]  # as above
         """Queue an activity on ``task_queue=``; a handle whose ``result()`` blocks."""
         return SyncActivityHandle(
             self._runner.call(self._client.start_activity(activity, *args, **options)), self._runner

@@ -39,6 +39,7 @@ from sessionq.connection import is_cluster_url
 from sessionq.keys import QueueKeys
 from tests.cluster import LocalCluster, async_cluster, cluster_tools, delete_cluster_keys, probe_cluster
 from tests.helpers import SpawnWorker, WorkerProcess, start_worker_process
+from tests.ports import release, reserve_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BACKENDS = ("fakeredis", "redis", "cluster")
@@ -164,7 +165,8 @@ def fakeredis_url() -> Iterator[str]:
     """
     from fakeredis import TcpFakeServer
 
-    server = TcpFakeServer(("127.0.0.1", 0), server_type="redis")
+    port = reserve_port()  # not port 0: the kernel may offer a killed server's reserved one
+    server = TcpFakeServer(("127.0.0.1", port), server_type="redis")
     from sessionq.cli.embedded import error_tolerant_handler  # the demo's embedded server uses it too
 
     handler = error_tolerant_handler()
@@ -180,6 +182,7 @@ def fakeredis_url() -> Iterator[str]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+        release(port)
 
 
 @pytest.fixture(scope="session")

@@ -785,6 +785,7 @@ class Relay:
         self.target: tuple[str, int] = (parts.hostname or "127.0.0.1", parts.port or 6379)
         self._parts = parts
         self._server: asyncio.base_events.Server | None = None
+        self._port = 0  # reserved while listening (tests/ports.py)
         self._conns: dict[int, RelayConnection] = {}
         self._ids = itertools.count(1)
         self._counts: Counter[str] = Counter()
@@ -801,12 +802,16 @@ class Relay:
         """Listen on a free loopback port."""
         if self._server is None:
             loop = asyncio.get_running_loop()
-            self._server = await loop.create_server(lambda: _Endpoint(self, None, True), "127.0.0.1", 0)
+            self._port = reserve_port()  # not port 0: the kernel may offer a killed server's reserved one
+            endpoint = lambda: _Endpoint(self, None, True)  # noqa: E731
+            self._server = await loop.create_server(endpoint, "127.0.0.1", self._port)
         return self
 
     async def close(self) -> None:
         """Stop listening and abort every relayed connection."""
         server, self._server = self._server, None
+        if server is not None:
+            release(self._port)
         for conn in list(self._conns.values()):
             conn.abort()
         if server is not None:
@@ -1104,6 +1109,7 @@ class PrivateRedis:
                 # (same port promised) wait for it to come free.
                 log.info("port %s busy, %s", self.port, "trying another" if first else "retrying")
                 if first:
+                    release(self.port)
                     self.port = free_port()
                 time.sleep(0.1)
                 self._truncate_log()
@@ -1287,13 +1293,19 @@ class PrivateFakeRedis:
         if self.running:
             raise RuntimeError("the server is already running")
         deadline = time.monotonic() + START_TIMEOUT
+        first = self.port is None
+        if self.port is None:
+            self.port = free_port()  # reserved: while killed, no other test's server takes it
         while True:
             try:
-                tcp = TcpFakeServer(("127.0.0.1", self.port or 0), server_type="redis")
+                tcp = TcpFakeServer(("127.0.0.1", self.port), server_type="redis")
                 break
             except OSError as exc:
                 if time.monotonic() >= deadline:
                     raise ServerStartError(f"fakeredis cannot listen on port {self.port}: {exc}") from exc
+                if first:  # taken meanwhile by a listener that does not reserve: take another
+                    release(self.port)
+                    self.port = free_port()
                 time.sleep(0.05)
         if self._state is None:
             self._state = tcp.fake_server
@@ -1351,6 +1363,8 @@ class PrivateFakeRedis:
         self._stopped = True
         self._halt()
         self._state = None
+        if self.port is not None:
+            release(self.port)
 
     def _halt(self) -> None:
         tcp, self._tcp = self._tcp, None

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from urllib.parse import urlsplit
 
+from tests.ports import release, reserve_port
+
 
 class RedisProxy:
     """A TCP relay between one worker and Redis that a test can cut and resume.
@@ -21,10 +23,12 @@ class RedisProxy:
         self.accepted = 0
         self.refused = 0
         self._server: asyncio.Server | None = None
+        self._port = 0  # reserved while listening (tests/ports.py)
         self._transports: set[asyncio.BaseTransport] = set()
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self._port = reserve_port()  # not port 0: the kernel may offer a killed server's reserved one
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self._port)
 
     @property
     def url(self) -> str:
@@ -45,6 +49,7 @@ class RedisProxy:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+            release(self._port)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if not self.up:

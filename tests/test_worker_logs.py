@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio
 
 from sessionq import ActivityError, Client, RetryPolicy
+from sessionq.keys import QueueKeys
 from tests import activities as acts
 from tests.helpers import wait_for
 from tests.test_cli import cli_worker  # noqa: F401 - the fixture
@@ -73,7 +75,8 @@ async def test_worker_logs_each_outcome_retry_and_session(
 
 
 async def test_session_end_lines_name_the_real_reason(
-    cli_worker: Any, client: Client, task_queue: str  # noqa: F811
+    cli_worker: Any, client: Client, task_queue: str, key_prefix: str,  # noqa: F811
+    redis_client: redis.asyncio.Redis,
 ) -> None:  # fmt: skip
     """A session that ends in Redis is logged with the reason Redis recorded, not a generic
     "session failed": one the caller failed on purpose, one the worker's SIGTERM failed."""
@@ -83,6 +86,14 @@ async def test_session_end_lines_name_the_real_reason(
     await wait_for(lambda: f"session {first.session_id} ended" in worker.output(), message="no end line")
     (line,) = lines_with(worker.output(), f"session {first.session_id} ended")
     assert line.endswith("ended: failed (the caller gave up on it)"), line
+
+    # An earlier version's entry has no reason: its mode says it.
+    third = await client.create_session(task_queue)
+    own = QueueKeys(key_prefix, task_queue).stream("logs-w4")
+    await redis_client.xadd(own, {"t": "c", "s": third.session_id, "r": "expire"})
+    await wait_for(lambda: f"session {third.session_id} ended" in worker.output(), message="no end line")
+    (line,) = lines_with(worker.output(), f"session {third.session_id} ended")
+    assert line.endswith("ended: failed (execution timeout passed)"), line
 
     second = await client.create_session(task_queue)
     worker.signal(signal.SIGTERM)

@@ -47,6 +47,11 @@ async def client_calls(client: sessionq.Client) -> None:
     options = sessionq.ActivityOptions(start_to_close_timeout=5)
     await client.execute_activity(resize, "a.png", 64, task_queue=q, options=options)
     await client.execute_activity(resize, "a.png", 64, task_queue=q, retry_policy=sessionq.RetryPolicy())
+    await client.execute_activity(resize, "a.png", 64, task_queue=q, options=None)  # a wrapper's default
+    timeouts: sessionq.ActivityCallOptions = {"start_to_close_timeout": 10, "schedule_to_close_timeout": 30}
+    assert_type(await client.execute_activity(resize, "a.png", 64, task_queue=q, **timeouts), bytes)
+    handles: list[sessionq.ActivityHandle[object]] = [handle]  # handles of any activities, together
+    handles.append(await client.start_activity(count_words, "a b", task_queue=q))
 
     await client.execute_activity(resize, "a.png", "64", task_queue=q)  # E: arg-type
     await client.execute_activity(resize, "a.png", task_queue=q)  # E: arg-type
@@ -55,6 +60,8 @@ async def client_calls(client: sessionq.Client) -> None:
     await client.execute_activity(resize, "a.png", 64, task_queue=q, retry_policy=3)  # E: call-overload
     await client.execute_activity(count_words, "a", task_queue=7)  # E: call-overload
     words: list[str] = await client.execute_activity(count_words, "a b", task_queue=q)  # noqa: F841  # E: arg-type
+    untyped = {"start_to_close_timeout": 10}  # a plain dict[str, int]: annotate it (above)
+    await client.execute_activity(resize, "a.png", 64, task_queue=q, **untyped)  # E: call-overload
 
 
 async def session_calls(client: sessionq.Client) -> None:

@@ -337,7 +337,7 @@ local function close_session(base, sid, w, new_state, reason, now, retention_ms,
   -- Only a session the worker's registration counted gives a slot back (one of an earlier
   -- registration of the same identity was never counted by this one).
   if redis.call('SREM', base .. 'wsessions:' .. w, sid) == 1 then release_slot(base, w, sid) end
-  tell(base, w, {'t', 'c', 's', sid, 'r', mode, 'why', reason})
+  tell(base, w, {'t', 'c', 's', sid, 'r', mode, 'm', reason})
 end
 
 -- Fail every OPEN session worker w holds (it was declared dead, or its host's record was
@@ -350,7 +350,7 @@ local function fail_open_sessions(base, w, reason, now, retention_ms)
       redis.call('HSET', skey, 'state', 'FAILED', 'reason', reason, 'ended', now)
       redis.call('PEXPIRE', skey, retention_ms)
       failed = failed + 1
-      if is_host(w) then tell(base, w, {'t', 'c', 's', sid, 'r', 'fail', 'why', reason}) end
+      if is_host(w) then tell(base, w, {'t', 'c', 's', sid, 'r', 'fail', 'm', reason}) end
     end
     redis.call('ZREM', base .. 'deadlines', 's:' .. sid)
   end
