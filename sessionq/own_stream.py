@@ -69,9 +69,7 @@ class OwnStream:
                 )  # fails: read again
             self.last_id = entry_id  # past this entry only once it is handled
 
-    def _handle(
-        self, entry_id: bytes, fields: dict[bytes, bytes], ending: dict[bytes, tuple[str, str]]
-    ) -> None:
+    def _handle(self, entry_id: bytes, fields: dict[bytes, bytes], ending: Endings) -> None:
         """Act on one entry; raises on a malformed one."""
         w = self.worker
         kind = fields.get(b"t")

@@ -268,6 +268,18 @@ async def test_d11_stopped_and_dead_workers_leave_the_consumer_group(
     killed = await spawn_worker(identity="killed", heartbeat_timeout=0.5)
     await wait_for(lambda: _has(consumers_now(), b"killed"), message="the worker never read the stream")
     await killed.kill()
+
+    async def last_read_over() -> bool:
+        """fakeredis keeps a dead client's blocked XREADGROUP (Redis drops it with the
+        connection) and serves it when the stream changes, which makes the consumer again
+        after the reap: wait until its read, begun before the kill, has timed out (it blocks
+        a second at most, read_block_ms)."""
+        for consumer in await redis_client.xinfo_consumers(keys.tasks, "workers"):
+            if consumer["name"] == b"killed":
+                return int(consumer["idle"]) > 1500
+        return True
+
+    await wait_for(last_read_over, timeout=10, message="the killed worker's last read never ended")
     await workers("live", heartbeat_timeout=0.5)
     await redis_client.zadd(keys.beats, {"scan": time.time() * 1000 + 3_600_000})
     gone = "the dead consumer stayed in the group"
