@@ -342,10 +342,13 @@ class HeldSessions:
         w = self.worker
         k = w.keys
         mine = k.worker_sessions(w.worker_id)
-        count, (cursor, members) = await w.wire.execute_many(
-            k.tasks, [("SCARD", mine), ("SSCAN", mine, self._scan_cursor, "COUNT", RECONCILE_BATCH)]
-        )
-        self._scan_cursor = int(cursor)
+        if self.open:
+            count, (cursor, members) = await w.wire.execute_many(
+                k.tasks, [("SCARD", mine), ("SSCAN", mine, self._scan_cursor, "COUNT", RECONCILE_BATCH)]
+            )
+            self._scan_cursor = int(cursor)
+        else:  # an idle worker: the count says it all (one command a pass)
+            count, members = await w.wire.execute(k.tasks, "SCARD", mine), []
         if int(count) > len(self.open):  # some it does not hold (or a grant on its way here)
             members, at = [], 0
             for _ in range(MAX_WALK_STEPS):

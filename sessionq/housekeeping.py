@@ -4,11 +4,13 @@ while an activity with a heartbeat timeout runs).
 Each pass, in order: trim what the worker read from its own stream; run the sweep, which
 does what is due on Redis' clock (sessions past their execution deadline fail even if
 their worker is gone; expired tickets leave the line; workers whose heartbeat deadline
-passed are reaped) and tells Redis' time; take over what the dead left pending (never
-while this worker is stopping); publish per-session activity counts (for inspect); end
-sessions whose owner went away; every fifth pass, make the sessions it holds and the ones
-Redis says it holds agree (after Redis restored an older snapshot); stop a burst worker
-with nothing left to do; time out activities that stopped heartbeating.
+passed are reaped) and, every few passes and after a failure, tells Redis' time (between
+them it finds what may be due by the worker's reckoning of that clock); take over what the
+dead left pending (never while this worker is stopping); publish per-session activity
+counts (for inspect); end sessions whose owner went away; every fifth pass, make the
+sessions it holds and the ones Redis says it holds agree (after Redis restored an older
+snapshot); stop a burst worker with nothing left to do; time out activities that stopped
+heartbeating.
 
 What an idle pass costs Redis does not grow with the fleet: dead workers are found through
 the index of heartbeat deadlines (reap.lua), not by asking after every worker, and what
@@ -43,6 +45,10 @@ when that is shorter), for another worker, in case its taker cannot finish it.""
 HOST_AUDIT_EVERY = 10
 """A host's processes look at the host stream's whole consumer group about once every this
 many passes between them: each process every HOST_AUDIT_EVERY x (consumers of the group)."""
+CLOCK_RELEARN_PASSES = 6
+"""The sweep asks Redis' clock (TIME) at least once every this many passes, and after any
+failure; in between it goes by the worker's reckoning, which is only a hint: Redis' clock
+decides whatever is due (sweep.lua). An idle worker so sends one command less a pass."""
 
 
 class Housekeeping:
@@ -51,8 +57,18 @@ class Housekeeping:
         self.passes = 0
         self._trimmed_to = b"0-0"
         self._host_audit_every = HOST_AUDIT_EVERY  # grows with the host's processes (claim_orphans)
+        self._clock_learnt_at: float | None = None  # monotonic time of the last TIME the sweep sent
+        self._clock_passes = 0  # passes since then
 
     async def step(self) -> None:
+        """One pass of housekeeping; after a failure, the next pass asks Redis' clock again."""
+        try:
+            await self._pass()
+        except BaseException:
+            self._clock_learnt_at = None
+            raise
+
+    async def _pass(self) -> None:
         w = self.worker
         await self.trim_own_stream()
         hb_ms = int(w.heartbeat_timeout * 1000)
@@ -65,8 +81,12 @@ class Housekeeping:
             audit_ms=audit_ms(hb_ms),
             host_id=w.host_id or "",
             free=0 if w.stopping else w.runner.free,
+            now_ms=w.redis_now_ms() if self.clock_known() else None,
         )
-        w.learn_redis_clock(swept.now_ms)
+        self._clock_passes += 1
+        if swept.timed:
+            w.learn_redis_clock(swept.now_ms)
+            self._clock_learnt_at, self._clock_passes = time.monotonic(), 0
         if swept.expired:
             log.info(
                 "worker %s: expired %d session(s) past their execution timeout", w.worker_id, swept.expired
@@ -90,6 +110,16 @@ class Housekeeping:
         self.check_activity_heartbeats()
         interval = w.heartbeat_timeout / 3
         await asyncio.sleep(min(interval, 0.25) if self.any_heartbeat_timeouts() else interval)
+
+    def clock_known(self) -> bool:
+        """Whether the worker's reckoning of Redis' clock is fresh: learnt within the last
+        CLOCK_RELEARN_PASSES passes, and nothing failed since (a failover may have brought
+        another server, with another clock). A failed sweep never counts its pass as learnt."""
+        w = self.worker
+        learnt = self._clock_learnt_at
+        if learnt is None or self._clock_passes >= CLOCK_RELEARN_PASSES:
+            return False
+        return w.heartbeat is None or w.heartbeat.failed_at < learnt
 
     def may_reap(self) -> bool:
         """Not while this worker's own heartbeat failed within the last heartbeat_timeout:

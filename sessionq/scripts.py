@@ -78,7 +78,7 @@ class Swept:
     expired: int
     """Sessions failed for their execution timeout."""
     now_ms: int
-    """Redis' clock when it ran."""
+    """The time it went by: Redis' own clock when `timed`, else the worker's reckoning of it."""
     reaped: list[tuple[str, int]]
     """(worker, sessions failed) for each dead worker it reaped."""
     marks: list[str]
@@ -86,6 +86,8 @@ class Swept:
     (its host's stream)."""
     audit: bool
     """The queue's periodic audit is due, and this worker's to do."""
+    timed: bool = True
+    """`now_ms` came from Redis (TIME): the worker may learn its clock from it."""
 
 
 def audit_ms(hb_ms: int) -> int:
@@ -199,16 +201,19 @@ class Scripts:
         free: int = 1,
         limit: int = 100,
         max_reaps: int = 10,
+        now_ms: float | None = None,
     ) -> Swept:
         """Do what is due: expire sessions, drop expired tickets, reap dead workers; and say
-        which takeover marks and whether the queue's audit are now this worker's to do."""
-        expired, now_ms, reaped, marks, audit = await self.run(
-            "sweep",
-            [k.deadlines, k.beats, k.guard],
-            [k.base, retention_ms, limit, me, int(may_reap), retry_ms, audit_ms, host_id, max_reaps, free],
+        which takeover marks and whether the queue's audit are now this worker's to do.
+        `now_ms`: Redis' clock as the worker reckons it, which spares the idle sweep a TIME
+        (Redis' own clock still decides whatever is due); None to ask Redis."""
+        guess = "" if now_ms is None else int(now_ms)
+        args = [k.base, retention_ms, limit, me, int(may_reap), retry_ms, audit_ms, host_id, max_reaps, free]
+        expired, now, reaped, marks, audit, timed = await self.run(
+            "sweep", [k.deadlines, k.beats, k.guard], [*args, guess]
         )
         pairs = [(reaped[i].decode(), int(reaped[i + 1])) for i in range(0, len(reaped), 2)]
-        return Swept(int(expired), int(now_ms), pairs, [m.decode() for m in marks], bool(audit))
+        return Swept(int(expired), int(now), pairs, [m.decode() for m in marks], bool(audit), bool(timed))
 
     async def publish_counts(self, k: QueueKeys, counts: dict[str, int], field: str = "activities") -> None:
         """Record each open session's activity count in `field` (a lost record is not re-created)."""

@@ -514,3 +514,60 @@ async def test_h04_a_lost_host_record_fails_its_sessions_instead_of_leaking_them
     fresh = await client.create_session(task_queue)  # the host registered again, counting from 0
     assert fresh.info.host_id == "h1"
     assert await redis_client.hget(keys.worker(host_worker_id("h1")), "open") == b"1"
+
+
+# --- Fleet scale: a host's keys are renewed once per host, not by each process's beat ---------
+
+
+async def test_a_hosts_keys_are_renewed_by_one_beat_per_quarter_heartbeat_not_by_every_process(
+    client: Client, keys: QueueKeys, redis_client: redis.asyncio.Redis
+) -> None:
+    """A host of K processes idles at about what one process costs: a process's beat renews
+    the host's keys only when a quarter of the heartbeat timeout passed since they were last
+    renewed (or 'up' is gone). What it renews outlives every process's heartbeat key, so a
+    host is never withdrawn or reaped before its last live process."""
+    hb, grace = 60_000, 30_000
+    scripts, host = client.scripts, host_worker_id("h1")
+    for p in ("p1", "p2"):
+        joined = await scripts.register_worker(
+            keys, p, hb_ms=hb, max_sessions=2, fields=["host", "m"], host_id="h1", grace_ms=grace
+        )
+        assert joined.status == "FRESH"
+    secs, micros = await redis_client.time()
+    now = secs * 1000 + micros // 1000
+
+    async def beat(p: str, at: int, *, stopping: bool = False) -> None:
+        assert await scripts.heartbeat(
+            keys, p, hb_ms=hb, counts=None, now_ms=at, timeout=None, host_id="h1", grace_ms=grace,
+            stopping=stopping,
+        )  # fmt: skip
+
+    async def host_beat() -> tuple[int, float]:
+        return int(await redis_client.hget(keys.worker(host), "beat")), await redis_client.zscore(
+            keys.beats, "w:" + host
+        )
+
+    registered = await host_beat()
+    await beat("p1", now + 1_000)  # just renewed (by p2's registration): left alone
+    await beat("p2", now + 2_000)
+    assert await host_beat() == registered
+    assert await redis_client.pttl(keys.host_up("h1")) > hb
+
+    await redis_client.pexpire(keys.host_up("h1"), hb)  # as a quarter of hb later
+    await beat("p2", now + 3_000)  # the first beat after that renews them
+    up_ms = hb + hb // 4
+    assert await host_beat() == (now + 3_000, now + 3_000 + up_ms + grace)
+    assert hb < await redis_client.pttl(keys.host_up("h1")) <= up_ms
+    await beat("p1", now + 4_000)  # and the next one leaves them alone again
+    assert (await host_beat())[0] == now + 3_000
+    for p in ("p1", "p2"):  # 'up' and the host's key outlive every process's key
+        assert await redis_client.pttl(keys.alive(p)) <= hb < await redis_client.pttl(keys.host_up("h1"))
+    assert await redis_client.pttl(keys.alive(host)) > up_ms
+
+    await beat("p1", now + 5_000, stopping=True)  # a stopping process always looks: p2 serves
+    assert (await host_beat())[0] == now + 5_000 and await redis_client.exists(keys.host_up("h1"))
+    await beat("p2", now + 6_000, stopping=True)  # the last serving one withdraws the host
+    assert not await redis_client.exists(keys.host_up("h1"))
+    await redis_client.hdel(keys.worker("p1"), "stopping")  # p1 serves again: 'up' is back at once
+    await beat("p1", now + 7_000)
+    assert await redis_client.pttl(keys.host_up("h1")) > hb and (await host_beat())[0] == now + 7_000

@@ -557,17 +557,20 @@ async def test_d07_a_result_redis_refuses_keeps_its_entry_until_the_result_is_wr
 
 async def test_d07_a_lost_reply_of_a_takeover_does_not_strand_what_it_took(
     relay: Relay, redis_url: str, key_prefix: str, task_queue: str, spawn_worker: SpawnWorker,
-    start_worker: StartWorker, clients: list[Client], tmp_path: Path,
+    start_worker: StartWorker, clients: list[Client], tmp_path: Path, redis_client: redis.asyncio.Redis,
 ) -> None:  # fmt: skip
     """A live worker takes over a dead one's activity, and the reply of that claim is lost:
     the entry is now in the live worker's pending list, and it must still run there."""
+    # The claim must go as EVALSHA: a server that never ran the script gets it by EVAL
+    # (scripts.py), which the rule below would not match.
+    claim_sha = hashlib.sha1(source("claim_orphans").encode()).hexdigest()
+    assert await redis_client.script_load(source("claim_orphans")) == claim_sha
     doomed = await spawn_worker(identity="doomed", heartbeat_timeout=1.0)
     client = client_on(clients, redis_url, key_prefix)
     marker = tmp_path / "m"
     handle = await client.start_activity(acts.sleep_for, 1.0, str(marker), task_queue=task_queue)
     await wait_for(lambda: started(marker), message="the activity never started")
     await doomed.kill()
-    claim_sha = hashlib.sha1(source("claim_orphans").encode()).hexdigest()
     dropped = relay.drop_reply({f"EVALSHA {claim_sha}"}, nonempty=True)
     await start_worker(relay.url, identity="heir", heartbeat_timeout=1.0)
     value, _ = await ends_within(handle.result(), 15.0)

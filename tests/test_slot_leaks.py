@@ -26,6 +26,7 @@ from sessionq import Client, ConfigurationError, SessionOptions, Worker
 from sessionq import held as held_module
 from sessionq.held import HeldSessions
 from sessionq.keys import QueueKeys
+from sessionq.scripts import Swept
 from tests import activities as acts
 from tests.faultkit import Relay
 from tests.helpers import wait_for
@@ -330,6 +331,46 @@ async def test_d08_a_clock_step_on_the_worker_does_not_end_sessions_early(
     again_deadline, again_exec_ms = await redis_client.hmget(record, "deadline", "exec_ms")
     assert int(again_deadline or 0) - int(again_exec_ms or 0) >= deadline  # created after it
     await again.complete()
+
+
+async def test_d08_the_sweep_goes_by_the_workers_guess_of_redis_clock_only_to_find_what_is_due(
+    client: Client, keys: QueueKeys, redis_client: redis.asyncio.Redis
+) -> None:
+    """An idle sweep sends no TIME: it looks for what is due by the worker's reckoning of
+    Redis' clock. Once anything looks due, Redis' own clock decides, so a guess that runs
+    ahead (a clock step, a failover to another server) ends nothing early, and one that lags
+    only acts a pass later."""
+    scripts = client.scripts
+    await scripts.register_worker(keys, "w1", hb_ms=60_000, max_sessions=1, fields=["host", "m"])
+    opened = await scripts.create_session(
+        keys, "s1", client_id="c1", exec_ms=30_000, wait_ms=0, target="", owner="t",
+        owner_ms=0, lease_ms=60_000,
+    )  # fmt: skip
+    assert opened.status == "OK"  # a worker without expiry=own: its session is in the index
+    deadline = int(await redis_client.zscore(keys.deadlines, "s:s1") or 0)
+    secs, micros = await redis_client.time()
+    now = secs * 1000 + micros // 1000
+
+    async def sweep(guess: float | None) -> Swept:
+        return await scripts.sweep(
+            keys, 60_000, me="w1", may_reap=True, retry_ms=1_000, audit_ms=3_600_000, now_ms=guess
+        )
+
+    await redis_client.zadd(keys.beats, {"scan": now + 3_600_000})  # no audit due in this test
+    idle = await sweep(now)
+    assert not idle.timed and idle.now_ms == now and idle.expired == 0  # nothing due: no TIME
+    ahead = await sweep(now + 3_600_000)  # an hour ahead: the session looks due
+    assert ahead.timed and ahead.expired == 0 and abs(ahead.now_ms - now) < 60_000
+    assert await redis_client.hget(keys.session("s1"), "state") == b"OPEN"
+    assert await redis_client.zscore(keys.deadlines, "s:s1") == deadline  # still indexed
+    assert (await sweep(None)).timed  # asked for: Redis' clock
+
+    await redis_client.zadd(keys.deadlines, {"s:s1": now - 1}, xx=True)  # now due on Redis' clock
+    await redis_client.hset(keys.session("s1"), "deadline", now - 1)
+    lagging = await sweep(now - 60_000)  # a guess a minute behind: not yet
+    assert not lagging.timed and lagging.expired == 0
+    assert (await sweep(None)).expired == 1  # the next pass that asks Redis' clock ends it
+    assert await redis_client.hget(keys.session("s1"), "reason") == b"execution timeout passed"
 
 
 # --- 6b. who ends a session at its execution deadline ---------------------------------------

@@ -27,10 +27,17 @@
 -- Returns 1, or 0 when the worker (or its host, past its grace) is no longer registered
 -- and must register afresh (its record is checked when its key had lapsed: an earlier
 -- version's reap leaves the heartbeat deadline behind). Cost: O(log n) (n: entries of
--- `beats`), plus granting waiters when it comes back (slots.lua). A host's process sends 6
--- more commands (HEXISTS, SET, ZADD, SET, SADD, HSET): its host's record is checked, and
--- the host's key (renewed only if there: SET XX), deadline, 'up' (SET GET: was it there?),
--- process set and record's beat are renewed.
+-- `beats`), plus granting waiters when it comes back (slots.lua). A host's process sends
+-- one more command (PTTL of 'up'): the host's keys are renewed once per host, by the first
+-- of its processes to beat when 'up' was renewed more than a quarter of hb_ms ago (or is
+-- gone), so a host of K processes costs about what one process costs, not K times. That
+-- beat sends 6 more (HEXISTS, SET, ZADD, SET, SADD, HSET): its host's record is checked,
+-- and the host's key (renewed only if there: SET XX), deadline, 'up' (SET GET: was it
+-- there?), process set and record's beat are renewed. They are renewed together
+-- (register_worker.lua too), so a fresh 'up' vouches for the rest. They last hb_ms plus
+-- that quarter (the host's key and deadline plus its restart grace), so they still outlive
+-- the heartbeat key of every process that beat (a skipped renewal found more than hb_ms
+-- left); 'up' goes with the last process's reap at the latest. A stopping process always takes the full path ('up' may have to go).
 -- @include slots
 
 local base, hb_ms, hid, stopping = ARGV[5], tonumber(ARGV[2]), ARGV[6] or '', ARGV[7] == '1'
@@ -44,12 +51,13 @@ if redis.call('ZADD', beats, 'XX', 'CH', now + hb_ms, 'w:' .. ARGV[1]) == 0
 end
 local h = nil
 local grace_ms = tonumber(ARGV[10]) or 0
-if hid ~= '' then
+local up_ms = hb_ms + math.floor(hb_ms / 4)  -- 'up' TTL: renewed when a quarter of hb_ms is gone
+if hid ~= '' and (stopping or redis.call('PTTL', base .. 'up:' .. hid) <= hb_ms) then
   h = HOST_MARK .. hid
   -- Its record lost its fields (evicted, deleted by hand), or its key lapsed (reaped, its
   -- grace passed): register again (the key is renewed only if it is there).
   if redis.call('HEXISTS', base .. 'worker:' .. h, 'max_sessions') == 0
-      or not redis.call('SET', base .. 'alive:' .. h, '1', 'PX', hb_ms + grace_ms, 'XX') then
+      or not redis.call('SET', base .. 'alive:' .. h, '1', 'PX', up_ms + grace_ms, 'XX') then
     return 0
   end
 end
@@ -66,13 +74,13 @@ if ARGV[3] ~= '' then
 end
 if h then
   local hk = base .. 'worker:' .. h
-  redis.call('ZADD', beats, now + hb_ms + grace_ms, 'w:' .. h)
+  redis.call('ZADD', beats, now + up_ms + grace_ms, 'w:' .. h)
   local up = host_key(base, 'up:', h)
   if stopping then
     redis.call('HSET', KEYS[2], 'stopping', 1)
     if not host_has_live_process(base, h, ARGV[1], true) then redis.call('DEL', up) end
   else
-    if not redis.call('SET', up, '1', 'PX', hb_ms, 'GET') then serve = true end
+    if not redis.call('SET', up, '1', 'PX', up_ms, 'GET') then serve = true end
   end
   redis.call('SADD', host_key(base, 'hprocs:', h), ARGV[1])
   redis.call('HSET', hk, 'beat', now)

@@ -121,9 +121,10 @@ if h then
     redis.call('XGROUP', 'CREATE', base .. 'w:' .. h, 'workers', '0', 'MKSTREAM')
   end
   redis.call('SADD', host_key(base, 'hprocs:', h), w)
-  redis.call('SET', base .. 'alive:' .. h, '1', 'PX', hb_ms + grace_ms)
-  redis.call('ZADD', beats, now + hb_ms + grace_ms, 'w:' .. h)
-  redis.call('SET', host_key(base, 'up:', h), '1', 'PX', hb_ms)
+  local up_ms = hb_ms + math.floor(hb_ms / 4)  -- as heartbeat.lua renews them
+  redis.call('SET', base .. 'alive:' .. h, '1', 'PX', up_ms + grace_ms)
+  redis.call('ZADD', beats, now + up_ms + grace_ms, 'w:' .. h)
+  redis.call('SET', host_key(base, 'up:', h), '1', 'PX', up_ms)
   redis.call('HSET', hk, 'beat', now)
   if cap >= 0 then
     index_resources(base, h, field_of('res'), true)

@@ -21,12 +21,15 @@
 -- ARGV[9] max_reaps     most workers reaped in one call (each costs O(its sessions))
 -- ARGV[10] free         the caller's free activity slots: with none, no mark is handed to it
 --                       (they stay due for the next worker that sweeps)
--- Returns {sessions expired, Redis' time in ms, {worker, sessions failed, ...} reaped,
--- {mark, ...} takeover marks for the caller ("o:<worker>", "h:<host_id>:<worker>"), 1 if
--- the audit is due (and now handed to the caller)}.
--- Cost: O(log n) when nothing is due (n: entries of the two indexes), 3 commands; per item
--- due O(log n) plus, for a dead worker, what reaping it costs (reap.lua), for a host's
--- marks that come due O(marks).
+-- ARGV[11] now_ms       Redis' time as the caller reckons it ('' or absent: ask Redis). It
+--                       only finds what may be due: once anything is, Redis' own clock
+--                       (TIME) decides, so a wrong guess acts late, never early
+-- Returns {sessions expired, the time in ms it went by, {worker, sessions failed, ...}
+-- reaped, {mark, ...} takeover marks for the caller ("o:<worker>", "h:<host_id>:<worker>"),
+-- 1 if the audit is due (and now handed to the caller), 1 if that time is Redis' own}.
+-- Cost: O(log n) when nothing is due (n: entries of the two indexes), 2 commands (3 with
+-- TIME); per item due O(log n) plus, for a dead worker, what reaping it costs (reap.lua),
+-- for a host's marks that come due O(marks).
 -- @include slots
 -- @include reap
 
@@ -35,11 +38,27 @@ local may_reap, retry_ms, audit_ms = ARGV[5] == '1', tonumber(ARGV[6]), tonumber
 local hid, max_reaps = ARGV[8] or '', tonumber(ARGV[9]) or 10
 local can_take = (tonumber(ARGV[10]) or 1) > 0
 local deadlines, beats = KEYS[1], KEYS[2]
-local now = now_ms()
+local now = tonumber(ARGV[11])
+local timed = now == nil
+if timed then now = now_ms() end
 local expired, released, audit = 0, false, 0
 local reaped, marks = {}, {}
 
-for _, item in ipairs(redis.call('ZRANGEBYSCORE', deadlines, '-inf', now, 'LIMIT', 0, limit)) do
+-- The items of index `key` due now. By the caller's reckoning first (an idle queue's sweep
+-- then costs no TIME); once anything is due, by Redis' clock, which decides from then on.
+local function due(key)
+  local found = redis.call('ZRANGEBYSCORE', key, '-inf', now, 'WITHSCORES', 'LIMIT', 0, limit)
+  if #found > 0 and not timed then
+    now, timed = now_ms(), true
+  end
+  local items = {}
+  for i = 1, #found, 2 do
+    if tonumber(found[i + 1]) <= now then items[#items + 1] = found[i] end
+  end
+  return items
+end
+
+for _, item in ipairs(due(deadlines)) do
   local kind, sid = string.sub(item, 1, 2), string.sub(item, 3)
   redis.call('ZREM', deadlines, item)
   if kind == 's:' then
@@ -56,7 +75,7 @@ for _, item in ipairs(redis.call('ZRANGEBYSCORE', deadlines, '-inf', now, 'LIMIT
   end
 end
 
-for _, item in ipairs(redis.call('ZRANGEBYSCORE', beats, '-inf', now, 'LIMIT', 0, limit)) do
+for _, item in ipairs(due(beats)) do
   local kind, rest = string.sub(item, 1, 2), string.sub(item, 3)
   if kind == 'w:' then
     if rest ~= me and may_reap then
@@ -104,4 +123,4 @@ for _, mark in ipairs(marks) do
   if string.sub(mark, 1, 2) == 'o:' then redis.call('ZADD', beats, now + retry_ms, mark) end
 end
 if (expired > 0 or released) and redis.call('ZCARD', base .. 'waiters') > 0 then grant_waiters(base, now) end
-return {expired, now, reaped, marks, audit}
+return {expired, now, reaped, marks, audit, timed and 1 or 0}
