@@ -571,3 +571,26 @@ async def test_a_hosts_keys_are_renewed_by_one_beat_per_quarter_heartbeat_not_by
     await redis_client.hdel(keys.worker("p1"), "stopping")  # p1 serves again: 'up' is back at once
     await beat("p1", now + 7_000)
     assert await redis_client.pttl(keys.host_up("h1")) > hb and (await host_beat())[0] == now + 7_000
+
+
+async def test_a_lone_process_renews_its_hosts_keys_on_every_beat_for_exactly_the_heartbeat_timeout(
+    client: Client, keys: QueueKeys, redis_client: redis.asyncio.Redis
+) -> None:
+    """With one process nobody else renews the host's keys, so each of its beats does, and
+    they last heartbeat_timeout (+ restart_grace), as before: the grace starts when its
+    heartbeat key lapses, and its callers learn of the host's end no later."""
+    hb, grace = 60_000, 30_000
+    await client.scripts.register_worker(
+        keys, "p1", hb_ms=hb, max_sessions=2, fields=["host", "m"], host_id="h1", grace_ms=grace
+    )
+    host = host_worker_id("h1")
+    secs, micros = await redis_client.time()
+    now = secs * 1000 + micros // 1000
+    for at in (now + 1_000, now + 2_000):
+        assert await client.scripts.heartbeat(
+            keys, "p1", hb_ms=hb, counts=None, now_ms=at, timeout=None, host_id="h1", grace_ms=grace
+        )
+        assert int(await redis_client.hget(keys.worker(host), "beat")) == at
+        assert await redis_client.zscore(keys.beats, "w:" + host) == at + hb + grace
+        assert hb - 5_000 < await redis_client.pttl(keys.host_up("h1")) <= hb
+        assert hb + grace - 5_000 < await redis_client.pttl(keys.alive(host)) <= hb + grace

@@ -31,13 +31,14 @@
 -- one more command (PTTL of 'up'): the host's keys are renewed once per host, by the first
 -- of its processes to beat when 'up' was renewed more than a quarter of hb_ms ago (or is
 -- gone), so a host of K processes costs about what one process costs, not K times. That
--- beat sends 6 more (HEXISTS, SET, ZADD, SET, SADD, HSET): its host's record is checked,
--- and the host's key (renewed only if there: SET XX), deadline, 'up' (SET GET: was it
--- there?), process set and record's beat are renewed. They are renewed together
--- (register_worker.lua too), so a fresh 'up' vouches for the rest. They last hb_ms plus
--- that quarter (the host's key and deadline plus its restart grace), so they still outlive
--- the heartbeat key of every process that beat (a skipped renewal found more than hb_ms
--- left); 'up' goes with the last process's reap at the latest. A stopping process always takes the full path ('up' may have to go).
+-- beat sends 7 more (SCARD, HEXISTS, SET, ZADD, SET, SADD, HSET): its host's record is
+-- checked, and the host's key (renewed only if there: SET XX), deadline, 'up' (SET GET:
+-- was it there?), process set and record's beat are renewed. They are renewed together
+-- (register_worker.lua too), so a fresh 'up' vouches for the rest; with more than one
+-- process they last a quarter of hb_ms longer (slots.lua host_lease_ms), so they outlive
+-- the heartbeat key of every process that beat meanwhile (a skipped renewal found more
+-- than hb_ms left), and a lone process renews them on every beat, for hb_ms, as before. A
+-- stopping process always takes the full path ('up' may have to go).
 -- @include slots
 
 local base, hb_ms, hid, stopping = ARGV[5], tonumber(ARGV[2]), ARGV[6] or '', ARGV[7] == '1'
@@ -51,9 +52,10 @@ if redis.call('ZADD', beats, 'XX', 'CH', now + hb_ms, 'w:' .. ARGV[1]) == 0
 end
 local h = nil
 local grace_ms = tonumber(ARGV[10]) or 0
-local up_ms = hb_ms + math.floor(hb_ms / 4)  -- 'up' TTL: renewed when a quarter of hb_ms is gone
+local up_ms = hb_ms
 if hid ~= '' and (stopping or redis.call('PTTL', base .. 'up:' .. hid) <= hb_ms) then
   h = HOST_MARK .. hid
+  up_ms = host_lease_ms(base, h, hb_ms)
   -- Its record lost its fields (evicted, deleted by hand), or its key lapsed (reaped, its
   -- grace passed): register again (the key is renewed only if it is there).
   if redis.call('HEXISTS', base .. 'worker:' .. h, 'max_sessions') == 0

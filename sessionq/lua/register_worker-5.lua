@@ -121,7 +121,7 @@ if h then
     redis.call('XGROUP', 'CREATE', base .. 'w:' .. h, 'workers', '0', 'MKSTREAM')
   end
   redis.call('SADD', host_key(base, 'hprocs:', h), w)
-  local up_ms = hb_ms + math.floor(hb_ms / 4)  -- as heartbeat.lua renews them
+  local up_ms = host_lease_ms(base, h, hb_ms)  -- as heartbeat.lua renews them
   redis.call('SET', base .. 'alive:' .. h, '1', 'PX', up_ms + grace_ms)
   redis.call('ZADD', beats, now + up_ms + grace_ms, 'w:' .. h)
   redis.call('SET', host_key(base, 'up:', h), '1', 'PX', up_ms)

@@ -36,6 +36,16 @@ local function host_key(base, kind, w)  -- kind: 'up:', 'hprocs:' or 'hmarks:'
   return base .. kind .. string.sub(w, #HOST_MARK + 1)
 end
 
+-- How long a host's keys last from a renewal ('up'; its heartbeat key and deadline, plus
+-- the restart grace). Its processes' beats renew them only once a quarter of hb_ms passed
+-- since the last renewal (heartbeat.lua), so with more than one process they last that
+-- quarter longer: they must outlive the heartbeat key of every process that beat in
+-- between. A lone process renews them on every beat, for hb_ms, as a worker its own key.
+local function host_lease_ms(base, h, hb_ms)
+  if redis.call('SCARD', host_key(base, 'hprocs:', h)) > 1 then return hb_ms + math.floor(hb_ms / 4) end
+  return hb_ms
+end
+
 -- Send a control message (session opened, ended) to worker w: to its own stream, or, for
 -- a host, to the own stream of each of its processes. NOMKSTREAM: a worker gone takes nothing.
 local function tell(base, w, fields)
