@@ -45,6 +45,10 @@ when that is shorter), for another worker, in case its taker cannot finish it.""
 HOST_AUDIT_EVERY = 10
 """A host's processes look at the host stream's whole consumer group about once every this
 many passes between them: each process every HOST_AUDIT_EVERY x (consumers of the group)."""
+DEADLINES_EVERY = 10
+"""The sweep looks at the queue's deadline index every this many passes even when its
+earliest moment (item 'd' of `beats`) has not come: what an earlier version's client wrote
+there carries no such mark. Otherwise only when something there may be due."""
 CLOCK_RELEARN_PASSES = 6
 """The sweep asks Redis' clock (TIME) at least once every this many passes, and after any
 failure; in between it goes by the worker's reckoning, which is only a hint: Redis' clock
@@ -82,6 +86,7 @@ class Housekeeping:
             host_id=w.host_id or "",
             free=0 if w.stopping else w.runner.free,
             now_ms=w.redis_now_ms() if self.clock_known() else None,
+            look_at_deadlines=self.passes % DEADLINES_EVERY == 0,
         )
         self._clock_passes += 1
         if swept.timed:

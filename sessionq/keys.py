@@ -118,7 +118,8 @@ class QueueKeys:
     def beats(self) -> str:
         """Sorted set, on Redis' clock: ``w:<worker>`` when a worker's heartbeat key expires
         (each beat moves it), ``o:<worker>`` a takeover mark (a reaped worker left entries
-        of the shared stream pending), ``scan`` the queue's next audit. The sweep acts on
+        of the shared stream pending), ``scan`` the queue's next audit, ``d`` the earliest
+        moment in `deadlines` (so an idle sweep does not look there). The sweep acts on
         what is due (lua/includes/reap.lua)."""
         return self.base + "beats"
 

@@ -202,15 +202,18 @@ class Scripts:
         limit: int = 100,
         max_reaps: int = 10,
         now_ms: float | None = None,
+        look_at_deadlines: bool = True,
     ) -> Swept:
         """Do what is due: expire sessions, drop expired tickets, reap dead workers; and say
         which takeover marks and whether the queue's audit are now this worker's to do.
         `now_ms`: Redis' clock as the worker reckons it, which spares the idle sweep a TIME
-        (Redis' own clock still decides whatever is due); None to ask Redis."""
+        (Redis' own clock still decides whatever is due); None to ask Redis.
+        `look_at_deadlines`: look at the deadline index whether or not its earliest moment
+        has come (False: only then; its writers of this version mark that moment)."""
         guess = "" if now_ms is None else int(now_ms)
         args = [k.base, retention_ms, limit, me, int(may_reap), retry_ms, audit_ms, host_id, max_reaps, free]
         expired, now, reaped, marks, audit, timed = await self.run(
-            "sweep", [k.deadlines, k.beats, k.guard], [*args, guess]
+            "sweep", [k.deadlines, k.beats, k.guard], [*args, guess, int(look_at_deadlines)]
         )
         pairs = [(reaped[i].decode(), int(reaped[i + 1])) for i in range(0, len(reaped), 2)]
         return Swept(int(expired), int(now), pairs, [m.decode() for m in marks], bool(audit), bool(timed))

@@ -373,6 +373,50 @@ async def test_d08_the_sweep_goes_by_the_workers_guess_of_redis_clock_only_to_fi
     assert await redis_client.hget(keys.session("s1"), "reason") == b"execution timeout passed"
 
 
+async def test_d08_an_idle_sweep_looks_at_the_deadline_index_only_when_its_earliest_moment_came(
+    client: Client, keys: QueueKeys, redis_client: redis.asyncio.Redis
+) -> None:
+    """The deadline index's earliest moment is mirrored in `beats` ('d'), so a sweep looks
+    at the index only once something there may be due, and then marks the next moment;
+    every few passes it looks anyway, for entries an earlier version wrote without a mark."""
+    scripts = client.scripts
+
+    async def wait_in_line(sid: str) -> None:
+        queued = await scripts.create_session(
+            keys, sid, client_id="c1", exec_ms=30_000, wait_ms=60_000, target="", owner="t",
+            owner_ms=0, lease_ms=60_000,
+        )  # fmt: skip
+        assert queued.status == "WAIT"  # no worker: a ticket, due to leave the line in 60 s
+
+    async def sweep(look: bool) -> Swept:
+        return await scripts.sweep(
+            keys, 60_000, me="w0", may_reap=True, retry_ms=1_000, audit_ms=3_600_000,
+            look_at_deadlines=look,
+        )  # fmt: skip
+
+    async def mark() -> float | None:
+        return await redis_client.zscore(keys.beats, "d")
+
+    await wait_in_line("t1")
+    await wait_in_line("t2")
+    assert await mark() == await redis_client.zscore(keys.deadlines, "t:t1")
+    await redis_client.zadd(keys.deadlines, {"t:t1": 1}, xx=True)  # its wait is over (as if)
+    await sweep(look=False)  # the mark's moment has not come: not looked at
+    assert await redis_client.zscore(keys.waiters, "t1") is not None
+    await redis_client.zadd(keys.beats, {"d": 1})  # now it has
+    await sweep(look=False)
+    assert await redis_client.zscore(keys.waiters, "t1") is None  # dropped from the line
+    assert await mark() == await redis_client.zscore(keys.deadlines, "t:t2")  # the next moment
+
+    await redis_client.zadd(keys.deadlines, {"t:t2": 1}, xx=True)
+    await redis_client.zrem(keys.beats, "d")  # as an earlier version's writer leaves it
+    await sweep(look=False)
+    assert await redis_client.zscore(keys.waiters, "t2") is not None
+    await sweep(look=True)  # the pass that looks anyway
+    assert await redis_client.zscore(keys.waiters, "t2") is None
+    assert await mark() is None and await redis_client.zcard(keys.deadlines) == 0
+
+
 # --- 6b. who ends a session at its execution deadline ---------------------------------------
 
 

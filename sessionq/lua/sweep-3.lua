@@ -24,12 +24,14 @@
 -- ARGV[11] now_ms       Redis' time as the caller reckons it ('' or absent: ask Redis). It
 --                       only finds what may be due: once anything is, Redis' own clock
 --                       (TIME) decides, so a wrong guess acts late, never early
+-- ARGV[12] deadlines    '1': look at the deadline index even if its earliest moment ('d'
+--                       in `beats`) has not come (an earlier version's writer sets no 'd')
 -- Returns {sessions expired, the time in ms it went by, {worker, sessions failed, ...}
 -- reaped, {mark, ...} takeover marks for the caller ("o:<worker>", "h:<host_id>:<worker>"),
 -- 1 if the audit is due (and now handed to the caller), 1 if that time is Redis' own}.
--- Cost: O(log n) when nothing is due (n: entries of the two indexes), 2 commands (3 with
--- TIME); per item due O(log n) plus, for a dead worker, what reaping it costs (reap.lua),
--- for a host's marks that come due O(marks).
+-- Cost: O(log n) when nothing is due (n: entries of the two indexes), 1 command (2 with
+-- TIME, 3 more when the deadline index is looked at); per item due O(log n) plus, for a
+-- dead worker, what reaping it costs (reap.lua), for a host's marks that come due O(marks).
 -- @include slots
 -- @include reap
 
@@ -37,11 +39,12 @@ local base, retention_ms, limit, me = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[
 local may_reap, retry_ms, audit_ms = ARGV[5] == '1', tonumber(ARGV[6]), tonumber(ARGV[7])
 local hid, max_reaps = ARGV[8] or '', tonumber(ARGV[9]) or 10
 local can_take = (tonumber(ARGV[10]) or 1) > 0
-local deadlines, beats = KEYS[1], KEYS[2]
+local deadlines, beats = KEYS[1], KEYS[2]  -- the deadline index is looked at after the reaps
 local now = tonumber(ARGV[11])
 local timed = now == nil
 if timed then now = now_ms() end
 local expired, released, audit = 0, false, 0
+local look_at_deadlines = ARGV[12] == '1'
 local reaped, marks = {}, {}
 
 -- The items of index `key` due now. By the caller's reckoning first (an idle queue's sweep
@@ -56,23 +59,6 @@ local function due(key)
     if tonumber(found[i + 1]) <= now then items[#items + 1] = found[i] end
   end
   return items
-end
-
-for _, item in ipairs(due(deadlines)) do
-  local kind, sid = string.sub(item, 1, 2), string.sub(item, 3)
-  redis.call('ZREM', deadlines, item)
-  if kind == 's:' then
-    local rec = redis.call('HMGET', base .. 'session:' .. sid, 'state', 'worker', 'deadline')
-    if rec[1] == 'OPEN' and tonumber(rec[3]) <= now then
-      close_session(base, sid, rec[2], 'FAILED', 'execution timeout passed', now, retention_ms, 'expire')
-      expired = expired + 1
-    end
-  elseif redis.call('ZSCORE', base .. 'waiters', sid) then
-    local tickets = base .. 'tickets'
-    local asked = redis.call('HGET', tickets, sid .. ':r')
-    drop_ticket(base, sid, redis.call('HGET', tickets, sid .. ':t'))
-    if asked and asked ~= '' then released = true end  -- what it kept is free for others
-  end
 end
 
 for _, item in ipairs(due(beats)) do
@@ -110,6 +96,8 @@ for _, item in ipairs(due(beats)) do
       end
       if #left == 0 then redis.call('ZREM', beats, item) else redis.call('ZADD', beats, now + retry_ms, item) end
     end
+  elseif item == 'd' then
+    look_at_deadlines = true  -- below, after the reaps (which may empty some of it)
   elseif item == 'scan' then
     audit = 1
     redis.call('ZADD', beats, now + audit_ms, item)
@@ -117,6 +105,30 @@ for _, item in ipairs(due(beats)) do
     redis.call('ZREM', beats, item)
   end
 end
+-- What is due in the deadline index: looked at when its earliest moment ('d' in `beats`,
+-- slots.lua add_deadline) came, or when the caller asks (every few passes: an entry an
+-- earlier version wrote has no 'd'). Then 'd' is set to its next earliest moment.
+if look_at_deadlines then
+  for _, item in ipairs(due(deadlines)) do
+    local kind, sid = string.sub(item, 1, 2), string.sub(item, 3)
+    redis.call('ZREM', deadlines, item)
+    if kind == 's:' then
+      local rec = redis.call('HMGET', base .. 'session:' .. sid, 'state', 'worker', 'deadline')
+      if rec[1] == 'OPEN' and tonumber(rec[3]) <= now then
+        close_session(base, sid, rec[2], 'FAILED', 'execution timeout passed', now, retention_ms, 'expire')
+        expired = expired + 1
+      end
+    elseif redis.call('ZSCORE', base .. 'waiters', sid) then
+      local tickets = base .. 'tickets'
+      local asked = redis.call('HGET', tickets, sid .. ':r')
+      drop_ticket(base, sid, redis.call('HGET', tickets, sid .. ':t'))
+      if asked and asked ~= '' then released = true end  -- what it kept is free for others
+    end
+  end
+  local first = redis.call('ZRANGE', deadlines, 0, 0, 'WITHSCORES')
+  if first[2] then redis.call('ZADD', beats, first[2], 'd') else redis.call('ZREM', beats, 'd') end
+end
+
 -- The marks handed out come due again later, for another worker if this one cannot finish
 -- them (no free slot); claim_orphans removes each once nothing of its consumer is pending.
 for _, mark in ipairs(marks) do

@@ -8,6 +8,8 @@
 --     "o:<worker>"  a takeover mark: a reaped worker left entries of the shared stream in
 --                   its pending list; a live worker takes them over (claim_orphans);
 --     "scan"        when a worker next audits the whole queue (housekeeping.py);
+--     "d"           the earliest moment in `deadlines` (slots.lua add_deadline), so the
+--                   sweep looks at that index only when something there may be due;
 --     "m:<host_id>" when a process of that host next looks at its `hmarks:<host_id>`, a
 --                   set: the host's processes reaped with entries of the host's stream
 --                   pending, taken over by another process of that host only.

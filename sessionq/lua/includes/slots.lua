@@ -267,6 +267,14 @@ local function drop_ticket(base, sid, target)
   if target and target ~= '' then redis.call('SREM', base .. 'wtickets:' .. target, sid) end
 end
 
+-- Put `item` in the deadline index at `at`. The index's earliest moment is mirrored in
+-- `beats` as item 'd' (only ever moved earlier here: LT), so a sweep looks at `deadlines`
+-- only when something there may be due, not on every pass (sweep.lua).
+local function add_deadline(base, at, item)
+  redis.call('ZADD', base .. 'deadlines', at, item)
+  redis.call('ZADD', base .. 'beats', 'LT', at, 'd')
+end
+
 -- Queue a ticket at the end of the line.
 local function queue_ticket(base, sid, client, exec_ms, deadline, target, owner, owner_ms, now, res)
   local waiters = base .. 'waiters'
@@ -276,7 +284,7 @@ local function queue_ticket(base, sid, client, exec_ms, deadline, target, owner,
   redis.call('ZADD', waiters, score, sid)
   redis.call('HSET', base .. 'tickets', sid .. ':c', client, sid .. ':x', exec_ms, sid .. ':d', deadline,
     sid .. ':t', target, sid .. ':o', owner, sid .. ':l', owner_ms, sid .. ':r', res or '')
-  redis.call('ZADD', base .. 'deadlines', deadline, 't:' .. sid)
+  add_deadline(base, deadline, 't:' .. sid)
   if target ~= '' then redis.call('SADD', base .. 'wtickets:' .. target, sid) end
 end
 
@@ -311,7 +319,7 @@ local function open_session(base, w, sid, exec_ms, now, owner, client, owner_ms,
   -- its reap fails them when it dies: no deadline entry, 120 bytes less a session. A host,
   -- which may have no live process for its restart grace, and an earlier version's worker
   -- are swept as before.
-  if info[4] ~= 'own' then redis.call('ZADD', base .. 'deadlines', deadline, 's:' .. sid) end
+  if info[4] ~= 'own' then add_deadline(base, deadline, 's:' .. sid) end
   tell(base, w, {'t', 'o', 's', sid, 'x', exec_ms, 'd', deadline, 'c', client, 'l', owner_ms, 'r', res})
   return {info[2] or '', deadline, info[3] or 0}
 end
