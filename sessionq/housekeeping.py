@@ -199,8 +199,8 @@ class Housekeeping:
 
     async def reap_dead_workers(self) -> None:
         """Declare dead every registered worker whose heartbeat key is gone, make one whose
-        record lost its fields register again, and put back in the resource index any live
-        one it lacks (O(fleet): the audit only)."""
+        record lost its fields register again, and put back in the resource index, and in
+        its host's process set, any live one they lack (O(fleet): the audit only)."""
         w = self.worker
         if not self.may_reap():
             return
@@ -208,15 +208,21 @@ class Housekeeping:
         members = [m.decode() for m in await w.wire.execute(k.tasks, "SMEMBERS", k.workers)]
         if not members:
             return
-        checks = [(("EXISTS", k.alive(m)), ("HMGET", k.worker(m), "max_sessions", "res")) for m in members]
+        checks = [
+            (("EXISTS", k.alive(m)), ("HMGET", k.worker(m), "max_sessions", "res", "hid")) for m in members
+        ]
         replies = await w.wire.execute_many(k.tasks, [cmd for pair in checks for cmd in pair])
         index: list[tuple[object, ...]] = []
-        for other, is_alive, (cap, offered) in zip(members, replies[::2], replies[1::2], strict=True):
+        hosts_up = {m for m, up in zip(members, replies[::2], strict=True) if up and m.startswith(HOST_MARK)}
+        for other, is_alive, (cap, offered, hid) in zip(members, replies[::2], replies[1::2], strict=True):
             if is_alive or other == w.worker_id:
                 if cap is None and not other.startswith(HOST_MARK):  # its next beat registers it again
                     await w.wire.execute(k.tasks, "ZREM", k.beats, "w:" + other)
                 elif cap is not None and int(cap) >= 0:
                     index += [("SADD", k.resource_index(name), other) for name in resources.decode(offered)]
+                if cap is not None and hid and HOST_MARK + hid.decode() in hosts_up:
+                    # A host's process: its beats add it only when they renew the host's keys.
+                    index.append(("SADD", k.host_procs(hid.decode()), other))
                 continue
             reaped = await w.scripts.reap_worker(k, other, "", force=False, retention_ms=w.retention_ms)
             if reaped:

@@ -215,8 +215,9 @@ class Worker:
         self._background: set[asyncio.Task[Any]] = set()
         self._runner_task: asyncio.Task[None] | None = None
         self.clock_offset_ms = 0.0
-        """Redis' clock minus our monotonic one (ms), re-learnt every housekeeping pass: a
-        step of this host's wall clock changes nothing."""
+        """Redis' clock minus our monotonic one (ms), re-learnt at registration, every few
+        housekeeping passes and after a failure: a step of this host's wall clock changes
+        nothing."""
         self.burst = False
 
     # -- public lifecycle -----------------------------------------------------------------

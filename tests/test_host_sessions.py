@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import redis.asyncio
 
+import sessionq
 from sessionq import (
     ActivityCancelledError,
     ActivityError,
@@ -27,6 +28,7 @@ from sessionq import (
     SessionOptions,
     SessionState,
 )
+from sessionq.housekeeping import Housekeeping
 from sessionq.keys import QueueKeys, host_worker_id
 from tests import activities as acts
 from tests.conftest import REPO_ROOT
@@ -594,3 +596,32 @@ async def test_a_lone_process_renews_its_hosts_keys_on_every_beat_for_exactly_th
         assert await redis_client.zscore(keys.beats, "w:" + host) == at + hb + grace
         assert hb - 5_000 < await redis_client.pttl(keys.host_up("h1")) <= hb
         assert hb + grace - 5_000 < await redis_client.pttl(keys.alive(host)) <= hb + grace
+
+
+async def test_a_host_made_anew_keeps_its_live_processes_and_the_audit_puts_back_a_lost_one(
+    client: Client, keys: QueueKeys, redis_client: redis.asyncio.Redis, redis_url: str, key_prefix: str,
+    task_queue: str,
+) -> None:  # fmt: skip
+    """A process's beat adds it to its host's process set only when it renews the host's
+    keys, so the set must not lose a live process: a host made anew (its record was lost)
+    keeps those still beating, and the queue's audit puts back one the set lost otherwise
+    (it would hear of no session end or cancel, and would not count as the host's life)."""
+    hb, grace = 60_000, 30_000
+    for p in ("p1", "p2", "p3"):
+        await client.scripts.register_worker(
+            keys, p, hb_ms=hb, max_sessions=2, fields=["host", "m"], host_id="h1", grace_ms=grace
+        )
+    await redis_client.hdel(keys.worker(host_worker_id("h1")), "max_sessions")  # the record is lost
+    again = await client.scripts.register_worker(
+        keys, "p1", hb_ms=hb, max_sessions=2, fields=["host", "m"], host_id="h1", grace_ms=grace
+    )
+    assert again.host_status == "NEW"
+    assert await redis_client.smembers(keys.host_procs("h1")) == {b"p1", b"p2", b"p3"}
+
+    await redis_client.srem(keys.host_procs("h1"), "p2")  # lost otherwise (evicted, by hand)
+    async with sessionq.Worker(
+        redis_url, task_queue=task_queue, activities=acts.ALL, identity="auditor", prefix=key_prefix,
+        heartbeat_timeout=HB,
+    ) as auditor:  # fmt: skip
+        await Housekeeping(auditor).reap_dead_workers()
+    assert await redis_client.smembers(keys.host_procs("h1")) == {b"p1", b"p2", b"p3"}

@@ -20,11 +20,13 @@ from typing import Any
 import pytest
 import pytest_asyncio
 import redis.asyncio
+import redis.exceptions
 
 import sessionq
 from sessionq import Client, ConfigurationError, SessionOptions, Worker
 from sessionq import held as held_module
 from sessionq.held import HeldSessions
+from sessionq.housekeeping import Housekeeping
 from sessionq.keys import QueueKeys
 from sessionq.scripts import Swept
 from tests import activities as acts
@@ -386,7 +388,7 @@ async def test_d08_an_idle_sweep_looks_at_the_deadline_index_only_when_its_earli
             keys, sid, client_id="c1", exec_ms=30_000, wait_ms=60_000, target="", owner="t",
             owner_ms=0, lease_ms=60_000,
         )  # fmt: skip
-        assert queued.status == "WAIT"  # no worker: a ticket, due to leave the line in 60 s
+        assert queued.status == "WAIT"  # no session slot: a ticket, due to leave the line in 60 s
 
     async def sweep(look: bool) -> Swept:
         return await scripts.sweep(
@@ -397,6 +399,7 @@ async def test_d08_an_idle_sweep_looks_at_the_deadline_index_only_when_its_earli
     async def mark() -> float | None:
         return await redis_client.zscore(keys.beats, "d")
 
+    await scripts.register_worker(keys, "w0", hb_ms=60_000, max_sessions=-1, fields=["host", "m"])
     await wait_in_line("t1")
     await wait_in_line("t2")
     assert await mark() == await redis_client.zscore(keys.deadlines, "t:t1")
@@ -415,6 +418,79 @@ async def test_d08_an_idle_sweep_looks_at_the_deadline_index_only_when_its_earli
     await sweep(look=True)  # the pass that looks anyway
     assert await redis_client.zscore(keys.waiters, "t2") is None
     assert await mark() is None and await redis_client.zcard(keys.deadlines) == 0
+
+
+async def test_d08_items_that_stay_due_do_not_hide_the_deadline_indexs_moment_from_the_sweep(
+    client: Client, keys: QueueKeys, redis_client: redis.asyncio.Redis
+) -> None:
+    """Takeover marks nobody can take yet stay due in `beats`; however many there are,
+    they must not hide 'd', or tickets and host sessions would wait for a pass that looks
+    at the deadline index anyway."""
+    scripts = client.scripts
+    await scripts.register_worker(keys, "w0", hb_ms=60_000, max_sessions=-1, fields=["host", "m"])
+    queued = await scripts.create_session(
+        keys, "t1", client_id="c1", exec_ms=30_000, wait_ms=60_000, target="w0", owner="t",
+        owner_ms=0, lease_ms=60_000,
+    )  # fmt: skip
+    assert queued.status == "WAIT"  # waits for its own worker, which takes no session
+    await redis_client.zadd(keys.deadlines, {"t:t1": 3}, xx=True)  # its wait is over (as if)
+    await redis_client.zadd(keys.beats, {"o:x1": 1, "o:x2": 1, "o:x3": 2, "d": 3})
+    await scripts.sweep(
+        keys, 60_000, me="w0", may_reap=True, retry_ms=1_000, audit_ms=3_600_000, free=0, limit=2,
+        look_at_deadlines=False,
+    )  # fmt: skip
+    assert await redis_client.zscore(keys.beats, "o:x3") == 2  # no free slot: the marks stay due
+    assert await redis_client.zscore(keys.waiters, "t1") is None  # and the ticket left the line
+
+
+async def test_d08_the_first_worker_back_audits_at_once_though_callers_wait_meanwhile(
+    client: Client, keys: QueueKeys, redis_client: redis.asyncio.Redis
+) -> None:
+    """When the last worker goes, what it left is taken over by the next worker to
+    register, whose first audit is due at once: a caller queueing meanwhile (its ticket has
+    a wait deadline) must not make it look as if workers were still around."""
+    scripts = client.scripts
+    await scripts.register_worker(keys, "w1", hb_ms=60_000, max_sessions=1, fields=["host", "m"])
+    assert await scripts.reap_worker(keys, "w1", "gone", force=True, retention_ms=60_000)
+    assert not await redis_client.exists(keys.beats)  # the last worker: nothing left to watch
+    queued = await scripts.create_session(
+        keys, "t1", client_id="c1", exec_ms=30_000, wait_ms=60_000, target="", owner="t",
+        owner_ms=0, lease_ms=60_000,
+    )  # fmt: skip
+    assert queued.status == "WAIT"
+    await scripts.register_worker(keys, "w2", hb_ms=60_000, max_sessions=1, fields=["host", "m"])
+    secs, micros = await redis_client.time()
+    assert (await redis_client.zscore(keys.beats, "scan") or 0) <= secs * 1000 + micros // 1000
+
+
+async def test_d08_after_a_failed_pass_the_sweep_asks_redis_clock_again(
+    redis_url: str, workers: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between the passes that ask Redis' clock, the sweep goes by the worker's reckoning
+    of it; a failed pass (a cut, a failover to another server with another clock) makes
+    the next one ask again."""
+    worker = await workers(redis_url)
+    housekeeping = Housekeeping(worker)
+    sent: list[float | None] = []
+    sweep, here = worker.scripts.sweep, asyncio.current_task()
+
+    async def recorded(*args: Any, **kwargs: Any) -> Swept:
+        if asyncio.current_task() is not here:  # the worker's own housekeeping
+            return await sweep(*args, **kwargs)
+        sent.append(kwargs["now_ms"])
+        if len(sent) == 3:
+            raise redis.exceptions.ConnectionError("cut (injected)")
+        return await sweep(*args, **kwargs)
+
+    monkeypatch.setattr(worker.scripts, "sweep", recorded)
+    await housekeeping.step()
+    await housekeeping.step()
+    with pytest.raises(redis.exceptions.ConnectionError):
+        await housekeeping.step()
+    await housekeeping.step()
+    await housekeeping.step()
+    asked = [now is None for now in sent]
+    assert asked == [True, False, False, True, False]
 
 
 # --- 6b. who ends a session at its execution deadline ---------------------------------------

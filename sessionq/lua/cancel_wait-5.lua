@@ -3,7 +3,8 @@
 -- Leaving hands what it kept (session resources) to the requests behind it.
 -- KEYS[1] waiters    sorted set of waiting session ids
 -- KEYS[2] tickets    hash of the waiting tickets' attributes
--- KEYS[3] deadlines  sorted set of session and ticket deadlines
+-- KEYS[3] deadlines  sorted set of session and ticket deadlines (and, built from base,
+--                    its earliest moment as 'd' in `beats`: slots.lua add_deadline)
 -- KEYS[4] session    the hash of the session the ticket asked for
 -- KEYS[5] guard      never exists: Redis will not start the script while the slot migrates (keys.py)
 -- ARGV[1] base        the task queue's key prefix

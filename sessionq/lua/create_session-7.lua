@@ -5,7 +5,8 @@
 -- KEYS[1] free       sorted set of session workers with a free slot (score = open sessions)
 -- KEYS[2] waiters    sorted set of waiting session ids, in order of arrival
 -- KEYS[3] tickets    hash of the waiting tickets' attributes ("<sid>:<attribute>")
--- KEYS[4] deadlines  sorted set of session and ticket deadlines
+-- KEYS[4] deadlines  sorted set of session and ticket deadlines (and, built from base,
+--                    its earliest moment as 'd' in `beats`: slots.lua add_deadline)
 -- KEYS[5] session    the new session's hash
 -- KEYS[6] lease      the calling client's lease (its last sign of life)
 -- KEYS[7] guard      never exists: Redis will not start the script while the slot migrates (keys.py)

@@ -6,7 +6,8 @@
 -- KEYS[2] free       sorted set of session workers with a free slot
 -- KEYS[3] waiters    sorted set of waiting session ids
 -- KEYS[4] tickets    hash of the waiting tickets' attributes
--- KEYS[5] deadlines  sorted set of session and ticket deadlines
+-- KEYS[5] deadlines  sorted set of session and ticket deadlines (and, built from base,
+--                    its earliest moment as 'd' in `beats`: slots.lua add_deadline)
 -- KEYS[6] guard      never exists: Redis will not start the script while the slot migrates (keys.py)
 -- ARGV[1] base          the task queue's key prefix
 -- ARGV[2] session_id

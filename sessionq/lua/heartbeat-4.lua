@@ -21,7 +21,7 @@
 -- ARGV[6] host_id   '' for a worker that is its own host
 -- ARGV[7] stopping  '1' once a host's process stops gracefully: it keeps the host's sessions
 --                   alive while its activities finish, but no new session is placed for it
--- ARGV[8] now_ms    Redis' time as the worker reckons it (its offset is re-learnt every few s)
+-- ARGV[8] now_ms    Redis' time as the worker reckons it (re-learnt every 6th sweep and after a failure)
 -- ARGV[9] waiting   activities waiting inside the worker for a slot (for inspect; with ARGV[3])
 -- ARGV[10] grace_ms a host's restart grace (its processes agree on it: register_worker.lua)
 -- Returns 1, or 0 when the worker (or its host, past its grace) is no longer registered

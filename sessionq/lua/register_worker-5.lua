@@ -113,7 +113,18 @@ if h then
     -- A record that lost its fields (evicted, deleted by hand) leaves sessions nobody counts.
     fail_open_sessions(base, h, 'the record of host ' .. hid .. ' was lost from Redis', now, retention_ms)
     index_resources(base, h, redis.call('HGET', hk, 'res'), false)
-    redis.call('DEL', hk, base .. 'w:' .. h, base .. 'wsessions:' .. h, host_key(base, 'hprocs:', h))
+    -- Its live processes stay its processes (they hear of its sessions, their cancels and
+    -- ends: slots.lua tell); their beats add them only when they renew the host's keys.
+    local procs = host_key(base, 'hprocs:', h)
+    local live = {}
+    for _, p in ipairs(redis.call('SMEMBERS', procs)) do
+      if p ~= w and redis.call('EXISTS', base .. 'alive:' .. p) == 1
+          and redis.call('HGET', base .. 'worker:' .. p, 'hid') == hid then
+        live[#live + 1] = p
+      end
+    end
+    redis.call('DEL', hk, base .. 'w:' .. h, base .. 'wsessions:' .. h, procs)
+    if #live > 0 then redis.call('SADD', procs, (unpack or table.unpack)(live)) end
     redis.call('HSET', hk, 'max_sessions', cap, 'hb_ms', hb_ms, 'open', 0, 'registered', now, 'beat', now,
       'grace_ms', grace_ms, 'host', machine, 'host_id', hid, 'identity', h, 'res', field_of('res'))
     redis.call('SADD', KEYS[1], h)

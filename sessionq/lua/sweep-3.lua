@@ -6,7 +6,8 @@
 -- heartbeat key is gone, and hand the caller the takeover marks and the audit that are
 -- due (reap.lua says what they are).
 -- KEYS[1] deadlines  sorted set of session and ticket deadlines
--- KEYS[2] beats      sorted set of heartbeat deadlines, takeover marks and the audit (reap.lua)
+-- KEYS[2] beats      sorted set of heartbeat deadlines, takeover marks, the audit and 'd', the
+--                    deadline index's earliest moment (reap.lua)
 -- KEYS[3] guard      never exists: Redis will not start the script while the slot migrates (keys.py)
 -- ARGV[1] base          the task queue's key prefix
 -- ARGV[2] retention_ms  how long ended session records stay for inspect
@@ -47,8 +48,9 @@ local expired, released, audit = 0, false, 0
 local look_at_deadlines = ARGV[12] == '1'
 local reaped, marks = {}, {}
 
--- The items of index `key` due now. By the caller's reckoning first (an idle queue's sweep
--- then costs no TIME); once anything is due, by Redis' clock, which decides from then on.
+-- The items of index `key` due now (at most `limit`; and whether there may be more). By
+-- the caller's reckoning first (an idle queue's sweep then costs no TIME); once anything
+-- is due, by Redis' clock, which decides from then on.
 local function due(key)
   local found = redis.call('ZRANGEBYSCORE', key, '-inf', now, 'WITHSCORES', 'LIMIT', 0, limit)
   if #found > 0 and not timed then
@@ -58,10 +60,16 @@ local function due(key)
   for i = 1, #found, 2 do
     if tonumber(found[i + 1]) <= now then items[#items + 1] = found[i] end
   end
-  return items
+  return items, #found >= 2 * limit
 end
 
-for _, item in ipairs(due(beats)) do
+local due_beats, more = due(beats)
+-- Items that stay due (marks nobody can take yet, reaps past max_reaps) must not hide 'd'.
+if more and not look_at_deadlines then
+  local d = redis.call('ZSCORE', beats, 'd')
+  look_at_deadlines = d ~= false and d ~= nil and tonumber(d) <= now
+end
+for _, item in ipairs(due_beats) do
   local kind, rest = string.sub(item, 1, 2), string.sub(item, 3)
   if kind == 'w:' then
     if rest ~= me and may_reap then
@@ -109,7 +117,7 @@ end
 -- slots.lua add_deadline) came, or when the caller asks (every few passes: an entry an
 -- earlier version wrote has no 'd'). Then 'd' is set to its next earliest moment.
 if look_at_deadlines then
-  for _, item in ipairs(due(deadlines)) do
+  for _, item in ipairs((due(deadlines))) do
     local kind, sid = string.sub(item, 1, 2), string.sub(item, 3)
     redis.call('ZREM', deadlines, item)
     if kind == 's:' then

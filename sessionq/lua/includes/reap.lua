@@ -85,7 +85,8 @@ local function reap(base, w, reason, force, now, retention_ms, marks)
     end
   end
   -- The last worker gone: nobody is left to audit or to take anything over; the next to
-  -- register audits at once (register_worker), which takes over what was marked here.
+  -- register audits at once (register_worker: `beats` is empty, and nothing refills it
+  -- meanwhile, slots.lua add_deadline), which takes over what was marked here.
   if redis.call('SCARD', base .. 'workers') == 0 then redis.call('DEL', beats) end
   return failed + 1
 end

@@ -269,10 +269,12 @@ end
 
 -- Put `item` in the deadline index at `at`. The index's earliest moment is mirrored in
 -- `beats` as item 'd' (only ever moved earlier here: LT), so a sweep looks at `deadlines`
--- only when something there may be due, not on every pass (sweep.lua).
+-- only when something there may be due, not on every pass (sweep.lua). Not while `beats`
+-- is gone (no worker is registered): the first worker to register must find it empty, to
+-- audit at once (register_worker.lua), and its first sweep looks at the index anyway.
 local function add_deadline(base, at, item)
   redis.call('ZADD', base .. 'deadlines', at, item)
-  redis.call('ZADD', base .. 'beats', 'LT', at, 'd')
+  if redis.call('EXISTS', base .. 'beats') == 1 then redis.call('ZADD', base .. 'beats', 'LT', at, 'd') end
 end
 
 -- Queue a ticket at the end of the line.
