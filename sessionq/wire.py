@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -62,6 +63,19 @@ RELEARN_INTERVAL = 0.25
 
 Command = Sequence[Any]
 ConnectionFactory = Callable[[], AbstractConnection]
+
+
+class _SlotMapLoads:
+    """The slot-map loads of one cluster client, one at a time (see `Wire.relearn_slots`)."""
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.begun = 0  # loads begun so far (numbered from 1)
+        self.done = 0  # the number of the last one that completed
+
+
+_slot_map_loads: weakref.WeakKeyDictionary[Any, _SlotMapLoads] = weakref.WeakKeyDictionary()
+"""Per cluster client object (every Wire built on the same client shares its entry)."""
 
 
 class Multiplexer:
@@ -447,8 +461,26 @@ class Wire:
             conn.drop_unless_to(address)
 
     async def relearn_slots(self) -> None:
-        """Ask the cluster which master holds which slot (after a MOVED: resharding, failover)."""
-        await self.redis.nodes_manager.initialize()
+        """Ask the cluster which master holds which slot (after a MOVED: resharding, failover).
+
+        One load at a time per cluster client: redis-py before 6.1 (5.0.8 is supported)
+        iterates its startup nodes across awaits in ``NodesManager.initialize`` and replaces
+        them when done, so two loads at once (commands redirected or failing together) could
+        fail with "RuntimeError: dictionary changed size during iteration" (redis-py issue
+        3565). A caller that waited while a load begun after its request ran uses that map."""
+        await self._load_slots(self.redis.nodes_manager.initialize)
+
+    async def _load_slots(self, load: Callable[[], Any], *, reuse: bool = True) -> None:
+        loads = _slot_map_loads.get(self.redis)
+        if loads is None:
+            loads = _slot_map_loads[self.redis] = _SlotMapLoads()
+        asked = loads.begun
+        async with loads.lock:
+            if not (reuse and loads.done > asked):  # else one begun after we asked completed
+                loads.begun += 1
+                number = loads.begun
+                await load()
+                loads.done = number
         self._slots_known = True
 
     def blocking(self, key: Any, block: float) -> BlockingRead:
@@ -477,8 +509,7 @@ class Wire:
 
     async def _node_for(self, key: Any) -> Any:
         if not self._slots_known:  # load the slot map before the first command
-            await self.redis.initialize()
-            self._slots_known = True
+            await self._load_slots(self.redis.initialize, reuse=False)  # a no-op once loaded
         return self.redis.get_node_from_key(key)
 
     async def aclose(self) -> None:
