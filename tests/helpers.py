@@ -289,6 +289,33 @@ def failover_worker(url: object, prefix: str, queue: str, identity: str, heartbe
     )
 
 
+def wait_replicated(host: str, port: int, key: str, timeout_ms: int = 5000) -> int:
+    """How many replicas of the server at host:port have every write it took so far, waiting
+    up to `timeout_ms` for one (WAIT 1). `key`: a key of a slot this server holds (on a
+    cluster node); its slot takes a probe write.
+
+    WAIT waits only for what its own connection wrote before it: sent first on a connection
+    (no write, and on Redis 7.0 no command at all, before it) it answers at once with the
+    number of replicas connected, however far behind they are. redis-py 5.0.8 (RESP2)
+    opens a connection without a command Redis 7.0 runs, so `Redis(...).wait(1, 5000)` made
+    this way checked nothing there; the newest redis-py's HELLO 3 made it work by accident
+    (and on newer Redis only a write counts). So write first, on the same connection:
+    replication is in order, so a replica that has this write has every earlier one."""
+    import redis
+
+    tag = key
+    start = key.find("{")
+    end = key.find("}", start + 1)
+    if start >= 0 and end > start + 1:
+        tag = key[start + 1 : end]
+    probe = "sessionq-test:replicated:{" + tag + "}"  # the same slot as `key`
+    with redis.Redis(
+        host=host, port=port, single_connection_client=True, socket_timeout=timeout_ms / 1000 + 5
+    ) as conn:
+        conn.incr(probe)
+        return int(conn.wait(1, timeout_ms))
+
+
 def stop_processes(processes: Sequence[Any]) -> None:
     """SIGTERM every process still running, then wait for each (SIGKILL after 5 s)."""
     import subprocess

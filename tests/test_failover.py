@@ -11,6 +11,7 @@ clear SessionqError within a stated bound, and no slot leaks.
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ import sessionq
 from sessionq.keys import QueueKeys
 from tests import activities as acts
 from tests.cluster import LocalCluster, cluster_tools, sync_cluster
-from tests.helpers import failover_worker, wait_for
+from tests.helpers import failover_worker, wait_for, wait_replicated
 
 NODE_TIMEOUT_MS = 1000
 RECOVERY_BOUND_S = 12.0
@@ -114,11 +115,33 @@ async def test_calls_in_flight_when_the_master_dies_get_their_results(
             )
 
 
-def wait_all_replicated(cluster: LocalCluster, key: str) -> None:
-    """Until the replica of `key`'s master acknowledged every write so far (WAIT)."""
+def wait_all_replicated(cluster: LocalCluster, key: str, timeout_ms: int = 5000) -> None:
+    """Until the replica of `key`'s master acknowledged every write so far (a write, then
+    WAIT on its connection: see `wait_replicated`)."""
     with sync_cluster(cluster.url) as sync:
         node = sync.get_node_from_key(key)
+    assert wait_replicated(node.host, node.port, key, timeout_ms) == 1, "the replica did not catch up"
+
+
+def test_the_replication_guard_waits_for_a_replica_that_lags(ha_cluster: LocalCluster) -> None:
+    """wait_all_replicated passes only once the replica has every write: with the replica
+    stopped (SIGSTOP, a replica that lags) it says so, and it passes once the replica runs
+    again. A WAIT sent first on a fresh redis-py 5.0.8 connection passed at once, whatever
+    the replica had, so the tests above could kill a master whose replica lacked writes."""
+    key = "sqt" + uuid.uuid4().hex[:8] + ":{ha}:tasks"
+    with sync_cluster(ha_cluster.url) as sync:
+        node = sync.get_node_from_key(key)
+        sync.set(key, "x")
     import redis
 
     with redis.Redis(host=node.host, port=node.port) as master:
-        assert master.wait(1, 5000) == 1, "the replica did not catch up"
+        replica = int(master.info("replication")["slave0"]["port"])
+        stopped = ha_cluster.by_port[replica]
+        stopped.send_signal(signal.SIGSTOP)
+        try:
+            master.set(key, "written while the replica is stopped")
+            with pytest.raises(AssertionError, match="did not catch up"):
+                wait_all_replicated(ha_cluster, key, timeout_ms=300)
+        finally:
+            stopped.send_signal(signal.SIGCONT)
+    wait_all_replicated(ha_cluster, key)

@@ -29,7 +29,7 @@ from sessionq.keys import QueueKeys
 from sessionq.sentinel import split_sentinel_url
 from tests import activities as acts
 from tests.cluster import cluster_tools
-from tests.helpers import failover_worker, wait_for
+from tests.helpers import failover_worker, wait_for, wait_replicated
 from tests.sentinel import SERVICE, LocalSentinel
 from tests.test_cli import clean_env, cli_argv, inspect_json
 
@@ -130,8 +130,8 @@ async def test_existing_client_and_worker_follow_a_sentinel_failover(
         in_flight.append(await session.start_activity(acts.sleep_for, 3, markers[5]))
         await wait_for(lambda: all(Path(m + ".started").exists() for m in markers), message="not all started")
         old = sentinel_setup.primary()
-        with redis.Redis(port=old) as primary:
-            assert primary.wait(1, 5000) == 1  # the replica has everything written so far
+        # the replica has everything written so far (a write, then WAIT: see wait_replicated)
+        assert await asyncio.to_thread(wait_replicated, "127.0.0.1", old, k.tasks) == 1
 
         started = time.monotonic()
         if fault == "sentinel-failover":
