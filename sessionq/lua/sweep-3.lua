@@ -67,7 +67,7 @@ local due_beats, more = due(beats)
 -- Items that stay due (marks nobody can take yet, reaps past max_reaps) must not hide 'd'.
 if more and not look_at_deadlines then
   local d = redis.call('ZSCORE', beats, 'd')
-  look_at_deadlines = d ~= false and d ~= nil and tonumber(d) <= now
+  look_at_deadlines = d and tonumber(d) <= now or false
 end
 for _, item in ipairs(due_beats) do
   local kind, rest = string.sub(item, 1, 2), string.sub(item, 3)
